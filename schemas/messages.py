@@ -1,0 +1,365 @@
+"""The wire contract: one frozen pydantic model per message kind.
+
+Every payload is UTF-8 JSON carrying `"v": 1` (schema version) and a `type` tag, so one parse of
+a union picks the right model. Fields are snake_case; unknown fields are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from schemas.ids import AgentIdField, Domain, RequestIdField, TaskIdField
+
+SCHEMA_VERSION = 1
+
+AgentKind = Literal["worker", "sensor", "orchestrator", "classifier", "replicator", "client"]
+# How a request ended; counted the same way by the live orchestrator and the simulator.
+#   edge: processed at the edge; cloud: sent to the cloud directly (not a rejection);
+#   rejected_to_cloud: rejected at the edge, then served by the cloud;
+#   rejected: rejected at the edge and no cloud configured; failed: error or deadline.
+Outcome = Literal["edge", "cloud", "rejected_to_cloud", "rejected", "failed"]
+ErrorCode = Literal[
+    "bad_json",
+    "bad_schema",
+    "bad_version",
+    "too_large",
+    "unknown_topic",
+    "bad_request",
+    "deadline",
+    "unavailable",
+    "cloud_error",
+    "internal",
+]
+
+
+def now() -> float:
+    """Wall-clock seconds since the epoch (all timestamps on the wire use it)."""
+    return time.time()
+
+
+class Message(BaseModel):
+    """Base of every payload: versioned, immutable, strict about unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = SCHEMA_VERSION
+
+
+class ModelInfo(BaseModel):
+    """What a worker's language model is (from the exported model card)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    architecture: str | None = None
+    parameters: int | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+
+
+class AgentCard(Message):
+    """What an agent is and offers; retained under cms/agents/<agent>."""
+
+    type: Literal["agent_card"] = "agent_card"
+    agent: AgentIdField
+    kind: AgentKind
+    epoch: int = Field(ge=1, description="increases at every start of the agent")
+    backend: str | None = Field(None, description="worker backend: onnx or emulated")
+    model: ModelInfo | None = None
+    domains: list[Domain] = []
+    streams: list[str] = Field([], description="data topics this agent publishes")
+    tokens_per_s: float | None = Field(None, ge=0, description="batch-1 decode rate")
+    concurrency: int | None = Field(None, ge=1, description="requests served at once")
+    batching_beta: float | None = Field(None, ge=0, le=1)
+    started_at: float
+
+
+class AgentStatus(Message):
+    """Liveness and load of an agent; retained under cms/agents/<agent>/status."""
+
+    type: Literal["agent_status"] = "agent_status"
+    agent: AgentIdField
+    epoch: int = Field(ge=0, description="0 when written by the Last Will")
+    online: bool
+    active: int = Field(0, ge=0)
+    queued: int = Field(0, ge=0)
+    tokens_per_s: float = Field(0.0, ge=0, description="recent decode rate, all requests")
+    updated_at: float
+
+
+class CmsEntry(Message):
+    """Every retained value under cms/: the value plus what a merge needs."""
+
+    type: Literal["cms_entry"] = "cms_entry"
+    value: Any
+    version: int = Field(ge=1)
+    updated_at: float
+    origin: str = Field(min_length=1, description="agent or site that wrote it")
+
+
+class Reading(Message):
+    """One sensor sample on data/<domain>/<stream>/<agent>."""
+
+    type: Literal["reading"] = "reading"
+    agent: AgentIdField
+    domain: Domain
+    stream: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    value: float | None = None
+    text: str | None = Field(None, max_length=2000, description="e.g. a camera caption")
+    unit: str = Field(max_length=16)
+    ts: float
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("value must be a finite number")
+        return value
+
+
+class EmbeddingRecord(Message):
+    """A vector for a window of readings, shared so peers need not recompute it."""
+
+    type: Literal["embedding_record"] = "embedding_record"
+    agent: AgentIdField
+    domain: Domain
+    stream: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    model: str
+    dim: int = Field(ge=1, le=8192)
+    vector: list[float]
+    window_start: float
+    window_end: float
+    summary: str | None = None
+
+    @field_validator("vector")
+    @classmethod
+    def _finite_vector(cls, vector: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in vector):
+            raise ValueError("vector must hold finite numbers")
+        return vector
+
+    def model_post_init(self, __context: Any) -> None:
+        if len(self.vector) != self.dim:
+            raise ValueError(f"vector has {len(self.vector)} numbers, dim says {self.dim}")
+
+
+class SamplingOptions(BaseModel):
+    """Decoding knobs a request may set; unset ones come from cms/parameters/<model>/..."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=5)
+    seed: int | None = None
+    stop: list[str] = Field([], max_length=8)
+
+
+class Query(Message):
+    """A user's request to the edge cluster, on computation/queries."""
+
+    type: Literal["query"] = "query"
+    request_id: RequestIdField
+    text: str = Field(min_length=1, max_length=8000)
+    max_tokens: int = Field(128, ge=1, le=4096)
+    deadline: float = Field(description="absolute epoch seconds; past it the request fails")
+    stream: bool = False
+    tenant: str | None = None
+    sampling: SamplingOptions = SamplingOptions()
+
+
+class Step(BaseModel):
+    """Provenance of one step of an answered query."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    topic: str
+    agent: str | None
+    where: Literal["edge", "cloud", "none"]
+    outcome: Literal["ok", "rejected", "failed", "cached"]
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ms: float = 0.0
+    cost_usd: float = 0.0
+    detail: str | None = None
+
+
+class Answer(Message):
+    """The orchestrator's reply to a Query."""
+
+    type: Literal["answer"] = "answer"
+    request_id: RequestIdField
+    text: str
+    outcome: Outcome
+    partial: bool = False
+    steps: list[Step] = []
+    ms: float = 0.0
+    cost_usd: float = 0.0
+
+
+class ClassifyRequest(Message):
+    """Ask the Classifier Engine about a text, on computation/classify."""
+
+    type: Literal["classify_request"] = "classify_request"
+    request_id: RequestIdField
+    text: str = Field(min_length=1, max_length=8000)
+
+
+class Complexity(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    expected_tokens: int = Field(ge=1)
+    difficulty: Literal["easy", "medium", "hard"]
+
+
+class AgentMatch(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    agent: str
+    score: float
+
+
+class Classification(Message):
+    """Domain, complexity, knowledge gap and matching agents of a text."""
+
+    type: Literal["classification"] = "classification"
+    request_id: RequestIdField
+    domain: str
+    sub_labels: list[str] = []
+    confidence: float = Field(ge=0, le=1)
+    complexity: Complexity
+    gap: bool
+    matches: list[AgentMatch] = []
+
+
+class Task(Message):
+    """One generation step for one worker, on computation/tasks/<agent>."""
+
+    type: Literal["task"] = "task"
+    task_id: TaskIdField
+    request_id: RequestIdField
+    prompt: str = Field(min_length=1, max_length=32000)
+    system: str | None = Field(None, max_length=8000)
+    max_tokens: int = Field(ge=1, le=4096)
+    deadline: float
+    stream: bool = False
+    sampling: SamplingOptions = SamplingOptions()
+
+
+class TaskResult(Message):
+    """A worker's finished generation."""
+
+    type: Literal["task_result"] = "task_result"
+    task_id: TaskIdField
+    agent: AgentIdField
+    text: str
+    prompt_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    prefill_ms: float = Field(ge=0)
+    decode_tok_s: float = Field(ge=0)
+    ms: float = Field(ge=0)
+    finish_reason: Literal["stop", "length", "deadline", "cancelled"]
+
+
+class Rejected(Message):
+    """A worker at its concurrency limit refusing a task at once."""
+
+    type: Literal["rejected"] = "rejected"
+    task_id: TaskIdField
+    agent: AgentIdField
+    reason: str
+    active: int = Field(ge=0)
+    limit: int = Field(ge=0)
+    queued: int = Field(0, ge=0)
+
+
+class TokenChunk(Message):
+    """A piece of streamed output on computation/stream/<request>."""
+
+    type: Literal["token_chunk"] = "token_chunk"
+    request_id: RequestIdField
+    agent: AgentIdField
+    seq: int = Field(ge=0)
+    text: str
+    done: bool = False
+
+
+class KnowledgeQuery(Message):
+    """A question to the experts of a domain, on knowledge/<domain>/ask."""
+
+    type: Literal["knowledge_query"] = "knowledge_query"
+    request_id: RequestIdField
+    domain: Domain
+    question: str = Field(min_length=1, max_length=8000)
+    asker: AgentIdField
+    max_tokens: int = Field(128, ge=1, le=4096)
+    deadline: float
+
+
+class KnowledgeAnswer(Message):
+    """An expert's reply to a KnowledgeQuery."""
+
+    type: Literal["knowledge_answer"] = "knowledge_answer"
+    request_id: RequestIdField
+    agent: AgentIdField
+    domain: Domain
+    answer: str
+    output_tokens: int = Field(0, ge=0)
+    ms: float = Field(0.0, ge=0)
+
+
+class Error(Message):
+    """What a service says about input it dropped, or a request it could not serve."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    service: str
+    topic: str | None = None
+    request_id: str | None = None
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    AgentCard,
+    AgentStatus,
+    CmsEntry,
+    Reading,
+    EmbeddingRecord,
+    Query,
+    Answer,
+    ClassifyRequest,
+    Classification,
+    Task,
+    TaskResult,
+    Rejected,
+    TokenChunk,
+    KnowledgeQuery,
+    KnowledgeAnswer,
+    Error,
+)
+
+AnyMessage = Annotated[
+    AgentCard
+    | AgentStatus
+    | CmsEntry
+    | Reading
+    | EmbeddingRecord
+    | Query
+    | Answer
+    | ClassifyRequest
+    | Classification
+    | Task
+    | TaskResult
+    | Rejected
+    | TokenChunk
+    | KnowledgeQuery
+    | KnowledgeAnswer
+    | Error,
+    Field(discriminator="type"),
+]

@@ -1,0 +1,444 @@
+"""The MQTT 5 bus every service stands on (aiomqtt over paho-mqtt).
+
+One `Bus` per process: it connects with a Last Will, reconnects with backoff and resubscribes,
+validates every payload at the edge before a handler sees it, answers bad input with an
+`Error`, and does request/response with Response Topic + Correlation Data and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, Union
+
+import aiomqtt
+import orjson
+import structlog
+from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import TypeAdapter, ValidationError
+
+from schemas import Error, Message
+from schemas.messages import ErrorCode
+from services.core.errors import BadInput, DeadlineExceeded, RemoteError
+from services.core.settings import MqttSettings
+from services.core.topics import ERRORS, REPLIES, Topic
+
+M = TypeVar("M", bound=Message)
+log = structlog.get_logger("edgecollab.bus")
+
+_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # ~88 ms per QoS 1 round trip without
+_DEDUP_WINDOW = 4096  # correlation ids remembered to answer a redelivered request once
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[M]):
+    """A validated incoming message and how to answer it."""
+
+    topic: str
+    params: dict[str, str]
+    body: M
+    reply_to: str | None
+    correlation: bytes | None
+
+
+Handler = Callable[[Request[Any]], Awaitable[Message | None]]
+RawCallback = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    topic: Topic | None  # None for raw routes
+    subscription: str  # what is subscribed, maybe $share/<group>/...
+    matcher: str  # filter that incoming topics are matched against
+    handler: Handler | None = None
+    listener: Callable[[Request[Any]], None] | None = None
+    raw: RawCallback | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Any]
+    adapter: TypeAdapter[Any]
+
+
+class Bus:
+    """A service's connection to the broker, with typed routes and request/response."""
+
+    def __init__(
+        self,
+        *,
+        settings: MqttSettings,
+        client_id: str,
+        service: str,
+        will: tuple[str, Message] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.service = service
+        self.reply_topic = REPLIES.format(client=client_id)
+        self.connected = asyncio.Event()
+        self._will = will
+        self._routes: list[_Route] = []
+        self._on_connect: list[Callable[[], Awaitable[None]]] = []
+        self._pending: dict[bytes, _Pending] = {}
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._client: aiomqtt.Client | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._adapters: dict[tuple[type[Message], ...], TypeAdapter[Any]] = {}
+        self.errors_sent = 0  # bad input answered; tests and benchmarks read it
+
+    # -- declaring what this service listens to -------------------------------------------
+
+    def serve(
+        self, topic: Topic, handler: Handler, *, shared: str | None = None, **fixed: str
+    ) -> None:
+        """Answer requests on `topic` (its subtree too: unknown sub-topics get an Error)."""
+        self._add(_Route(topic, *self._filters(topic, shared, fixed), handler=handler))
+
+    def listen(
+        self,
+        topic: Topic,
+        listener: Callable[[Request[Any]], None],
+        *,
+        shared: str | None = None,
+        **fixed: str,
+    ) -> None:
+        """Receive events on `topic` in arrival order; the callback must not block."""
+        self._add(_Route(topic, *self._filters(topic, shared, fixed), listener=listener))
+
+    def listen_raw(self, topic_filter: str, callback: RawCallback) -> None:
+        """Receive raw (topic, payload) in arrival order, e.g. the CMS mirror."""
+        self._add(_Route(None, topic_filter, topic_filter, raw=callback))
+
+    def on_connect(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run after every (re)connection, once subscriptions are in place (the birth)."""
+        self._on_connect.append(callback)
+
+    @staticmethod
+    def _filters(topic: Topic, shared: str | None, fixed: dict[str, str]) -> tuple[str, str]:
+        matcher = topic.filter(**fixed) + "/#"  # '#' also matches the parent level itself
+        subscription = f"$share/{shared}/{matcher}" if shared else matcher
+        return subscription, matcher
+
+    async def follow(
+        self, topic: Topic, listener: Callable[[Request[Any]], None], **fixed: str
+    ) -> None:
+        """Like `listen`, on a running bus: returns once the broker has the subscription."""
+        self._add(_Route(topic, *self._filters(topic, None, fixed), listener=listener))
+        await self.connected.wait()
+        assert self._client is not None
+        await self._client.subscribe(self._routes[-1].subscription, qos=1)
+
+    def _add(self, route: _Route) -> None:
+        self._routes.append(route)
+
+    # -- the connection --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until cancelled: connect, subscribe, birth, dispatch; on loss, retry."""
+        backoff, first = 0.1, True
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            while True:
+                try:
+                    async with self._make_client(clean_start=first) as client:
+                        backoff = await self._session(client)
+                except aiomqtt.MqttError as exc:
+                    log.warning("bus.disconnected", broker=self.settings.address, reason=str(exc))
+                finally:
+                    self._client = None
+                    self.connected.clear()
+                first = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _session(self, client: aiomqtt.Client) -> float:
+        subscriptions = [(self.reply_topic, 1)] + [(r.subscription, 1) for r in self._routes]
+        await client.subscribe(subscriptions)
+        self._client = client
+        self.connected.set()
+        log.info("bus.connected", broker=self.settings.address, client_id=self.client_id)
+        for callback in self._on_connect:
+            await callback()
+        async for message in client.messages:
+            self._dispatch(message)
+        return 0.1
+
+    def _make_client(self, *, clean_start: bool) -> aiomqtt.Client:
+        s = self.settings
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = s.session_expiry_s
+        will = None
+        if self._will is not None:
+            topic, body = self._will
+            will = aiomqtt.Will(topic, body.model_dump_json(), qos=1, retain=True)
+        return aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=self.client_id,
+            username=s.username,
+            password=s.password.get_secret_value() if s.password else None,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=s.keepalive,
+            will=will,
+            clean_start=clean_start,
+            properties=connect_props,
+            socket_options=_NODELAY,
+            timeout=10,
+        )
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        body: Message | None,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: float | None = None,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
+        """Publish a model (None: an empty payload, which deletes a retained entry)."""
+        props = Properties(PacketTypes.PUBLISH)
+        if expiry_s is not None:
+            props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
+        if response_topic:
+            props.ResponseTopic = response_topic
+        if correlation:
+            props.CorrelationData = correlation
+        payload = b"" if body is None else body.model_dump_json().encode()
+        await self._publish_bytes(topic, payload, qos=qos, retain=retain, props=props)
+
+    async def _publish_bytes(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool, props: Properties
+    ) -> None:
+        for _attempt in range(3):  # a publish caught by a reconnect is tried on the new one
+            await self.connected.wait()
+            assert self._client is not None
+            try:
+                await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+                return
+            except aiomqtt.MqttError as exc:
+                log.warning("bus.publish_retry", topic=topic, reason=str(exc))
+                await asyncio.sleep(0.05)
+        raise aiomqtt.MqttError(f"could not publish to {topic}")
+
+    async def request(
+        self,
+        topic: str,
+        body: Message,
+        *,
+        replies: tuple[type[Message], ...],
+        deadline: float,
+    ) -> Message:
+        """Send a request and await its reply; an `Error` reply raises RemoteError."""
+        timeout = deadline - time.time()
+        if timeout <= 0:
+            raise DeadlineExceeded(f"deadline already passed for {topic}")
+        correlation = uuid.uuid4().bytes
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = _Pending(future, self._adapter((*replies, Error)))
+        try:
+            await self.publish(
+                topic,
+                body,
+                expiry_s=timeout,
+                response_topic=self.reply_topic,
+                correlation=correlation,
+            )
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer on {topic} within {timeout:.1f} s") from None
+        finally:
+            self._pending.pop(correlation, None)
+
+    async def barrier(self, timeout: float = 30.0) -> None:
+        """Return once every message the broker queued for us before this call has arrived.
+
+        The broker handles one client's packets in order, so retained messages sent for our
+        earlier SUBSCRIBEs reach us before this echo of a later PUBLISH.
+        """
+        correlation = b"barrier-" + uuid.uuid4().bytes
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = _Pending(future, self._adapter((Error,)))
+        try:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+            await self._publish_bytes(self.reply_topic, b"", qos=1, retain=False, props=props)
+            async with asyncio.timeout(timeout):
+                await future
+        finally:
+            self._pending.pop(correlation, None)
+
+    def _adapter(self, models: tuple[type[Message], ...]) -> TypeAdapter[Any]:
+        adapter = self._adapters.get(models)
+        if adapter is None:
+            adapter = self._adapters[models] = TypeAdapter(Union[models])  # noqa: UP007
+        return adapter
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        if topic == self.reply_topic:
+            self._resolve(message, payload)
+            return
+        route = next((r for r in self._routes if topic_matches_sub(r.matcher, topic)), None)
+        if route is None:
+            log.debug("bus.unrouted", topic=topic)
+        elif route.raw is not None:
+            route.raw(topic, payload)
+        elif route.handler is not None:
+            assert self._tasks is not None
+            self._tasks.create_task(self._serve(route, topic, payload, message.properties))
+        else:
+            request = self._accept(route, topic, payload, message.properties)
+            if request is not None and route.listener is not None:
+                route.listener(request)
+
+    def _accept(
+        self, route: _Route, topic: str, payload: bytes, props: Properties | None
+    ) -> Request[Any] | None:
+        """Validate at the edge; bad input is answered with an Error and yields None."""
+        reply_to = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        assert route.topic is not None
+        try:
+            params = route.topic.match(topic)
+            if params is None:
+                raise BadInput(
+                    "unknown_topic", f"no such topic: {topic} (expects {route.topic.template})"
+                )
+            body = parse_payload(route.topic.payload, payload, self.settings.max_payload)
+        except BadInput as exc:
+            self._refuse(exc, topic, payload, reply_to, correlation)
+            return None
+        return Request(topic, params, body, reply_to, correlation)
+
+    async def _serve(
+        self, route: _Route, topic: str, payload: bytes, props: Properties | None
+    ) -> None:
+        request = self._accept(route, topic, payload, props)
+        if request is None or self._is_duplicate(request.correlation):
+            return
+        started = time.perf_counter()
+        request_id = getattr(request.body, "request_id", None)
+        bound = log.bind(topic=topic, request_id=request_id)
+        bound.debug("request.received")
+        assert route.handler is not None
+        try:
+            reply = await route.handler(request)
+        except BadInput as exc:
+            reply = self._error(exc.code, str(exc), topic, request_id)
+            bound.warning("request.refused", code=exc.code, reason=str(exc))
+        except Exception as exc:  # a handler bug must not kill the service
+            bound.exception("request.failed")
+            reply = self._error("internal", f"{type(exc).__name__}: {exc}", topic, request_id)
+        if reply is not None and request.reply_to:
+            await self.publish(request.reply_to, reply, correlation=request.correlation)
+        bound.debug("request.done", ms=round((time.perf_counter() - started) * 1000, 2))
+
+    def _is_duplicate(self, correlation: bytes | None) -> bool:
+        if correlation is None:
+            return False
+        if correlation in self._seen:
+            log.info("request.duplicate_dropped")
+            return True
+        self._seen[correlation] = None
+        if len(self._seen) > _DEDUP_WINDOW:
+            self._seen.popitem(last=False)
+        return False
+
+    def _refuse(
+        self,
+        exc: BadInput,
+        topic: str,
+        payload: bytes,
+        reply_to: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        error = self._error(exc.code, str(exc), topic, _request_id_of(payload))
+        log.warning("input.refused", topic=topic, code=exc.code, reason=str(exc))
+        target = reply_to or ERRORS.format(service=self.service)
+        self.errors_sent += 1
+        assert self._tasks is not None
+        self._tasks.create_task(self._publish_error(target, error, correlation))
+
+    async def _publish_error(self, target: str, error: Error, correlation: bytes | None) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.publish(target, error, correlation=correlation)
+
+    def _error(self, code: ErrorCode, message: str, topic: str, request_id: str | None) -> Error:
+        return Error(
+            code=code, message=message, service=self.service, topic=topic, request_id=request_id
+        )
+
+    def report(self, code: ErrorCode, message: str, topic: str) -> None:
+        """Tell errors/<service> about input dropped outside a request (e.g. a bad CMS entry)."""
+        self._refuse(BadInput(code, message), topic, b"", None, None)
+
+    def _resolve(self, message: aiomqtt.Message, payload: bytes) -> None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+        pending = self._pending.get(correlation) if correlation else None
+        if pending is None or pending.future.done():
+            log.debug("reply.unclaimed", topic=message.topic.value)
+            return
+        if correlation.startswith(b"barrier-"):
+            pending.future.set_result(None)
+            return
+        try:
+            reply = pending.adapter.validate_json(payload)
+        except ValidationError as exc:
+            pending.future.set_exception(BadInput("bad_schema", f"malformed reply: {exc}"))
+            return
+        if isinstance(reply, Error):
+            pending.future.set_exception(RemoteError(reply))
+        else:
+            pending.future.set_result(reply)
+
+
+def parse_payload(model: type[M], payload: bytes, max_payload: int) -> M:
+    """Bytes to model, or BadInput with the precise reason (size, JSON, version, schema)."""
+    if len(payload) > max_payload:
+        raise BadInput("too_large", f"payload of {len(payload)} bytes exceeds {max_payload}")
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput("bad_json", f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadInput("bad_schema", f"expected a JSON object, got {type(data).__name__}")
+    if data.get("v") != 1:
+        raise BadInput("bad_version", f"schema version {data.get('v')!r} not supported (want v: 1)")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput("bad_schema", _summarize(exc)) from None
+
+
+def _summarize(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:4]]
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _request_id_of(payload: bytes) -> str | None:
+    """Best effort: the request id of a payload we refused, so the requester can match it."""
+    try:
+        data = orjson.loads(payload) if len(payload) < 65536 else None
+    except orjson.JSONDecodeError:
+        return None
+    value = data.get("request_id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None

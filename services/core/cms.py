@@ -1,0 +1,132 @@
+"""The Capability Metadata Store: retained messages under cms/, mirrored locally.
+
+Topic = key; payload = a `CmsEntry` (value, version, updated_at, origin); an empty retained
+payload deletes the key; MQTT 5 Message Expiry bounds entries that must not outlive their use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from schemas import AgentCard, AgentStatus, CmsEntry, now
+from services.core.bus import Bus, parse_payload
+from services.core.errors import BadInput
+from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_ROOT
+
+log = structlog.get_logger("edgecollab.cms")
+
+ChangeCallback = Callable[[str, CmsEntry | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """An agent as the CMS sees it: its card and, while it lives, its status."""
+
+    card: AgentCard
+    status: AgentStatus | None
+
+    @property
+    def online(self) -> bool:
+        return (
+            self.status is not None and self.status.online and self.status.epoch == self.card.epoch
+        )
+
+
+def cms_key(key: str) -> str:
+    """`slm/x/y` or `cms/slm/x/y` → `cms/slm/x/y` (the CLI accepts both)."""
+    key = key.strip("/")
+    return key if key == CMS_ROOT or key.startswith(CMS_ROOT + "/") else f"{CMS_ROOT}/{key}"
+
+
+class CmsView:
+    """A local mirror of cms/#: reads cost no round trip; callbacks see every change."""
+
+    def __init__(self, bus: Bus, *, topic_filter: str = CMS_ALL) -> None:
+        self._bus = bus
+        self.entries: dict[str, CmsEntry] = {}
+        self.cards: dict[str, AgentCard] = {}
+        self.statuses: dict[str, AgentStatus] = {}
+        self._callbacks: list[ChangeCallback] = []
+        bus.listen_raw(topic_filter, self._on_message)
+
+    def on_change(self, callback: ChangeCallback) -> None:
+        self._callbacks.append(callback)
+
+    async def synced(self) -> None:
+        """Wait until every retained entry present at subscription time is mirrored."""
+        await self._bus.connected.wait()
+        await self._bus.barrier()
+
+    def get(self, key: str) -> CmsEntry | None:
+        return self.entries.get(cms_key(key))
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, CmsEntry]]:
+        """Entries whose key starts with `prefix`, sorted by key."""
+        start = cms_key(prefix) if prefix else CMS_ROOT
+        return ((k, e) for k, e in sorted(self.entries.items()) if k.startswith(start))
+
+    def agents(self, kind: str | None = None) -> list[AgentView]:
+        return [
+            AgentView(card, self.statuses.get(agent))
+            for agent, card in sorted(self.cards.items())
+            if kind is None or card.kind == kind
+        ]
+
+    def agent(self, agent: str) -> AgentView | None:
+        card = self.cards.get(agent)
+        return AgentView(card, self.statuses.get(agent)) if card else None
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            entry = None
+            self.entries.pop(topic, None)
+        else:
+            try:
+                entry = parse_payload(CmsEntry, payload, self._bus.settings.max_payload)
+            except BadInput as exc:
+                self._bus.report(exc.code, f"bad CMS entry: {exc}", topic)
+                return
+            self.entries[topic] = entry
+        self._index(topic, entry)
+        for callback in self._callbacks:
+            callback(topic, entry)
+
+    def _index(self, topic: str, entry: CmsEntry | None) -> None:
+        """Keep the typed agent tables in step with their entries."""
+        for template, table, model in (
+            (AGENT_CARD, self.cards, AgentCard),
+            (AGENT_STATUS, self.statuses, AgentStatus),
+        ):
+            params = template.match(topic)
+            if params is None:
+                continue
+            table.pop(params["agent"], None)
+            if entry is not None:
+                try:
+                    table[params["agent"]] = model.model_validate(entry.value)
+                except ValidationError as exc:
+                    self._bus.report("bad_schema", f"bad {model.__name__}: {exc}", topic)
+            return
+
+
+def entry(value: Any, *, version: int, origin: str) -> CmsEntry:
+    """A CMS value stamped now."""
+    return CmsEntry(value=value, version=version, updated_at=now(), origin=origin)
+
+
+async def put(
+    bus: Bus, key: str, value: Any, *, version: int, expiry_s: float | None = None
+) -> None:
+    """Write one retained CMS entry (origin: this client)."""
+    body = entry(value, version=version, origin=bus.client_id)
+    await bus.publish(cms_key(key), body, retain=True, expiry_s=expiry_s)
+
+
+async def delete(bus: Bus, key: str) -> None:
+    """Delete a CMS key: an empty retained payload."""
+    await bus.publish(cms_key(key), None, retain=True)

@@ -1,0 +1,146 @@
+"""An agent's presence in the CMS: retained card and status, epoch, and Last Will.
+
+Versions of an agent's own entries are `epoch * EPOCH_SPAN + sequence`, so any entry of a
+later start supersedes every entry of an earlier one, and the Last Will (the last sequence
+number of its epoch) supersedes every status of its own epoch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiomqtt
+import structlog
+
+from schemas import AgentCard, AgentStatus, CmsEntry, now
+from services.core.bus import Bus, parse_payload
+from services.core.errors import BadInput
+from services.core.settings import MqttSettings
+from services.core.topics import AGENT_CARD, AGENT_STATUS
+
+log = structlog.get_logger("edgecollab.presence")
+
+EPOCH_SPAN = 1_000_000
+
+
+async def next_epoch(settings: MqttSettings, agent: str) -> int:
+    """One more than the epoch of the agent's retained card (1 when there is none).
+
+    Read over a short connection of its own before the service connects, because the Last
+    Will, fixed at connect time, must carry the new epoch.
+    """
+    topic = AGENT_CARD.format(agent=agent)
+    async with aiomqtt.Client(
+        settings.host,
+        settings.port,
+        identifier=agent,
+        username=settings.username,
+        password=settings.password.get_secret_value() if settings.password else None,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=10,
+    ) as client:
+        await client.subscribe(topic, qos=1)
+        fence = f"replies/{agent}/epoch"
+        await client.subscribe(fence, qos=1)
+        await client.publish(fence, b"fence", qos=1)
+        previous = 0
+        async for message in client.messages:
+            if message.topic.value == fence:
+                break
+            previous = _epoch_of(message.payload)
+    return previous + 1
+
+
+def _epoch_of(payload: object) -> int:
+    if not isinstance(payload, bytes) or not payload:
+        return 0
+    try:
+        return int(parse_payload(CmsEntry, payload, 1 << 20).value.get("epoch", 0))
+    except (BadInput, AttributeError, TypeError, ValueError):
+        return 0
+
+
+class Presence:
+    """Publishes an agent's card at every (re)connect, and its status on change and heartbeat."""
+
+    def __init__(
+        self,
+        card: AgentCard,
+        *,
+        load: Callable[[], tuple[int, int, float]],
+        heartbeat_s: float = 5.0,
+        min_interval_s: float = 0.25,
+    ) -> None:
+        self.card = card
+        self._load = load  # () -> (active, queued, tokens_per_s)
+        self._heartbeat_s = heartbeat_s
+        self._min_interval_s = min_interval_s
+        self._sequence = 0
+        self._changed = asyncio.Event()
+        self.card_topic = AGENT_CARD.format(agent=card.agent)
+        self.status_topic = AGENT_STATUS.format(agent=card.agent)
+
+    @property
+    def base_version(self) -> int:
+        return self.card.epoch * EPOCH_SPAN
+
+    def will(self) -> tuple[str, CmsEntry]:
+        """The Last Will: this epoch's final status, offline."""
+        status = AgentStatus(
+            agent=self.card.agent, epoch=self.card.epoch, online=False, updated_at=now()
+        )
+        return self.status_topic, self._entry(status, EPOCH_SPAN - 1)
+
+    def attach(self, bus: Bus) -> None:
+        bus.on_connect(lambda: self.announce(bus))
+
+    async def announce(self, bus: Bus) -> None:
+        """The birth: card, then status."""
+        await bus.publish(self.card_topic, self._entry(self.card, 0), retain=True)
+        await self.publish_status(bus)
+
+    def changed(self) -> None:
+        """Load changed: a status goes out soon (coalesced)."""
+        self._changed.set()
+
+    async def run(self, bus: Bus) -> None:
+        """Publish status on change (at most every min_interval_s) and every heartbeat_s."""
+        while True:
+            try:
+                async with asyncio.timeout(self._heartbeat_s):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            if bus.connected.is_set():
+                await self.publish_status(bus)
+            await asyncio.sleep(self._min_interval_s)
+
+    async def publish_status(self, bus: Bus, *, online: bool = True) -> None:
+        active, queued, rate = self._load()
+        status = AgentStatus(
+            agent=self.card.agent,
+            epoch=self.card.epoch,
+            online=online,
+            active=active,
+            queued=queued,
+            tokens_per_s=round(rate, 2),
+            updated_at=now(),
+        )
+        self._sequence = min(self._sequence + 1, EPOCH_SPAN - 2)
+        await bus.publish(self.status_topic, self._entry(status, self._sequence), retain=True)
+
+    async def retire(self, bus: Bus) -> None:
+        """A clean shutdown says what the Last Will would have said."""
+        topic, will = self.will()
+        await bus.publish(topic, will, retain=True)
+
+    def _entry(self, value: AgentCard | AgentStatus, sequence: int) -> CmsEntry:
+        return CmsEntry(
+            value=value.model_dump(mode="json"),
+            version=self.base_version + sequence,
+            updated_at=time.time(),
+            origin=self.card.agent,
+        )

@@ -1,0 +1,53 @@
+"""Running a service process: signals, the bus and its loops under one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from services.core.bus import Bus
+from services.core.presence import Presence
+
+log = structlog.get_logger("edgecollab.service")
+
+
+async def run_until_stopped(
+    bus: Bus,
+    *loops: Callable[[], Coroutine[Any, Any, None]],
+    presence: Presence | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run the bus and `loops` until SIGTERM/SIGINT, then say goodbye and stop them."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(bus.run())]
+        if presence is not None:
+            presence.attach(bus)
+            tasks.append(group.create_task(presence.run(bus)))
+        tasks += [group.create_task(make_loop()) for make_loop in loops]
+        await stop.wait()
+        log.info("service.stopping")
+        await _goodbye(bus, presence, on_stop)
+        for task in tasks:
+            task.cancel()
+
+
+async def _goodbye(
+    bus: Bus, presence: Presence | None, on_stop: Callable[[], Awaitable[None]] | None
+) -> None:
+    """Best effort within a second: finish up and say offline rather than wait for the will."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            if on_stop is not None:
+                await on_stop()
+            if presence is not None and bus.connected.is_set():
+                await presence.retire(bus)

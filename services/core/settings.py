@@ -1,0 +1,32 @@
+"""Settings read once from the environment (pydantic-settings), one prefix per service."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MqttSettings(BaseSettings):
+    """How to reach the broker: EDGECOLLAB_MQTT_HOST, EDGECOLLAB_MQTT_PORT, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGECOLLAB_MQTT_", extra="ignore")
+
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: int = Field(10, ge=2, description="seconds; a hung peer is seen after ~1.5x")
+    session_expiry_s: int = Field(60, ge=0, description="broker keeps our session this long")
+    max_payload: int = Field(256 * 1024, ge=1024, description="larger payloads are refused")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_broker(value: str) -> tuple[str, int]:
+    """Split `host:port` (or `host`, port 1883) for the --broker option."""
+    host, _, port = value.rpartition(":") if ":" in value else (value, "", "1883")
+    if not host or not port.isdigit():
+        raise ValueError(f"--broker wants host:port, got {value!r}")
+    return host, int(port)

@@ -1,0 +1,33 @@
+"""What a worker backend is: something that turns a Task into text, token by token."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from schemas import ModelInfo, Task
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """The outcome of one generation."""
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    prefill_ms: float
+    decode_tok_s: float
+    finish_reason: Literal["stop", "length", "deadline", "cancelled"]
+
+
+class Backend(Protocol):
+    kind: str  # "onnx" or "emulated", shown in the agent's card
+    model: ModelInfo | None
+    tokens_per_s: float  # batch-1 decode rate
+    concurrency: int  # requests served at once; one more is rejected
+    active: int
+
+    async def generate(
+        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
+    ) -> Generation: ...

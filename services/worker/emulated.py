@@ -1,0 +1,76 @@
+"""The emulated backend: a device of a given token rate and concurrency that sleeps per token.
+
+It stands for a Jetson-class device in experiments with many devices on one box. With k
+requests in flight it decodes `tokens_per_s * k**beta` tokens/s in total, shared equally: the
+same node model as the simulator, so live runs and simulations agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from schemas import Task
+from services.worker.backend import Generation
+
+_WORDS = ("edge", "models", "cooperate", "over", "the", "bus", "and", "answer", "fast", "locally")
+_TICK_S = 0.02  # granularity of the emulated decode loop
+
+
+class EmulatedBackend:
+    """Sleeps instead of computing; labelled `emulated` in the agent's card."""
+
+    kind = "emulated"
+    model = None
+
+    def __init__(self, *, tokens_per_s: float, concurrency: int, beta: float = 0.5) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.concurrency = concurrency
+        self.beta = beta
+        self.active = 0
+
+    def stream_rate(self) -> float:
+        """Tokens/s of each stream now (processor sharing among `active`)."""
+        return self.tokens_per_s * max(1, self.active) ** (self.beta - 1)
+
+    async def generate(
+        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
+    ) -> Generation:
+        started = time.perf_counter()
+        self.active += 1
+        try:
+            produced, reason = await self._decode(task, emit)
+        finally:
+            self.active -= 1
+        seconds = time.perf_counter() - started
+        return Generation(
+            text=_text(produced),
+            prompt_tokens=len(task.prompt.split()),
+            output_tokens=produced,
+            prefill_ms=0.0,
+            decode_tok_s=produced / seconds if seconds > 0 else 0.0,
+            finish_reason=reason,
+        )
+
+    async def _decode(
+        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
+    ) -> tuple[int, str]:
+        produced = 0
+        while produced < task.max_tokens:
+            if time.time() >= task.deadline:
+                return produced, "deadline"
+            rate = self.stream_rate()
+            step = task.max_tokens - produced if math.isinf(rate) else max(1, int(rate * _TICK_S))
+            step = min(step, task.max_tokens - produced)
+            if not math.isinf(rate):
+                await asyncio.sleep(step / rate)
+            if emit is not None:
+                await emit(_text(step, offset=produced) + " ")
+            produced += step
+        return produced, "length"
+
+
+def _text(count: int, offset: int = 0) -> str:
+    return " ".join(_WORDS[(offset + i) % len(_WORDS)] for i in range(count))

@@ -1,0 +1,85 @@
+"""Test session fixtures: one real mosquitto, clean CMS per test via unique agent ids."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from services.core.bus import Bus
+from services.core.settings import MqttSettings
+from tests.broker import ROOT, Broker
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    broker = Broker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def mqtt(broker: Broker) -> MqttSettings:
+    return MqttSettings(host=broker.host, port=broker.port)
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short unique suffix, so tests never see each other's agents or retained entries."""
+    return uuid.uuid4().hex[:8]
+
+
+@asynccontextmanager
+async def running(bus: Bus) -> AsyncIterator[Bus]:
+    """Run a bus in the background for the duration of a block."""
+    task = asyncio.create_task(bus.run())
+    try:
+        async with asyncio.timeout(10):
+            await bus.connected.wait()
+        yield bus
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def service_env(mqtt: MqttSettings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "EDGECOLLAB_MQTT_HOST": mqtt.host,
+        "EDGECOLLAB_MQTT_PORT": str(mqtt.port),
+        "EDGECOLLAB_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def spawn(mqtt: MqttSettings, tmp_path: Path) -> Iterator:
+    """Start `python -m services.<name> ...` processes; all are killed at the end of the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(module: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"{module}-{len(procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env=service_env(mqtt),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -1,0 +1,190 @@
+"""The bus against a real mosquitto: request/response, deadlines, bad input, the CMS view."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiomqtt
+import orjson
+import pytest
+
+from schemas import AgentCard, Error, Query, Rejected, Task, TaskResult, now
+from services.core import cms
+from services.core.bus import Bus, Request
+from services.core.cms import CmsView
+from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.presence import Presence
+from services.core.topics import AGENT_CARD, ERRORS, TASKS
+from tests.conftest import running
+
+
+def _task(uid: str, deadline_s: float = 5.0) -> Task:
+    return Task(
+        task_id=f"t-{uid}", request_id=f"r-{uid}", prompt="hi", max_tokens=4,
+        deadline=time.time() + deadline_s,
+    )
+
+
+async def _echo_worker(request: Request[Task]) -> TaskResult:
+    task = request.body
+    return TaskResult(
+        task_id=task.task_id, agent=request.params["agent"], text=task.prompt.upper(),
+        prompt_tokens=1, output_tokens=1, prefill_ms=0, decode_tok_s=0, ms=0,
+        finish_reason="stop",
+    )
+
+
+async def test_request_gets_its_reply(mqtt, uid):
+    server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
+    server.serve(TASKS, _echo_worker, agent=f"w-{uid}")
+    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    async with running(server), running(client):
+        replies = await asyncio.gather(*(
+            client.request(TASKS.format(agent=f"w-{uid}"), _task(f"{uid}{i}"),
+                           replies=TASKS.replies, deadline=time.time() + 5)
+            for i in range(20)
+        ))
+    assert [r.task_id for r in replies] == [f"t-{uid}{i}" for i in range(20)]
+    assert all(isinstance(r, TaskResult) and r.text == "HI" for r in replies)
+
+
+async def test_request_to_silent_agent_fails_at_its_deadline(mqtt, uid):
+    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    async with running(client):
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="no answer"):
+            await client.request(TASKS.format(agent=f"nobody-{uid}"), _task(uid),
+                                 replies=TASKS.replies, deadline=time.time() + 0.5)
+        assert 0.4 < time.monotonic() - started < 2.0
+
+
+async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, uid):
+    calls = 0
+
+    async def flaky(request: Request[Task]) -> Rejected:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return Rejected(task_id=request.body.task_id, agent=f"w-{uid}", reason="full",
+                        active=1, limit=1)
+
+    server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
+    server.serve(TASKS, flaky, agent=f"w-{uid}")
+    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    async with running(server), running(client):
+        topic = TASKS.format(agent=f"w-{uid}")
+        with pytest.raises(RemoteError, match="internal: RuntimeError: boom"):
+            await client.request(topic, _task(uid), replies=TASKS.replies,
+                                 deadline=time.time() + 5)
+        reply = await client.request(topic, _task(uid + "b"), replies=TASKS.replies,
+                                     deadline=time.time() + 5)
+    assert isinstance(reply, Rejected) and reply.reason == "full"
+
+
+BAD_INPUTS = {
+    "bad_json": b"{not json",
+    "bad_schema": orjson.dumps({"v": 1, "type": "query", "text": "no id"}),
+    "bad_version": orjson.dumps({"v": 2, "type": "task"}),
+    "too_large": b"x" * (1 << 20),
+}
+
+
+@pytest.mark.parametrize("code", [*BAD_INPUTS, "unknown_topic", "other_schema"])
+async def test_bad_input_is_answered_with_error_and_next_request_served(mqtt, uid, code):
+    agent = f"w-{uid}"
+    server = Bus(settings=mqtt, client_id=agent, service="worker")
+    server.serve(TASKS, _echo_worker, agent=agent)
+    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    topic = TASKS.format(agent=agent)
+    payload = BAD_INPUTS.get(code, b"")
+    if code == "unknown_topic":
+        topic, payload = topic + "/surprise", _task(uid).model_dump_json().encode()
+    if code == "other_schema":
+        payload = Query(request_id=f"r-{uid}", text="hi", deadline=now() + 5).model_dump_json()
+        payload = payload.encode()
+    async with running(server), running(client):
+        with pytest.raises(RemoteError) as raised:
+            await _raw_request(client, topic, payload)
+        expected = "bad_schema" if code == "other_schema" else code
+        assert raised.value.error.code == expected
+        reply = await client.request(TASKS.format(agent=agent), _task(uid), replies=TASKS.replies,
+                                     deadline=time.time() + 5)
+    assert isinstance(reply, TaskResult)
+    assert server.errors_sent == 1
+
+
+async def _raw_request(client: Bus, topic: str, payload: bytes) -> object:
+    """A request whose payload is raw bytes (what a buggy device would send)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from services.core.bus import _Pending
+
+    correlation = b"raw-" + topic.encode()[-8:] + str(time.time()).encode()
+    future = asyncio.get_running_loop().create_future()
+    client._pending[correlation] = _Pending(future, client._adapter((TaskResult, Error)))
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = client.reply_topic
+    props.CorrelationData = correlation
+    await client._publish_bytes(topic, payload, qos=1, retain=False, props=props)
+    async with asyncio.timeout(5):
+        return await future
+
+
+async def test_bad_input_without_response_topic_goes_to_errors_topic(mqtt, uid):
+    agent = f"w-{uid}"
+    server = Bus(settings=mqtt, client_id=agent, service=f"worker-{uid}")
+    server.serve(TASKS, _echo_worker, agent=agent)
+    async with running(server), aiomqtt.Client(mqtt.host, mqtt.port) as sub:
+        await sub.subscribe(ERRORS.format(service=f"worker-{uid}"), qos=1)
+        await sub.publish(TASKS.format(agent=agent), b"[1, 2]", qos=1)
+        async with asyncio.timeout(5):
+            message = await anext(sub.messages)
+    error = Error.model_validate_json(message.payload)
+    assert error.code == "bad_schema" and "JSON object" in error.message
+    assert error.topic == TASKS.format(agent=agent)
+
+
+async def test_cms_view_mirrors_puts_and_deletes_with_callbacks(mqtt, uid):
+    writer = Bus(settings=mqtt, client_id=f"cw-{uid}", service="cli")
+    reader = Bus(settings=mqtt, client_id=f"cr-{uid}", service="cli")
+    view = CmsView(reader)
+    seen: list[tuple[str, object]] = []
+    view.on_change(lambda key, entry: seen.append((key, entry and entry.value)))
+    key = f"parameters/m-{uid}/temperature"
+    async with running(writer), running(reader):
+        await view.synced()
+        await cms.put(writer, key, 0.7, version=1, expiry_s=60)
+        await cms.delete(writer, key)
+        await cms.put(writer, key, 0.2, version=3)
+        await writer.barrier()
+        async with asyncio.timeout(5):
+            while len([k for k, _ in seen if k.endswith(key)]) < 3:
+                await asyncio.sleep(0.01)
+        await cms.delete(writer, key)
+    mine = [(k, v) for k, v in seen if k == f"cms/{key}"]
+    assert mine[:3] == [(f"cms/{key}", 0.7), (f"cms/{key}", None), (f"cms/{key}", 0.2)]
+    assert view.get(key).version == 3 and view.get(key).origin == f"cw-{uid}"
+
+
+async def test_fresh_view_receives_every_one_of_10000_retained_cards(mqtt, uid):
+    count = 10_000
+    prefix = f"s{uid}"
+    async with aiomqtt.Client(mqtt.host, mqtt.port, max_inflight_messages=1000) as pub:
+        for i in range(count):
+            agent = f"{prefix}-{i}"
+            card = AgentCard(agent=agent, kind="sensor", epoch=1, started_at=now())
+            presence = Presence(card, load=lambda: (0, 0, 0.0))
+            body = presence._entry(card, 0).model_dump_json()
+            await pub.publish(AGENT_CARD.format(agent=agent), body, qos=1, retain=True)
+    reader = Bus(settings=mqtt, client_id=f"r-{uid}", service="cli")
+    view = CmsView(reader)
+    async with running(reader):
+        await view.synced()
+        mine = [a for a in view.cards if a.startswith(prefix + "-")]
+    assert len(mine) == count
+    async with aiomqtt.Client(mqtt.host, mqtt.port) as pub:  # leave the broker clean
+        for i in range(count):
+            await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), b"", qos=0, retain=True)

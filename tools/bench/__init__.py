@@ -1,0 +1,15 @@
+"""`edgecollab bench ...`: benchmarks that print JSON. Each module registers one sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCH_MODULES = ("tools.bench.bus",)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("bench", help="measure the stack; prints JSON")
+    bench_sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register(bench_sub)

@@ -1,0 +1,63 @@
+"""What the CLI commands share: the --broker option and a short-lived bus."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.logging import configure_logging
+from services.core.settings import MqttSettings, parse_broker
+
+
+def add_broker_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="MQTT broker (default: EDGECOLLAB_MQTT_HOST:EDGECOLLAB_MQTT_PORT, else localhost:1883)",
+    )
+
+
+def mqtt_settings(args: argparse.Namespace) -> MqttSettings:
+    settings = MqttSettings()
+    if getattr(args, "broker", None):
+        host, port = parse_broker(args.broker)
+        settings = settings.model_copy(update={"host": host, "port": port})
+    return settings
+
+
+@asynccontextmanager
+async def connected_bus(
+    args: argparse.Namespace, *, mirror_cms: bool = False
+) -> AsyncIterator[tuple[Bus, CmsView | None]]:
+    """A CLI client on the bus for a block; with `mirror_cms` its CmsView is synced first.
+
+    Fails fast with a clear message when no broker answers.
+    """
+    configure_logging("cli", level="warning")
+    settings = mqtt_settings(args)
+    bus = Bus(settings=settings, client_id=f"cli-{uuid.uuid4().hex[:10]}", service="cli")
+    view = CmsView(bus) if mirror_cms else None
+    task = asyncio.create_task(bus.run())
+    try:
+        try:
+            async with asyncio.timeout(5):
+                await bus.connected.wait()
+        except TimeoutError:
+            raise SystemExit(f"edgecollab: no MQTT broker answers at {settings.address}") from None
+        if view is not None:
+            await view.synced()
+        yield bus, view
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def print_json(value: object) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
