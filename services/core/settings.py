@@ -16,7 +16,9 @@ class MqttSettings(BaseSettings):
     username: str | None = None
     password: SecretStr | None = None
     keepalive: int = Field(10, ge=2, description="seconds; a hung peer is seen after ~1.5x")
-    session_expiry_s: int = Field(60, ge=0, description="broker keeps our session this long")
+    # 0 by default: mosquitto keeps handing $share/... messages to a dead member's persistent
+    # session in turn, so a crashed orchestrator would swallow every Nth query until expiry.
+    session_expiry_s: int = Field(0, ge=0, description="broker keeps our session this long")
     max_payload: int = Field(256 * 1024, ge=1024, description="larger payloads are refused")
 
     @property

@@ -93,12 +93,9 @@ class Orchestrator:
         params = AGENT_STATUS.match(key)
         if params is None:
             return
-        agent = params["agent"]
-        view = self.view.agent(agent)
-        if view is not None and view.online:
-            self._gone.pop(agent, None)
-        elif agent in self._gone:
-            self._gone[agent].set()
+        view = self.view.agent(params["agent"])
+        if (view is None or not view.online) and params["agent"] in self._gone:
+            self._gone.pop(params["agent"]).set()  # wakes the requests in flight there
 
 
 def _step(

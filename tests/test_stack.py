@@ -1,0 +1,151 @@
+"""The services as processes on a real broker: plain MQTT clients, Last Will, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from schemas import Answer, CmsEntry, Query
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.topics import QUERIES
+from tests.conftest import running
+
+
+async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+def online(view: CmsView, *agents: str):  # type: ignore[no-untyped-def]
+    return lambda: all((a := view.agent(name)) is not None and a.online for name in agents)
+
+
+def start_stack(spawn, uid: str, *, tokens_per_s: str = "200", concurrency: str = "4"):  # type: ignore[no-untyped-def]
+    orchestrator = spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
+    worker = spawn(
+        "services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", tokens_per_s,
+        "--concurrency", concurrency,
+    )
+    return orchestrator, worker
+
+
+async def ask(bus: Bus, text: str = "hello", *, max_tokens: int = 8, timeout: float = 10) -> Answer:
+    query = Query(request_id=f"q{time.time_ns()}", text=text, max_tokens=max_tokens,
+                  deadline=time.time() + timeout)
+    answer = await bus.request(QUERIES.format(), query, replies=QUERIES.replies,
+                               deadline=query.deadline)
+    assert isinstance(answer, Answer)
+    return answer
+
+
+async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
+    start_stack(spawn, uid)
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
+    query = {"v": 1, "type": "query", "request_id": f"rr-{uid}", "text": "hello from rr",
+             "max_tokens": 5, "deadline": time.time() + 10}
+    rr = subprocess.run(
+        ["mosquitto_rr", "-V", "mqttv5", "-h", mqtt.host, "-p", str(mqtt.port),
+         "-t", "computation/queries", "-e", f"replies/rr-{uid}", "-m", orjson.dumps(query),
+         "-W", "10"],
+        capture_output=True, timeout=20, check=True,
+    )
+    answer = Answer.model_validate_json(rr.stdout)
+    assert answer.request_id == f"rr-{uid}" and answer.outcome == "edge"
+    assert answer.steps[0].agent == f"w-{uid}" and answer.steps[0].output_tokens == 5
+    sub = subprocess.run(
+        ["mosquitto_sub", "-V", "mqttv5", "-h", mqtt.host, "-p", str(mqtt.port), "-v",
+         "-t", f"cms/agents/w-{uid}/#", "-t", f"cms/agents/w-{uid}", "-W", "1"],
+        capture_output=True, timeout=20,
+    )
+    lines = dict(line.split(" ", 1) for line in sub.stdout.decode().splitlines())
+    card = CmsEntry.model_validate_json(lines[f"cms/agents/w-{uid}"]).value
+    status = CmsEntry.model_validate_json(lines[f"cms/agents/w-{uid}/status"]).value
+    assert card["backend"] == "emulated" and card["concurrency"] == 4
+    assert status["online"] is True
+
+
+async def test_sigkill_flips_status_offline_and_restart_raises_epoch(mqtt, uid, spawn):
+    worker = spawn("services.worker", "--agent-id", f"w-{uid}")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await wait_for(online(view, f"w-{uid}"))
+        first_epoch = view.agent(f"w-{uid}").card.epoch
+        worker.send_signal(signal.SIGKILL)
+        await wait_for(lambda: not view.agent(f"w-{uid}").online, timeout=5)
+        assert view.statuses[f"w-{uid}"].online is False
+        spawn("services.worker", "--agent-id", f"w-{uid}")
+        await wait_for(online(view, f"w-{uid}"))
+        assert view.agent(f"w-{uid}").card.epoch == first_epoch + 1
+
+
+async def test_stack_survives_a_broker_restart(mqtt, uid, spawn, broker):
+    start_stack(spawn, uid)
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
+        assert (await ask(bus)).outcome == "edge"
+        broker.stop()
+        await asyncio.sleep(0.5)
+        broker.start()
+        await wait_for(lambda: bus.connected.is_set(), timeout=15)
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"), timeout=15)
+        answer = await ask(bus)
+    assert answer.outcome == "edge" and answer.steps[0].agent == f"w-{uid}"
+
+
+async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(mqtt, uid, spawn):
+    _, worker = start_stack(spawn, uid, tokens_per_s="5")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
+        pending = asyncio.create_task(ask(bus, max_tokens=100, timeout=30))
+        await wait_for(lambda: view.statuses[f"w-{uid}"].active == 1, timeout=5)
+        started = time.monotonic()
+        os.kill(worker.pid, signal.SIGKILL)
+        answer = await pending
+    assert answer.outcome == "failed" and "went offline" in answer.steps[0].detail
+    assert time.monotonic() - started < 5
+
+
+async def test_worker_at_its_limit_rejects_at_once(mqtt, uid, spawn):
+    start_stack(spawn, uid, tokens_per_s="10", concurrency="1")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
+        answers = await asyncio.gather(ask(bus, max_tokens=10), ask(bus, max_tokens=10))
+    outcomes = sorted(a.outcome for a in answers)
+    assert outcomes == ["edge", "rejected"]
+    rejected = next(a for a in answers if a.outcome == "rejected")
+    assert rejected.steps[0].outcome == "rejected" and rejected.ms < 500
+
+
+@pytest.mark.parametrize("payload", [b"{oops", b'{"v": 7, "type": "query"}', b"x" * (1 << 20)])
+async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spawn, payload):
+    start_stack(spawn, uid)
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
+        from tests.test_bus import _raw_request  # the same raw-bytes requester
+
+        from services.core.errors import RemoteError
+
+        with pytest.raises(RemoteError) as raised:
+            await _raw_request(bus, QUERIES.format(), payload)
+        assert raised.value.error.service == "orchestrator"
+        assert (await ask(bus)).outcome == "edge"
