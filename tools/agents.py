@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import time
 
-from services.core.cms import AgentView
+from services.core.cms import AgentView, CmsView
 from tools.common import add_broker_option, connected_bus, print_json
 
 
@@ -14,6 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("agents", help="list agents from the CMS with status and load")
     parser.add_argument("--kind", help="only agents of this kind (worker, sensor, ...)")
     parser.add_argument("--json", action="store_true", help="JSON output")
+    parser.add_argument(
+        "--wait-for", metavar="AGENT,...", help="first wait until these agents are online"
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="for --wait-for (s)")
     add_broker_option(parser)
     parser.set_defaults(func=lambda args: asyncio.run(_agents(args)))
 
@@ -21,12 +25,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def _agents(args: argparse.Namespace) -> int:
     async with connected_bus(args, mirror_cms=True) as (_, view):
         assert view is not None
+        if args.wait_for and not await _wait_online(view, args.wait_for.split(","), args.timeout):
+            missing = [a for a in args.wait_for.split(",") if not _is_online(view, a)]
+            print(f"edgecollab: not online after {args.timeout:.0f} s: {', '.join(missing)}")
+            return 1
         agents = view.agents(args.kind)
     if args.json:
         print_json([_row(a) for a in agents])
     else:
         print(format_table([_row(a) for a in agents]))
     return 0
+
+
+def _is_online(view: CmsView, agent: str) -> bool:
+    found = view.agent(agent)
+    return found is not None and found.online
+
+
+async def _wait_online(view: CmsView, agents: list[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not all(_is_online(view, a) for a in agents):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
 
 
 def _row(agent: AgentView) -> dict[str, object]:

@@ -1,0 +1,95 @@
+"""The edgecollab command line against a real broker and stack."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import aiomqtt
+
+from schemas import AgentCard, now
+from services.core.presence import Presence
+from services.core.topics import AGENT_CARD
+from tests.broker import ROOT
+
+
+def cli(mqtt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args, "--broker", f"{mqtt.host}:{mqtt.port}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("up", "ask", "agents", "cms", "schemas", "bench"):
+        assert command in out
+
+
+def test_cms_put_get_ls_rm_round_trip(mqtt, uid):
+    key = f"configs/m-{uid}/max_tokens"
+    assert cli(mqtt, "cms", "put", key, "256").returncode == 0
+    assert cli(mqtt, "cms", "put", key, "512").stdout.strip().endswith("(v2)")
+    got = json.loads(cli(mqtt, "cms", "get", f"configs/m-{uid}", "--json").stdout)
+    assert got[f"cms/{key}"]["value"] == 512 and got[f"cms/{key}"]["version"] == 2
+    listed = json.loads(cli(mqtt, "cms", "ls", "configs/", "--json").stdout)
+    assert f"cms/{key}" in listed
+    assert cli(mqtt, "cms", "rm", key).returncode == 0
+    missing = cli(mqtt, "cms", "get", key)
+    assert missing.returncode == 1 and "no key" in missing.stdout
+
+
+def test_cms_watch_prints_changes(mqtt, uid):
+    key = f"parameters/m-{uid}/temperature"
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "cms", "watch", f"parameters/m-{uid}", "--json",
+         "--broker", f"{mqtt.host}:{mqtt.port}"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(1.5)
+        cli(mqtt, "cms", "put", key, "0.3")
+        line = json.loads(watch.stdout.readline())
+    finally:
+        watch.kill()
+        cli(mqtt, "cms", "rm", key)
+    assert line["key"] == f"cms/{key}" and line["entry"]["value"] == 0.3
+
+
+def test_ask_streams_and_prints_provenance(mqtt, uid, spawn):
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
+    spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "500")
+    ready = cli(mqtt, "agents", "--wait-for", f"orch-{uid},w-{uid}", "--timeout", "30")
+    assert ready.returncode == 0, ready.stdout
+    out = cli(mqtt, "ask", "hello there", "--max-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert "edge models cooperate" in out.stdout
+    assert f"generate   edge  w-{uid}" in out.stdout and "0+12" not in out.stdout
+    answer = json.loads(cli(mqtt, "ask", "hello", "--json", "--max-tokens", "3").stdout)
+    assert answer["outcome"] == "edge" and answer["steps"][0]["output_tokens"] == 3
+
+
+def test_no_broker_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "agents", "--broker", "127.0.0.1:1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "no MQTT broker answers at 127.0.0.1:1" in out.stderr
+
+
+async def test_agents_lists_10000_agents(mqtt, uid):
+    prefix, count = f"a{uid}", 10_000
+    async with aiomqtt.Client(mqtt.host, mqtt.port, max_inflight_messages=1000) as pub:
+        for i in range(count):
+            card = AgentCard(agent=f"{prefix}-{i}", kind="sensor", epoch=1, started_at=now())
+            body = Presence(card, load=lambda: (0, 0, 0.0))._entry(card, 0).model_dump_json()
+            await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), body, qos=1, retain=True)
+    try:
+        out = cli(mqtt, "agents", "--kind", "sensor", "--json", timeout=30)
+        rows = [r for r in json.loads(out.stdout) if r["agent"].startswith(prefix + "-")]
+        assert len(rows) == count and all(r["state"] == "offline" for r in rows)
+    finally:
+        async with aiomqtt.Client(mqtt.host, mqtt.port) as pub:
+            for i in range(count):
+                await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), b"", retain=True)

