@@ -14,14 +14,17 @@ from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
-from services.core.presence import Presence
+from services.core.presence import card_entry
 from services.core.topics import AGENT_CARD, ERRORS, TASKS
 from tests.conftest import running
 
 
 def _task(uid: str, deadline_s: float = 5.0) -> Task:
     return Task(
-        task_id=f"t-{uid}", request_id=f"r-{uid}", prompt="hi", max_tokens=4,
+        task_id=f"t-{uid}",
+        request_id=f"r-{uid}",
+        prompt="hi",
+        max_tokens=4,
         deadline=time.time() + deadline_s,
     )
 
@@ -29,8 +32,14 @@ def _task(uid: str, deadline_s: float = 5.0) -> Task:
 async def _echo_worker(request: Request[Task]) -> TaskResult:
     task = request.body
     return TaskResult(
-        task_id=task.task_id, agent=request.params["agent"], text=task.prompt.upper(),
-        prompt_tokens=1, output_tokens=1, prefill_ms=0, decode_tok_s=0, ms=0,
+        task_id=task.task_id,
+        agent=request.params["agent"],
+        text=task.prompt.upper(),
+        prompt_tokens=1,
+        output_tokens=1,
+        prefill_ms=0,
+        decode_tok_s=0,
+        ms=0,
         finish_reason="stop",
     )
 
@@ -40,11 +49,17 @@ async def test_request_gets_its_reply(mqtt, uid):
     server.serve(TASKS, _echo_worker, agent=f"w-{uid}")
     client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
     async with running(server), running(client):
-        replies = await asyncio.gather(*(
-            client.request(TASKS.format(agent=f"w-{uid}"), _task(f"{uid}{i}"),
-                           replies=TASKS.replies, deadline=time.time() + 5)
-            for i in range(20)
-        ))
+        replies = await asyncio.gather(
+            *(
+                client.request(
+                    TASKS.format(agent=f"w-{uid}"),
+                    _task(f"{uid}{i}"),
+                    replies=TASKS.replies,
+                    deadline=time.time() + 5,
+                )
+                for i in range(20)
+            )
+        )
     assert [r.task_id for r in replies] == [f"t-{uid}{i}" for i in range(20)]
     assert all(isinstance(r, TaskResult) and r.text == "HI" for r in replies)
 
@@ -54,8 +69,12 @@ async def test_request_to_silent_agent_fails_at_its_deadline(mqtt, uid):
     async with running(client):
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="no answer"):
-            await client.request(TASKS.format(agent=f"nobody-{uid}"), _task(uid),
-                                 replies=TASKS.replies, deadline=time.time() + 0.5)
+            await client.request(
+                TASKS.format(agent=f"nobody-{uid}"),
+                _task(uid),
+                replies=TASKS.replies,
+                deadline=time.time() + 0.5,
+            )
         assert 0.4 < time.monotonic() - started < 2.0
 
 
@@ -67,8 +86,9 @@ async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, 
         calls += 1
         if calls == 1:
             raise RuntimeError("boom")
-        return Rejected(task_id=request.body.task_id, agent=f"w-{uid}", reason="full",
-                        active=1, limit=1)
+        return Rejected(
+            task_id=request.body.task_id, agent=f"w-{uid}", reason="full", active=1, limit=1
+        )
 
     server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
     server.serve(TASKS, flaky, agent=f"w-{uid}")
@@ -76,10 +96,10 @@ async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, 
     async with running(server), running(client):
         topic = TASKS.format(agent=f"w-{uid}")
         with pytest.raises(RemoteError, match="internal: RuntimeError: boom"):
-            await client.request(topic, _task(uid), replies=TASKS.replies,
-                                 deadline=time.time() + 5)
-        reply = await client.request(topic, _task(uid + "b"), replies=TASKS.replies,
-                                     deadline=time.time() + 5)
+            await client.request(topic, _task(uid), replies=TASKS.replies, deadline=time.time() + 5)
+        reply = await client.request(
+            topic, _task(uid + "b"), replies=TASKS.replies, deadline=time.time() + 5
+        )
     assert isinstance(reply, Rejected) and reply.reason == "full"
 
 
@@ -109,8 +129,9 @@ async def test_bad_input_is_answered_with_error_and_next_request_served(mqtt, ui
             await _raw_request(client, topic, payload)
         expected = "bad_schema" if code == "other_schema" else code
         assert raised.value.error.code == expected
-        reply = await client.request(TASKS.format(agent=agent), _task(uid), replies=TASKS.replies,
-                                     deadline=time.time() + 5)
+        reply = await client.request(
+            TASKS.format(agent=agent), _task(uid), replies=TASKS.replies, deadline=time.time() + 5
+        )
     assert isinstance(reply, TaskResult)
     assert server.errors_sent == 1
 
@@ -163,10 +184,10 @@ async def test_cms_view_mirrors_puts_and_deletes_with_callbacks(mqtt, uid):
         async with asyncio.timeout(5):
             while len([k for k, _ in seen if k.endswith(key)]) < 3:
                 await asyncio.sleep(0.01)
+        assert view.get(key).version == 3 and view.get(key).origin == f"cw-{uid}"
         await cms.delete(writer, key)
     mine = [(k, v) for k, v in seen if k == f"cms/{key}"]
     assert mine[:3] == [(f"cms/{key}", 0.7), (f"cms/{key}", None), (f"cms/{key}", 0.2)]
-    assert view.get(key).version == 3 and view.get(key).origin == f"cw-{uid}"
 
 
 async def test_fresh_view_receives_every_one_of_10000_retained_cards(mqtt, uid):
@@ -176,8 +197,7 @@ async def test_fresh_view_receives_every_one_of_10000_retained_cards(mqtt, uid):
         for i in range(count):
             agent = f"{prefix}-{i}"
             card = AgentCard(agent=agent, kind="sensor", epoch=1, started_at=now())
-            presence = Presence(card, load=lambda: (0, 0, 0.0))
-            body = presence._entry(card, 0).model_dump_json()
+            body = card_entry(card).model_dump_json()
             await pub.publish(AGENT_CARD.format(agent=agent), body, qos=1, retain=True)
     reader = Bus(settings=mqtt, client_id=f"r-{uid}", service="cli")
     view = CmsView(reader)

@@ -10,7 +10,7 @@ import time
 import aiomqtt
 
 from schemas import AgentCard, now
-from services.core.presence import Presence
+from services.core.presence import card_entry
 from services.core.topics import AGENT_CARD
 from tests.broker import ROOT
 
@@ -18,13 +18,21 @@ from tests.broker import ROOT
 def cli(mqtt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     return subprocess.run(
         [sys.executable, "-m", "tools.cli", *args, "--broker", f"{mqtt.host}:{mqtt.port}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "tools.cli", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for command in ("up", "ask", "agents", "cms", "schemas", "bench"):
         assert command in out
 
@@ -45,9 +53,20 @@ def test_cms_put_get_ls_rm_round_trip(mqtt, uid):
 def test_cms_watch_prints_changes(mqtt, uid):
     key = f"parameters/m-{uid}/temperature"
     watch = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "cms", "watch", f"parameters/m-{uid}", "--json",
-         "--broker", f"{mqtt.host}:{mqtt.port}"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tools.cli",
+            "cms",
+            "watch",
+            f"parameters/m-{uid}",
+            "--json",
+            "--broker",
+            f"{mqtt.host}:{mqtt.port}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(1.5)
@@ -73,8 +92,13 @@ def test_ask_streams_and_prints_provenance(mqtt, uid, spawn):
 
 
 def test_no_broker_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "tools.cli", "agents", "--broker", "127.0.0.1:1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "agents", "--broker", "127.0.0.1:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0 and "no MQTT broker answers at 127.0.0.1:1" in out.stderr
 
 
@@ -83,7 +107,7 @@ async def test_agents_lists_10000_agents(mqtt, uid):
     async with aiomqtt.Client(mqtt.host, mqtt.port, max_inflight_messages=1000) as pub:
         for i in range(count):
             card = AgentCard(agent=f"{prefix}-{i}", kind="sensor", epoch=1, started_at=now())
-            body = Presence(card, load=lambda: (0, 0, 0.0))._entry(card, 0).model_dump_json()
+            body = card_entry(card).model_dump_json()
             await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), body, qos=1, retain=True)
     try:
         out = cli(mqtt, "agents", "--kind", "sensor", "--json", timeout=30)

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 # The Compose Specification's JSON schema as shipped by the docker-compose 1.29.2 wheel
 # (fetched by tools/setup.sh from PyPI; no Docker engine runs here).
-SPEC_WHEEL = ROOT / ".venv" / "share" / "compose-spec" / "docker_compose-1.29.2-py2.py3-none-any.whl"
+SPEC_WHEEL = (
+    ROOT / ".venv" / "share" / "compose-spec" / "docker_compose-1.29.2-py2.py3-none-any.whl"
+)
 
 
 def compose_spec() -> dict:
@@ -54,8 +56,10 @@ def test_compose_mounts_the_mosquitto_conf_the_tests_run():
     original = (ROOT / "docker" / "mosquitto.conf").read_text()
     changed = set(text.splitlines()) ^ set(original.splitlines())
     assert changed == {
-        "listener 1883", "listener 1234 127.0.0.1",
-        "persistence_location /mosquitto/data/", "persistence_location /tmp/x/",
+        "listener 1883",
+        "listener 1234 127.0.0.1",
+        "persistence_location /mosquitto/data/",
+        "persistence_location /tmp/x/",
     }
     assert "set_tcp_nodelay true" in original
 

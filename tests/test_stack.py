@@ -31,17 +31,27 @@ def online(view: CmsView, *agents: str):  # type: ignore[no-untyped-def]
 def start_stack(spawn, uid: str, *, tokens_per_s: str = "200", concurrency: str = "4"):  # type: ignore[no-untyped-def]
     orchestrator = spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
     worker = spawn(
-        "services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", tokens_per_s,
-        "--concurrency", concurrency,
+        "services.worker",
+        "--agent-id",
+        f"w-{uid}",
+        "--tokens-per-s",
+        tokens_per_s,
+        "--concurrency",
+        concurrency,
     )
     return orchestrator, worker
 
 
 async def ask(bus: Bus, text: str = "hello", *, max_tokens: int = 8, timeout: float = 10) -> Answer:
-    query = Query(request_id=f"q{time.time_ns()}", text=text, max_tokens=max_tokens,
-                  deadline=time.time() + timeout)
-    answer = await bus.request(QUERIES.format(), query, replies=QUERIES.replies,
-                               deadline=query.deadline)
+    query = Query(
+        request_id=f"q{time.time_ns()}",
+        text=text,
+        max_tokens=max_tokens,
+        deadline=time.time() + timeout,
+    )
+    answer = await bus.request(
+        QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
+    )
     assert isinstance(answer, Answer)
     return answer
 
@@ -52,21 +62,58 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
-    query = {"v": 1, "type": "query", "request_id": f"rr-{uid}", "text": "hello from rr",
-             "max_tokens": 5, "deadline": time.time() + 10}
+    query = {
+        "v": 1,
+        "type": "query",
+        "request_id": f"rr-{uid}",
+        "text": "hello from rr",
+        "max_tokens": 5,
+        "deadline": time.time() + 10,
+    }
     rr = subprocess.run(
-        ["mosquitto_rr", "-V", "mqttv5", "-h", mqtt.host, "-p", str(mqtt.port),
-         "-t", "computation/queries", "-e", f"replies/rr-{uid}", "-m", orjson.dumps(query),
-         "-W", "10"],
-        capture_output=True, timeout=20, check=True,
+        [
+            "mosquitto_rr",
+            "-V",
+            "mqttv5",
+            "-h",
+            mqtt.host,
+            "-p",
+            str(mqtt.port),
+            "-t",
+            "computation/queries",
+            "-e",
+            f"replies/rr-{uid}",
+            "-m",
+            orjson.dumps(query),
+            "-W",
+            "10",
+        ],
+        capture_output=True,
+        timeout=20,
+        check=True,
     )
     answer = Answer.model_validate_json(rr.stdout)
     assert answer.request_id == f"rr-{uid}" and answer.outcome == "edge"
     assert answer.steps[0].agent == f"w-{uid}" and answer.steps[0].output_tokens == 5
     sub = subprocess.run(
-        ["mosquitto_sub", "-V", "mqttv5", "-h", mqtt.host, "-p", str(mqtt.port), "-v",
-         "-t", f"cms/agents/w-{uid}/#", "-t", f"cms/agents/w-{uid}", "-W", "1"],
-        capture_output=True, timeout=20,
+        [
+            "mosquitto_sub",
+            "-V",
+            "mqttv5",
+            "-h",
+            mqtt.host,
+            "-p",
+            str(mqtt.port),
+            "-v",
+            "-t",
+            f"cms/agents/w-{uid}/#",
+            "-t",
+            f"cms/agents/w-{uid}",
+            "-W",
+            "1",
+        ],
+        capture_output=True,
+        timeout=20,
     )
     lines = dict(line.split(" ", 1) for line in sub.stdout.decode().splitlines())
     card = CmsEntry.model_validate_json(lines[f"cms/agents/w-{uid}"]).value
@@ -141,9 +188,8 @@ async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spa
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
-        from tests.test_bus import _raw_request  # the same raw-bytes requester
-
         from services.core.errors import RemoteError
+        from tests.test_bus import _raw_request  # the same raw-bytes requester
 
         with pytest.raises(RemoteError) as raised:
             await _raw_request(bus, QUERIES.format(), payload)

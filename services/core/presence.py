@@ -62,6 +62,17 @@ def _epoch_of(payload: object) -> int:
         return 0
 
 
+def card_entry(card: AgentCard) -> CmsEntry:
+    """The retained CMS entry of a card: the first version of its epoch."""
+    return _entry(card, card.agent, card.epoch * EPOCH_SPAN)
+
+
+def _entry(value: AgentCard | AgentStatus, origin: str, version: int) -> CmsEntry:
+    return CmsEntry(
+        value=value.model_dump(mode="json"), version=version, updated_at=time.time(), origin=origin
+    )
+
+
 class Presence:
     """Publishes an agent's card at every (re)connect, and its status on change and heartbeat."""
 
@@ -98,7 +109,7 @@ class Presence:
 
     async def announce(self, bus: Bus) -> None:
         """The birth: card, then status."""
-        await bus.publish(self.card_topic, self._entry(self.card, 0), retain=True)
+        await bus.publish(self.card_topic, card_entry(self.card), retain=True)
         await self.publish_status(bus)
 
     def changed(self) -> None:
@@ -137,10 +148,5 @@ class Presence:
         topic, will = self.will()
         await bus.publish(topic, will, retain=True)
 
-    def _entry(self, value: AgentCard | AgentStatus, sequence: int) -> CmsEntry:
-        return CmsEntry(
-            value=value.model_dump(mode="json"),
-            version=self.base_version + sequence,
-            updated_at=time.time(),
-            origin=self.card.agent,
-        )
+    def _entry(self, value: AgentStatus, sequence: int) -> CmsEntry:
+        return _entry(value, self.card.agent, self.base_version + sequence)
