@@ -17,6 +17,8 @@ from services.core.bus import Bus
 from services.core.settings import MqttSettings
 from tests.broker import ROOT, Broker
 
+pytest_plugins = ["tests.classifier_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:

@@ -77,15 +77,14 @@ class Presence:
     """Publishes an agent's card at every (re)connect, and its status on change and heartbeat."""
 
     def __init__(
-        self,
-        card: AgentCard,
-        *,
-        load: Callable[[], tuple[int, int, float]],
-        heartbeat_s: float = 5.0,
-        min_interval_s: float = 0.25,
+        self, card: AgentCard, *, heartbeat_s: float = 5.0, min_interval_s: float = 0.25
     ) -> None:
         self.card = card
-        self._load = load  # () -> (active, queued, tokens_per_s)
+        self.load: Callable[[], tuple[int, int, float]] = lambda: (
+            0,
+            0,
+            0.0,
+        )  # active, queued, tok/s
         self._heartbeat_s = heartbeat_s
         self._min_interval_s = min_interval_s
         self._sequence = 0
@@ -130,7 +129,7 @@ class Presence:
             await asyncio.sleep(self._min_interval_s)
 
     async def publish_status(self, bus: Bus, *, online: bool = True) -> None:
-        active, queued, rate = self._load()
+        active, queued, rate = self.load()
         status = AgentStatus(
             agent=self.card.agent,
             epoch=self.card.epoch,

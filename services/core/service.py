@@ -10,10 +10,27 @@ from typing import Any
 
 import structlog
 
+from schemas import AgentCard
 from services.core.bus import Bus
-from services.core.presence import Presence
+from services.core.presence import Presence, next_epoch
+from services.core.settings import MqttSettings
 
 log = structlog.get_logger("edgecollab.service")
+
+
+async def run_agent(
+    mqtt: MqttSettings,
+    *,
+    agent: str,
+    service: str,
+    card: Callable[[int], AgentCard],
+    setup: Callable[[Bus, Presence], object],
+) -> None:
+    """The life of an agent: next epoch, card, Last Will, `setup(bus, presence)`, run."""
+    presence = Presence(card(await next_epoch(mqtt, agent)))
+    bus = Bus(settings=mqtt, client_id=agent, service=service, will=presence.will())
+    setup(bus, presence)
+    await run_until_stopped(bus, presence=presence)
 
 
 async def run_until_stopped(

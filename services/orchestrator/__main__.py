@@ -12,8 +12,8 @@ from schemas.ids import AGENT_ID_PATTERN
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
-from services.core.presence import Presence, next_epoch
-from services.core.service import run_until_stopped
+from services.core.presence import Presence
+from services.core.service import run_agent
 from services.core.settings import MqttSettings
 from services.orchestrator.service import Orchestrator
 
@@ -33,18 +33,15 @@ class OrchestratorSettings(BaseSettings):
 
 
 async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
-    card = AgentCard(
-        agent=settings.agent_id,
-        kind="orchestrator",
-        epoch=await next_epoch(mqtt, settings.agent_id),
-        started_at=now(),
-    )
-    presence = Presence(card, load=lambda: (0, 0, 0.0))
-    bus = Bus(
-        settings=mqtt, client_id=settings.agent_id, service="orchestrator", will=presence.will()
-    )
-    Orchestrator(bus=bus, view=CmsView(bus))
-    await run_until_stopped(bus, presence=presence)
+    def card(epoch: int) -> AgentCard:
+        return AgentCard(
+            agent=settings.agent_id, kind="orchestrator", epoch=epoch, started_at=now()
+        )
+
+    def setup(bus: Bus, presence: Presence) -> None:
+        Orchestrator(bus=bus, view=CmsView(bus))
+
+    await run_agent(mqtt, agent=settings.agent_id, service="orchestrator", card=card, setup=setup)
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from schemas import AgentCard, now
 from schemas.ids import AGENT_ID_PATTERN
 from services.core.bus import Bus
 from services.core.logging import configure_logging
-from services.core.presence import Presence, next_epoch
-from services.core.service import run_until_stopped
+from services.core.presence import Presence
+from services.core.service import run_agent
 from services.core.settings import MqttSettings
 from services.worker.emulated import EmulatedBackend
 from services.worker.service import Worker
@@ -48,23 +48,26 @@ async def serve(settings: WorkerSettings, mqtt: MqttSettings) -> None:
         concurrency=settings.concurrency,
         beta=settings.batching_beta,
     )
-    card = AgentCard(
-        agent=settings.agent_id,
-        kind="worker",
-        epoch=await next_epoch(mqtt, settings.agent_id),
-        backend=backend.kind,
-        model=backend.model,
-        domains=settings.domains,
-        tokens_per_s=backend.tokens_per_s,
-        concurrency=backend.concurrency,
-        batching_beta=settings.batching_beta,
-        started_at=now(),
-    )
-    presence = Presence(card, load=lambda: worker.load())
-    bus = Bus(settings=mqtt, client_id=settings.agent_id, service="worker", will=presence.will())
-    worker = Worker(bus=bus, agent=settings.agent_id, backend=backend)
-    worker.presence = presence
-    await run_until_stopped(bus, presence=presence)
+
+    def card(epoch: int) -> AgentCard:
+        return AgentCard(
+            agent=settings.agent_id,
+            kind="worker",
+            epoch=epoch,
+            backend=backend.kind,
+            model=backend.model,
+            domains=settings.domains,
+            tokens_per_s=backend.tokens_per_s,
+            concurrency=backend.concurrency,
+            batching_beta=settings.batching_beta,
+            started_at=now(),
+        )
+
+    def setup(bus: Bus, presence: Presence) -> None:
+        worker = Worker(bus=bus, agent=settings.agent_id, backend=backend, presence=presence)
+        presence.load = worker.load
+
+    await run_agent(mqtt, agent=settings.agent_id, service="worker", card=card, setup=setup)
 
 
 def main() -> None:

@@ -21,11 +21,13 @@ _RATE_WINDOW_S = 5.0
 class Worker:
     """Serves tasks with one backend; at its concurrency limit it answers `Rejected` at once."""
 
-    def __init__(self, *, bus: Bus, agent: str, backend: Backend) -> None:
+    def __init__(
+        self, *, bus: Bus, agent: str, backend: Backend, presence: Presence | None = None
+    ) -> None:
         self.bus = bus
         self.agent = agent
         self.backend = backend
-        self.presence: Presence | None = None
+        self.presence = presence
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         bus.serve(TASKS, self.handle_task, agent=agent)
 

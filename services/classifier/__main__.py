@@ -1,0 +1,71 @@
+"""`python -m services.classifier`: the Classifier Engine service."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import AgentCard, now
+from schemas.ids import AGENT_ID_PATTERN
+from services.classifier.engine import ClassifierEngine
+from services.classifier.service import Classifier
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.logging import configure_logging
+from services.core.models import resolve_model_dir
+from services.core.presence import Presence
+from services.core.service import run_agent
+from services.core.settings import MqttSettings
+
+
+class ClassifierSettings(BaseSettings):
+    """Classifier settings: EDGECOLLAB_CLASSIFIER_* or --kebab-case flags."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGECOLLAB_CLASSIFIER_",
+        cli_parse_args=True,
+        cli_kebab_case=True,
+        cli_prog_name="python -m services.classifier",
+        extra="ignore",
+    )
+
+    agent_id: str = Field("classifier-1", pattern=AGENT_ID_PATTERN)
+    model_dir: str = Field(
+        "all-MiniLM-L6-v2",
+        description="exported MiniLM folder (a name under EDGECOLLAB_MODELS_DIR)",
+    )
+    threads: int | None = Field(None, ge=1, description="onnxruntime threads (physical cores)")
+
+
+def load_engine(settings: ClassifierSettings) -> ClassifierEngine:
+    folder = resolve_model_dir(settings.model_dir)
+    if not (folder / "model.onnx").is_file():
+        sys.exit(
+            f"classifier: no embedder at {folder}/model.onnx; "
+            f"make it with: edgecollab export-model --embedder {folder}"
+        )
+    return ClassifierEngine.load(folder, threads=settings.threads)
+
+
+async def serve(settings: ClassifierSettings, mqtt: MqttSettings, engine: ClassifierEngine) -> None:
+    def card(epoch: int) -> AgentCard:
+        return AgentCard(agent=settings.agent_id, kind="classifier", epoch=epoch, started_at=now())
+
+    def setup(bus: Bus, presence: Presence) -> None:
+        Classifier(bus=bus, view=CmsView(bus), engine=engine)
+
+    await run_agent(mqtt, agent=settings.agent_id, service="classifier", card=card, setup=setup)
+
+
+def main() -> None:
+    settings = ClassifierSettings()
+    configure_logging("classifier")
+    engine = load_engine(settings)
+    asyncio.run(serve(settings, MqttSettings(), engine))
+
+
+if __name__ == "__main__":
+    main()
