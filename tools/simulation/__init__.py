@@ -1,0 +1,1 @@
+"""The scheduling simulator behind `edgecollab simulate`: engine, lower bound, reports."""

@@ -1,0 +1,84 @@
+"""Render a simulation report: a readable table, and the paper's Fig. 6 with matplotlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("policy", "{}"),
+    ("requests", "{}"),
+    ("processed_edge", "{}"),
+    ("rejected_edge", "{}"),
+    ("cloud", "{}"),
+    ("failed", "{}"),
+    ("cloud_cost_usd", "{:.2f}"),
+    ("latency_mean_s", "{:.2f}"),
+    ("latency_p95_s", "{:.2f}"),
+    ("utilization", "{}"),
+)
+
+
+PALETTE = ("#999999", "#6f9fd8", "#e39b3a", "#3a9d5d", "#b05fc2")
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed (the `plot` extra)."""
+
+
+def table(report: dict[str, Any]) -> str:
+    """Per-policy rows (totals over the seeds), then the lower bound if any."""
+    rows = [[name for name, _ in COLUMNS]]
+    for policy, stats in report["policies"].items():
+        values = {**stats, "policy": policy, "utilization": _util(stats["utilization"])}
+        rows.append([_fmt(fmt, values[name]) for name, fmt in COLUMNS])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    bound = report.get("lower_bound")
+    if bound:
+        lines.append(
+            "lower bound on cloud cost (same edge latencies per output size): "
+            f"${bound['cloud_cost_usd']:.2f}; ratio to it: "
+            + ", ".join(f"{k} {v}" for k, v in bound["ratio"].items())
+        )
+    lines.append(f"seeds: {report['seeds']}; totals over all seeds; utilization = mean slots busy")
+    return "\n".join(lines)
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _util(values: list[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in values)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Fig. 6: processed at edge, rejected at edge and cloud cost per policy (mean per seed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable("--plot needs matplotlib: pip install 'edgecollab[plot]'") from None
+    names = list(report["policies"])
+    seeds = len(report["seeds"])
+    panels = (
+        ("processed_edge", "processed at edge", "requests"),
+        ("rejected_edge", "rejected at edge", "requests"),
+        ("cloud_cost_usd", "cloud cost", "USD"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (key, title, unit) in zip(axes, panels, strict=True):
+        values = [report["policies"][n][key] / seeds for n in names]
+        colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, fmt="%.1f" if key == "cloud_cost_usd" else "%.0f", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(f"edgecollab simulate: per simulated run, mean of {seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
