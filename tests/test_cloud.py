@@ -8,7 +8,7 @@ from structlog.testing import capture_logs
 
 from services.orchestrator.cloud import CloudClient, CloudError, CloudSettings
 from services.orchestrator.outcomes import Prices
-from tests.cloud_server import FakeCloud
+from tools.fake_cloud import FakeCloud
 
 
 def settings_for(cloud: FakeCloud, **overrides: object) -> CloudSettings:

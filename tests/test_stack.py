@@ -168,19 +168,6 @@ async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(mqtt
     assert time.monotonic() - started < 5
 
 
-async def test_worker_at_its_limit_rejects_at_once(mqtt, uid, spawn):
-    start_stack(spawn, uid, tokens_per_s="10", concurrency="1")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
-    view = CmsView(bus)
-    async with running(bus):
-        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
-        answers = await asyncio.gather(ask(bus, max_tokens=10), ask(bus, max_tokens=10))
-    outcomes = sorted(a.outcome for a in answers)
-    assert outcomes == ["edge", "rejected"]
-    rejected = next(a for a in answers if a.outcome == "rejected")
-    assert rejected.steps[0].outcome == "rejected" and rejected.ms < 500
-
-
 @pytest.mark.parametrize("payload", [b"{oops", b'{"v": 7, "type": "query"}', b"x" * (1 << 20)])
 async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spawn, payload):
     start_stack(spawn, uid)

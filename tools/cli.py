@@ -15,9 +15,13 @@ COMMAND_MODULES = (
     "tools.up",
     "tools.ask",
     "tools.agents",
+    "tools.metrics",
     "tools.cms",
     "tools.schemas_cli",
+    "tools.classify",
+    "tools.simulate",
     "tools.bench",
+    "tools.export_model",
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import structlog
@@ -17,6 +17,8 @@ from services.core.settings import MqttSettings
 
 log = structlog.get_logger("edgecollab.service")
 
+Loop = Callable[[], Coroutine[Any, Any, None]]
+
 
 async def run_agent(
     mqtt: MqttSettings,
@@ -24,18 +26,21 @@ async def run_agent(
     agent: str,
     service: str,
     card: Callable[[int], AgentCard],
-    setup: Callable[[Bus, Presence], object],
+    setup: Callable[[Bus, Presence], Iterable[Loop] | None],
 ) -> None:
-    """The life of an agent: next epoch, card, Last Will, `setup(bus, presence)`, run."""
+    """The life of an agent: next epoch, card, Last Will, `setup(bus, presence)`, run.
+
+    `setup` wires the service onto the bus and returns its background loops, if any.
+    """
     presence = Presence(card(await next_epoch(mqtt, agent)))
     bus = Bus(settings=mqtt, client_id=agent, service=service, will=presence.will())
-    setup(bus, presence)
-    await run_until_stopped(bus, presence=presence)
+    loops = setup(bus, presence) or ()
+    await run_until_stopped(bus, *loops, presence=presence)
 
 
 async def run_until_stopped(
     bus: Bus,
-    *loops: Callable[[], Coroutine[Any, Any, None]],
+    *loops: Loop,
     presence: Presence | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import AgentCard, now
@@ -13,8 +14,12 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.presence import Presence
-from services.core.service import run_agent
+from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings
+from services.orchestrator.allocator import Allocator
+from services.orchestrator.cloud import CloudClient, CloudSettings
+from services.orchestrator.outcomes import Prices
+from services.orchestrator.policies import POLICIES, make_policy
 from services.orchestrator.service import Orchestrator
 
 
@@ -30,23 +35,66 @@ class OrchestratorSettings(BaseSettings):
     )
 
     agent_id: str = Field("orchestrator-1", pattern=AGENT_ID_PATTERN)
+    policy: str = Field("earliest_finish", description=f"one of: {', '.join(POLICIES)}")
+    policy_params: dict[str, float] = Field({}, description='e.g. {"deadline_s": 20}')
+    seed: int | None = Field(None, description="random policies: a fixed seed")
+    cloud_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. .../v1")
+    cloud_api_key: SecretStr | None = None
+    cloud_model: str = "gpt-4"
+    cloud_timeout_s: float = Field(30.0, gt=0)
+    cloud_retries: int = Field(2, ge=0)
+    cloud_usd_per_1m_input: float = Field(30.0, ge=0)
+    cloud_usd_per_1m_output: float = Field(60.0, ge=0)
+    metrics_interval_s: float = Field(5.0, gt=0)
+
+    def cloud(self) -> CloudSettings | None:
+        if not self.cloud_url:
+            return None
+        return CloudSettings(
+            base_url=self.cloud_url,
+            api_key=self.cloud_api_key,
+            model=self.cloud_model,
+            timeout_s=self.cloud_timeout_s,
+            retries=self.cloud_retries,
+            prices=Prices(
+                usd_per_1m_input=self.cloud_usd_per_1m_input,
+                usd_per_1m_output=self.cloud_usd_per_1m_output,
+            ),
+        )
 
 
 async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
+    policy = make_policy(settings.policy, **settings.policy_params)
+    cloud_settings = settings.cloud()
+    cloud = CloudClient(cloud_settings) if cloud_settings else None
+
     def card(epoch: int) -> AgentCard:
         return AgentCard(
             agent=settings.agent_id, kind="orchestrator", epoch=epoch, started_at=now()
         )
 
-    def setup(bus: Bus, presence: Presence) -> None:
-        Orchestrator(bus=bus, view=CmsView(bus))
+    def setup(bus: Bus, presence: Presence) -> list[Loop]:
+        view = CmsView(bus)
+        allocator = Allocator(view, policy, rng=random.Random(settings.seed))
+        orchestrator = Orchestrator(bus=bus, view=view, allocator=allocator, cloud=cloud)
+        return [lambda: orchestrator.publish_metrics(interval_s=settings.metrics_interval_s)]
 
-    await run_agent(mqtt, agent=settings.agent_id, service="orchestrator", card=card, setup=setup)
+    try:
+        await run_agent(
+            mqtt, agent=settings.agent_id, service="orchestrator", card=card, setup=setup
+        )
+    finally:
+        if cloud is not None:
+            await cloud.aclose()
 
 
 def main() -> None:
     settings = OrchestratorSettings()
     configure_logging("orchestrator")
+    try:
+        make_policy(settings.policy, **settings.policy_params)
+    except ValueError as exc:
+        raise SystemExit(f"orchestrator: {exc}") from None
     asyncio.run(serve(settings, MqttSettings()))
 
 

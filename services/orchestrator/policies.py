@@ -203,6 +203,11 @@ class Fleet:
             self._nodes[i].queued_tokens -= output_tokens
             self._sync(i)
 
+    def spare(self, agent: str) -> int:
+        """Slots free on `agent` now, whoever is waiting for them."""
+        node = self._nodes[self._index[agent]]
+        return int(node.limit - node.active)
+
     def has_slot(self, agent: str) -> bool:
         """True when `agent` can start a request now (free slot, nobody waiting)."""
         return bool(self._table[_COL["free"], self._index[agent]])
@@ -326,9 +331,11 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 }
 
 
-def make_policy(name: str) -> Policy:
-    """The policy called `name`; ValueError lists the valid names."""
+def make_policy(name: str, **params: float) -> Policy:
+    """The policy called `name` with its constants (e.g. deadline_s); ValueError says why not."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}")
     try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; valid: {', '.join(POLICIES)}") from None
+        return POLICIES[name](**params)  # type: ignore[call-arg]
+    except TypeError:
+        raise ValueError(f"policy {name!r} takes no parameters {sorted(params)}") from None

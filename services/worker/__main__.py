@@ -32,9 +32,7 @@ class WorkerSettings(BaseSettings):
 
     agent_id: str = Field("worker-1", pattern=AGENT_ID_PATTERN)
     backend: Literal["emulated"] = "emulated"
-    tokens_per_s: float = Field(
-        50.0, gt=0, description="emulated: batch-1 decode rate (inf: instant)"
-    )
+    tokens_per_s: float = Field(50.0, gt=0, description="emulated: batch-1 decode rate")
     concurrency: int = Field(4, ge=1, description="requests served at once; one more is rejected")
     batching_beta: float = Field(
         0.5, ge=0, le=1, description="emulated: k in flight decode k**beta x"

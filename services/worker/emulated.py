@@ -8,7 +8,6 @@ same node model as the simulator, so live runs and simulations agree.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -62,10 +61,8 @@ class EmulatedBackend:
             if time.time() >= task.deadline:
                 return produced, "deadline"
             rate = self.stream_rate()
-            step = task.max_tokens - produced if math.isinf(rate) else max(1, int(rate * _TICK_S))
-            step = min(step, task.max_tokens - produced)
-            if not math.isinf(rate):
-                await asyncio.sleep(step / rate)
+            step = min(max(1, int(rate * _TICK_S)), task.max_tokens - produced)
+            await asyncio.sleep(step / rate)
             if emit is not None:
                 await emit(_text(step, offset=produced) + " ")
             produced += step

@@ -146,7 +146,7 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
                 "--agent-id",
                 f"bench-worker-{tag}",
                 "--tokens-per-s",
-                "inf",
+                "1000000",
                 "--concurrency",
                 "100000",
             ),

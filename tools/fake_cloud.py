@@ -1,7 +1,12 @@
-"""A local OpenAI-compatible chat-completions server for tests (stdlib, in a thread).
+"""A local OpenAI-compatible chat-completions server standing in for the paid API (stdlib,
+in a thread), for tests and benchmarks.
 
     with FakeCloud(reply="hi", usage=(12, 3), faults=["429", "garbage"]) as cloud:
         settings = CloudSettings(base_url=cloud.url, api_key=SecretStr(cloud.api_key))
+
+Without `usage`, prompt tokens are the words of the messages and, with `echo_max_tokens`, the
+reply has exactly `max_tokens` words (as a model that always writes to its limit). `latency`
+= (ttft_s, tokens_per_s) makes each answer take ttft + output / rate, like a real endpoint.
 
 Each request consumes one fault from `faults` (a deque tests may refill), then gets the normal
 reply. Faults: "429" (with Retry-After: 0), any other 3-digit status, "garbage" (200 with a
@@ -31,8 +36,11 @@ class FakeCloud:
         usage: tuple[int, int] | None = None,
         faults: Iterable[str] = (),
         api_key: str = "sk-test-0123456789",
+        echo_max_tokens: bool = False,
+        latency: tuple[float, float] | None = None,
     ) -> None:
         self.reply, self.usage, self.api_key = reply, usage, api_key
+        self.echo_max_tokens, self.latency = echo_max_tokens, latency
         self.faults: deque[str] = deque(faults)
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -65,7 +73,13 @@ class FakeCloud:
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         """The normal answer to `body`."""
         words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-        prompt, output = self.usage or (words, len(self.reply.split()))
+        reply = self.reply
+        if self.echo_max_tokens:
+            reply = " ".join(["token"] * int(body.get("max_tokens") or 1))
+        prompt, output = self.usage or (words, len(reply.split()))
+        if self.latency is not None:
+            ttft_s, tokens_per_s = self.latency
+            time.sleep(ttft_s + output / tokens_per_s)
         return {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
@@ -74,7 +88,7 @@ class FakeCloud:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": self.reply},
+                    "message": {"role": "assistant", "content": reply},
                     "finish_reason": "stop",
                 }
             ],
