@@ -25,7 +25,7 @@ async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no
 
 
 def online(view: CmsView, *agents: str):  # type: ignore[no-untyped-def]
-    return lambda: all((a := view.agent(name)) is not None and a.online for name in agents)
+    return lambda: view.online(*agents)
 
 
 def start_stack(spawn, uid: str, *, tokens_per_s: str = "200", concurrency: str = "4"):  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import time
 
-from services.core.cms import AgentView, CmsView
+from services.core.cms import AgentView
 from tools.common import add_broker_option, connected_bus, print_json
 
 
@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def _agents(args: argparse.Namespace) -> int:
     async with connected_bus(args, mirror_cms=True) as (_, view):
         assert view is not None
-        if args.wait_for and not await _wait_online(view, args.wait_for.split(","), args.timeout):
-            missing = [a for a in args.wait_for.split(",") if not _is_online(view, a)]
+        wanted = args.wait_for.split(",") if args.wait_for else []
+        if not await view.wait_online(wanted, timeout=args.timeout):
+            missing = [a for a in wanted if not view.online(a)]
             print(f"edgecollab: not online after {args.timeout:.0f} s: {', '.join(missing)}")
             return 1
         agents = view.agents(args.kind)
@@ -35,20 +36,6 @@ async def _agents(args: argparse.Namespace) -> int:
     else:
         print(format_table([_row(a) for a in agents]))
     return 0
-
-
-def _is_online(view: CmsView, agent: str) -> bool:
-    found = view.agent(agent)
-    return found is not None and found.online
-
-
-async def _wait_online(view: CmsView, agents: list[str], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not all(_is_online(view, a) for a in agents):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def _row(agent: AgentView) -> dict[str, object]:

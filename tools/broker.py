@@ -12,6 +12,13 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent.parent / "docker" / "mosquitto.conf"
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def broker_answers(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         socket.create_connection((host, port), timeout=timeout).close()

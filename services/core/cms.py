@@ -6,7 +6,8 @@ payload deletes the key; MQTT 5 Message Expiry bounds entries that must not outl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,21 @@ class CmsView:
     def agent(self, agent: str) -> AgentView | None:
         card = self.cards.get(agent)
         return AgentView(card, self.statuses.get(agent)) if card else None
+
+    def online(self, *agents: str) -> bool:
+        """True when every one of `agents` is online."""
+        return all((a := self.agent(name)) is not None and a.online for name in agents)
+
+    async def wait_online(self, agents: Iterable[str], *, timeout: float = 60.0) -> bool:
+        """Wait until all of `agents` are online; False when `timeout` passes first."""
+        names = list(agents)
+        try:
+            async with asyncio.timeout(timeout):
+                while not self.online(*names):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            return False
+        return True
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:

@@ -56,17 +56,24 @@ class EmulatedBackend:
     async def _decode(
         self, task: Task, emit: Callable[[str], Awaitable[None]] | None
     ) -> tuple[int, str]:
-        produced = 0
-        while produced < task.max_tokens:
+        """Tokens accrue with elapsed time at the stream rate of the moment, so a late wake-up
+        (a busy machine) delays a chunk but never slows the emulated device down."""
+        progress, emitted = 0.0, 0
+        last = time.monotonic()
+        while emitted < task.max_tokens:
             if time.time() >= task.deadline:
-                return produced, "deadline"
+                return emitted, "deadline"
             rate = self.stream_rate()
-            step = min(max(1, int(rate * _TICK_S)), task.max_tokens - produced)
-            await asyncio.sleep(step / rate)
-            if emit is not None:
-                await emit(_text(step, offset=produced) + " ")
-            produced += step
-        return produced, "length"
+            left = task.max_tokens - progress
+            await asyncio.sleep(min(_TICK_S, left / rate))
+            now = time.monotonic()
+            progress = min(float(task.max_tokens), progress + rate * (now - last))
+            last = now
+            ready = int(progress + 1e-9) - emitted
+            if ready > 0 and emit is not None:
+                await emit(_text(ready, offset=emitted) + " ")
+            emitted += ready
+        return emitted, "length"
 
 
 def _text(count: int, offset: int = 0) -> str:

@@ -24,7 +24,7 @@ from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import QUERIES
-from tools.broker import start_mosquitto
+from tools.broker import free_port, start_mosquitto
 from tools.common import print_json
 from tools.stack import ServiceSpec
 
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def bench(args: argparse.Namespace) -> int:
     configure_logging("bench", level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         broker = start_mosquitto(port, Path(tmp))
         mqtt = MqttSettings(host="127.0.0.1", port=port)
         try:
@@ -157,7 +157,8 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
         bus = Bus(settings=mqtt, client_id=f"bench-client-{tag}", service="bench")
         view = CmsView(bus)
         runner = asyncio.create_task(bus.run())
-        await _wait_online(view, [f"bench-orch-{tag}", f"bench-worker-{tag}"])
+        if not await view.wait_online([f"bench-orch-{tag}", f"bench-worker-{tag}"]):
+            raise SystemExit("bench: the stack did not come online")
         lost = 0
 
         async def one() -> None:
@@ -178,12 +179,6 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
     finally:
         for proc in procs:
             proc.terminate()
-
-
-async def _wait_online(view: CmsView, agents: list[str]) -> None:
-    async with asyncio.timeout(30):
-        while not all((a := view.agent(name)) and a.online for name in agents):
-            await asyncio.sleep(0.05)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -225,11 +220,3 @@ def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv, cwd=root, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=None
     )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
