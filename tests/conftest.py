@@ -17,7 +17,7 @@ from services.core.bus import Bus
 from services.core.settings import MqttSettings
 from tests.broker import ROOT, Broker
 
-pytest_plugins = ["tests.classifier_fixtures"]
+pytest_plugins = ["tests.classifier_fixtures", "tests.model_fixtures"]
 
 
 @pytest.fixture(scope="session")

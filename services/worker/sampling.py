@@ -1,0 +1,89 @@
+"""Sampling parameters and next-token choice over one row of logits (numpy only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_CANDIDATES = 256  # top-p looks at this many best tokens first and sorts everything only if needed
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens; temperature 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens through end-of-sequence tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        checks = (
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class Sampler:
+    """Picks each next token of one request; keeps its own RNG and the tokens seen so far."""
+
+    def __init__(self, params: SamplingParams, vocab: int, prompt: list[int]) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.seen = np.zeros(vocab, bool) if params.repetition_penalty != 1.0 else None
+        if self.seen is not None:
+            self.seen[prompt] = True
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        if self.seen is not None:
+            logits = _penalize(logits, self.seen, p.repetition_penalty)
+        token = int(np.argmax(logits)) if p.temperature == 0 else self._sample(logits)
+        if self.seen is not None:
+            self.seen[token] = True
+        return token
+
+    def _sample(self, logits: np.ndarray) -> int:
+        p = self.params
+        if 0 < p.top_k < len(logits):
+            pool = np.argpartition(logits, -p.top_k)[-p.top_k :]
+        else:
+            pool = np.arange(len(logits))
+        scaled = logits[pool].astype(np.float64) / p.temperature
+        weights = np.exp(scaled - scaled.max())
+        if p.top_p < 1.0:
+            pool, weights = _nucleus(pool, weights, p.top_p)
+        return int(pool[self.rng.choice(len(pool), p=weights / weights.sum())])
+
+
+def _nucleus(pool: np.ndarray, weights: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of most likely tokens whose probability reaches top_p."""
+    total = weights.sum()
+    head = np.arange(len(weights))
+    if len(weights) > _CANDIDATES:
+        best = np.argpartition(weights, -_CANDIDATES)[-_CANDIDATES:]
+        head = best if weights[best].sum() >= top_p * total else head
+    order = head[np.argsort(-weights[head])]
+    cumulative = np.cumsum(weights[order]) / total
+    keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
+    return pool[keep], weights[keep]
+
+
+def _penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style repetition penalty on every token already in the sequence."""
+    out = logits.copy()
+    picked = out[seen]
+    out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
