@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import sys
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import AgentCard, now
-from schemas.ids import AGENT_ID_PATTERN
+from schemas.ids import AGENT_ID_PATTERN, DOMAIN_PATTERN
 from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.errors import ConfigError
 from services.core.logging import configure_logging
+from services.core.models import resolve_model_dir
 from services.core.presence import Presence
 from services.core.service import run_agent
 from services.core.settings import MqttSettings
+from services.worker.backend import Backend
 from services.worker.emulated import EmulatedBackend
 from services.worker.service import Worker
 
@@ -31,21 +37,36 @@ class WorkerSettings(BaseSettings):
     )
 
     agent_id: str = Field("worker-1", pattern=AGENT_ID_PATTERN)
-    backend: Literal["emulated"] = "emulated"
-    tokens_per_s: float = Field(50.0, gt=0, description="emulated: batch-1 decode rate")
+    backend: Literal["onnx", "emulated"] = "emulated"
+    model_dir: str = Field(
+        "SmolLM2-135M-Instruct", description="onnx: model folder (name under EDGECOLLAB_MODELS_DIR)"
+    )
+    threads: int | None = Field(None, ge=1, description="onnx: intra-op threads (physical cores)")
+    tokens_per_s: float = Field(
+        50.0, gt=0, allow_inf_nan=False, description="emulated: batch-1 decode rate"
+    )
     concurrency: int = Field(4, ge=1, description="requests served at once; one more is rejected")
     batching_beta: float = Field(
-        0.5, ge=0, le=1, description="emulated: k in flight decode k**beta x"
+        0.5, ge=0, le=1, description="emulated: k requests in flight decode k**beta times faster"
     )
-    domains: list[str] = []
+    domains: list[str] = Field([], description='knowledge domains it answers, e.g. ["health"]')
+
+    def make_backend(self) -> Backend:
+        if self.backend == "emulated":
+            return EmulatedBackend(
+                tokens_per_s=self.tokens_per_s,
+                concurrency=self.concurrency,
+                beta=self.batching_beta,
+            )
+        from services.worker.engine import Engine  # onnxruntime only where it is used
+        from services.worker.onnx_backend import OnnxBackend
+
+        engine = Engine.load(resolve_model_dir(self.model_dir), threads=self.threads)
+        return OnnxBackend(engine, concurrency=self.concurrency)
 
 
-async def serve(settings: WorkerSettings, mqtt: MqttSettings) -> None:
-    backend = EmulatedBackend(
-        tokens_per_s=settings.tokens_per_s,
-        concurrency=settings.concurrency,
-        beta=settings.batching_beta,
-    )
+async def serve(settings: WorkerSettings, mqtt: MqttSettings, backend: Backend) -> None:
+    emulated = settings.backend == "emulated"
 
     def card(epoch: int) -> AgentCard:
         return AgentCard(
@@ -57,21 +78,38 @@ async def serve(settings: WorkerSettings, mqtt: MqttSettings) -> None:
             domains=settings.domains,
             tokens_per_s=backend.tokens_per_s,
             concurrency=backend.concurrency,
-            batching_beta=settings.batching_beta,
+            batching_beta=settings.batching_beta if emulated else None,
             started_at=now(),
         )
 
     def setup(bus: Bus, presence: Presence) -> None:
-        worker = Worker(bus=bus, agent=settings.agent_id, backend=backend, presence=presence)
+        worker = Worker(
+            bus=bus,
+            agent=settings.agent_id,
+            backend=backend,
+            view=CmsView(bus),
+            presence=presence,
+            domains=tuple(settings.domains),
+        )
         presence.load = worker.load
 
-    await run_agent(mqtt, agent=settings.agent_id, service="worker", card=card, setup=setup)
+    try:
+        await run_agent(mqtt, agent=settings.agent_id, service="worker", card=card, setup=setup)
+    finally:
+        await backend.close()
 
 
 def main() -> None:
     settings = WorkerSettings()
     configure_logging("worker")
-    asyncio.run(serve(settings, MqttSettings()))
+    bad = [d for d in settings.domains if not re.match(DOMAIN_PATTERN, d)]
+    if bad:
+        sys.exit(f"worker: bad domain name(s) {bad}")
+    try:
+        backend = settings.make_backend()
+    except ConfigError as exc:
+        sys.exit(f"worker: {exc}")
+    asyncio.run(serve(settings, MqttSettings(), backend))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from schemas import ModelInfo, Task
+from schemas import ModelInfo, SamplingOptions, Task
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +26,14 @@ class Backend(Protocol):
     model: ModelInfo | None
     tokens_per_s: float  # batch-1 decode rate
     concurrency: int  # requests served at once; one more is rejected
-    active: int
 
     async def generate(
-        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
-    ) -> Generation: ...
+        self,
+        task: Task,
+        sampling: SamplingOptions,
+        emit: Callable[[str], Awaitable[None]] | None,
+    ) -> Generation:
+        """Generate for `task` with `sampling` (resolved); stream text pieces to `emit`."""
+        ...
+
+    async def close(self) -> None: ...

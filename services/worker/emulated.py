@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from schemas import Task
+from schemas import SamplingOptions, Task
 from services.worker.backend import Generation
 
 _WORDS = ("edge", "models", "cooperate", "over", "the", "bus", "and", "answer", "fast", "locally")
@@ -35,7 +35,10 @@ class EmulatedBackend:
         return self.tokens_per_s * max(1, self.active) ** (self.beta - 1)
 
     async def generate(
-        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
+        self,
+        task: Task,
+        sampling: SamplingOptions,
+        emit: Callable[[str], Awaitable[None]] | None,
     ) -> Generation:
         started = time.perf_counter()
         self.active += 1
@@ -74,6 +77,9 @@ class EmulatedBackend:
                 await emit(_text(ready, offset=emitted) + " ")
             emitted += ready
         return emitted, "length"
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 def _text(count: int, offset: int = 0) -> str:

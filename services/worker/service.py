@@ -1,61 +1,94 @@
-"""The SLM worker service: takes tasks on computation/tasks/<agent>, rejects at its limit."""
+"""The SLM worker service: tasks on computation/tasks/<agent>, questions on knowledge/<domain>/ask.
+
+At its concurrency limit it answers a task with `Rejected` at once. Decoding parameters come
+from the request, then from cms/parameters/<model>/..., then the defaults.
+"""
 
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
-from schemas import Rejected, Task, TaskResult, TokenChunk
+from schemas import (
+    KnowledgeAnswer,
+    KnowledgeQuery,
+    Rejected,
+    SamplingOptions,
+    Task,
+    TaskResult,
+    TokenChunk,
+)
+from services.core import cms
 from services.core.bus import Bus, Request
+from services.core.cms import CmsView
+from services.core.errors import BadInput
 from services.core.presence import Presence
-from services.core.topics import STREAM, TASKS
-from services.worker.backend import Backend
+from services.core.topics import KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
+from services.worker.backend import Backend, Generation
+from services.worker.parameters import LiveParameters
 
 log = structlog.get_logger("edgecollab.worker")
 
 _RATE_WINDOW_S = 5.0
+EXPERT_PROMPT = (
+    "You are an expert in {domain}. Answer the question accurately and concisely, with the key "
+    "facts another assistant needs."
+)
 
 
 class Worker:
-    """Serves tasks with one backend; at its concurrency limit it answers `Rejected` at once."""
+    """Serves one backend: tasks addressed to this agent, and its domains' knowledge questions."""
 
     def __init__(
-        self, *, bus: Bus, agent: str, backend: Backend, presence: Presence | None = None
+        self,
+        *,
+        bus: Bus,
+        agent: str,
+        backend: Backend,
+        view: CmsView,
+        presence: Presence | None = None,
+        domains: tuple[str, ...] = (),
     ) -> None:
         self.bus = bus
         self.agent = agent
         self.backend = backend
         self.presence = presence
+        self.active = 0  # requests in flight here: counted on the event loop, so exact
+        model = backend.model.name if backend.model else "emulated"
+        self.parameters = LiveParameters(bus, view, model=model)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         bus.serve(TASKS, self.handle_task, agent=agent)
+        for domain in domains:
+            bus.serve(KNOWLEDGE, self.handle_knowledge, shared=f"knowledge-{domain}", domain=domain)
+        if backend.model is not None:
+            bus.on_connect(self.publish_model_card)
 
     def load(self) -> tuple[int, int, float]:
         """(active, queued, recent tokens/s) for the status."""
         cutoff = time.monotonic() - _RATE_WINDOW_S
         while self._recent and self._recent[0][0] < cutoff:
             self._recent.popleft()
-        return self.backend.active, 0, sum(n for _, n in self._recent) / _RATE_WINDOW_S
+        return self.active, 0, sum(n for _, n in self._recent) / _RATE_WINDOW_S
+
+    @property
+    def full(self) -> bool:
+        return self.active >= self.backend.concurrency
 
     async def handle_task(self, request: Request[Task]) -> TaskResult | Rejected:
         task = request.body
-        if self.backend.active >= self.backend.concurrency:
+        if self.full:
             return Rejected(
                 task_id=task.task_id,
                 agent=self.agent,
                 reason="at concurrency limit",
-                active=self.backend.active,
+                active=self.active,
                 limit=self.backend.concurrency,
             )
         started = time.perf_counter()
-        self._changed()
-        try:
-            emit = self._streamer(task) if task.stream else None
-            result = await self.backend.generate(task, emit)
-        finally:
-            self._changed()
-        self._recent.append((time.monotonic(), result.output_tokens))
+        result = await self._generate(task, self._streamer(task) if task.stream else None)
         return TaskResult(
             task_id=task.task_id,
             agent=self.agent,
@@ -68,11 +101,56 @@ class Worker:
             finish_reason=result.finish_reason,
         )
 
+    async def handle_knowledge(self, request: Request[KnowledgeQuery]) -> KnowledgeAnswer:
+        query = request.body
+        if self.full:
+            raise BadInput("unavailable", f"{self.agent} is at its concurrency limit")
+        started = time.perf_counter()
+        task = Task(
+            task_id=f"{query.request_id}.knowledge",
+            request_id=query.request_id,
+            prompt=query.question,
+            system=EXPERT_PROMPT.format(domain=query.domain),
+            max_tokens=query.max_tokens,
+            deadline=query.deadline,
+        )
+        result = await self._generate(task, None)
+        return KnowledgeAnswer(
+            request_id=query.request_id,
+            agent=self.agent,
+            domain=query.domain,
+            answer=result.text.strip(),
+            output_tokens=result.output_tokens,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    async def publish_model_card(self) -> None:
+        """What the model is, under cms/slm/<model>/<field> (the same for every replica)."""
+        model = self.backend.model
+        assert model is not None
+        for field, value in model.model_dump(exclude={"name"}, exclude_none=True).items():
+            key = MODEL_DETAIL.format(model=model.name, field=field)
+            await cms.put(self.bus, key, value, version=1)
+
+    async def _generate(
+        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
+    ) -> Generation:
+        sampling: SamplingOptions = self.parameters.resolve(task.sampling)
+        self.active += 1
+        self._changed()
+        try:
+            result = await self.backend.generate(task, sampling, emit)
+        finally:
+            self.active -= 1
+            self._changed()
+        self._recent.append((time.monotonic(), result.output_tokens))
+        return result
+
     def _changed(self) -> None:
         if self.presence is not None:
             self.presence.changed()
 
-    def _streamer(self, task: Task):  # type: ignore[no-untyped-def]
+    def _streamer(self, task: Task) -> Callable[[str], Awaitable[None]]:
         topic = STREAM.format(request=task.request_id)
         seq = 0
 

@@ -1,0 +1,204 @@
+"""The SLM worker with the onnx backend (the tiny random model) on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import aiomqtt
+import orjson
+import pytest
+
+from schemas import Error, KnowledgeAnswer, KnowledgeQuery, Task, TaskResult
+from services.core import cms
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.errors import RemoteError
+from services.core.topics import ERRORS, KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
+from tests.broker import ROOT
+from tests.conftest import running
+from tests.test_bus import _raw_request
+from tests.test_stack import online, wait_for
+
+
+def model_name(folder) -> str:  # type: ignore[no-untyped-def]
+    return json.loads((folder / "model.json").read_text())["name"]
+
+
+def task(uid: str, *, prompt: str = "Hello there", max_tokens: int = 8, **extra) -> Task:  # type: ignore[no-untyped-def]
+    return Task(
+        task_id=f"t{time.time_ns()}",
+        request_id=f"r{uid}{time.time_ns()}",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        deadline=time.time() + 20,
+        **extra,
+    )
+
+
+async def start_worker(spawn, mqtt, uid, model_dir, *args):  # type: ignore[no-untyped-def]
+    spawn(
+        "services.worker",
+        "--agent-id",
+        f"w-{uid}",
+        "--backend",
+        "onnx",
+        "--model-dir",
+        str(model_dir),
+        "--threads",
+        "1",
+        *args,
+    )
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    return bus, view
+
+
+async def generate(bus: Bus, uid: str, **kwargs) -> TaskResult:  # type: ignore[no-untyped-def]
+    reply = await bus.request(
+        TASKS.format(agent=f"w-{uid}"),
+        task(uid, **kwargs),
+        replies=TASKS.replies,
+        deadline=time.time() + 20,
+    )
+    assert isinstance(reply, TaskResult)
+    return reply
+
+
+async def test_onnx_worker_serves_streams_and_advertises_its_model(
+    mqtt, uid, spawn, tiny_model_dir
+):
+    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+    chunks: list[str] = []
+    async with running(bus):
+        await wait_for(online(view, f"w-{uid}"), timeout=60)
+        first = task(uid, max_tokens=12, stream=True)
+        await bus.follow(STREAM, lambda r: chunks.append(r.body.text), request=first.request_id)
+        result = await bus.request(
+            TASKS.format(agent=f"w-{uid}"), first, replies=TASKS.replies, deadline=first.deadline
+        )
+        await bus.barrier()
+        card = view.agent(f"w-{uid}").card
+        name = model_name(tiny_model_dir)
+        arch = view.get(MODEL_DETAIL.format(model=name, field="architecture"))
+    assert isinstance(result, TaskResult) and result.output_tokens >= 1
+    assert result.prompt_tokens > 0 and result.decode_tok_s > 0 and result.prefill_ms > 0
+    assert "".join(chunks) == result.text
+    assert card.backend == "onnx" and card.model.name == name and card.tokens_per_s > 0
+    assert arch is not None and arch.value == card.model.architecture
+
+
+async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+    name = model_name(tiny_model_dir)
+    async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as sub:
+        await sub.subscribe(ERRORS.format(service="worker"), qos=1)
+        await wait_for(online(view, f"w-{uid}"), timeout=60)
+        greedy = await generate(bus, uid, max_tokens=16)
+        assert (await generate(bus, uid, max_tokens=16)).text == greedy.text
+        try:
+            await cms.put(bus, f"parameters/{name}/temperature", 3.0, version=1)
+            await cms.put(bus, f"parameters/{name}/seed", 7, version=1)
+            await cms.put(bus, f"parameters/{name}/warmth", 1, version=1)
+            await bus.barrier()
+            await asyncio.sleep(0.3)  # the worker's view sees the puts (no reply to wait on)
+            sampled = await generate(bus, uid, max_tokens=16)
+            async with asyncio.timeout(5):
+                error = Error.model_validate_json((await anext(sub.messages)).payload)
+        finally:
+            for key in ("temperature", "seed", "warmth"):
+                await cms.delete(bus, f"parameters/{name}/{key}")
+        await bus.barrier()
+        await asyncio.sleep(0.3)
+        again = await generate(bus, uid, max_tokens=16)
+    assert sampled.text != greedy.text and again.text == greedy.text
+    assert error.code == "bad_request" and "unknown parameter 'warmth'" in error.message
+
+
+async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+    topic = TASKS.format(agent=f"w-{uid}")
+    good = orjson.loads(task(uid).model_dump_json())
+    cases = {
+        "empty prompt": ({**good, "prompt": "   "}, "bad_request", "empty"),
+        "prompt over the context": ({**good, "prompt": "word " * 2000}, "bad_request", "context"),
+        "max_tokens 0": ({**good, "max_tokens": 0}, "bad_schema", "max_tokens"),
+        "max_tokens 10**9": ({**good, "max_tokens": 10**9}, "bad_schema", "max_tokens"),
+        "unknown parameter": ({**good, "sampling": {"warmth": 1}}, "bad_schema", "warmth"),
+    }
+    async with running(bus):
+        await wait_for(online(view, f"w-{uid}"), timeout=60)
+        for name, (payload, code, words) in cases.items():
+            with pytest.raises(RemoteError) as raised:
+                await _raw_request(bus, topic, orjson.dumps(payload))
+            assert raised.value.error.code == code, name
+            assert words in raised.value.error.message, (name, raised.value.error.message)
+        assert (await generate(bus, uid)).output_tokens >= 1
+
+
+async def test_worker_answers_its_knowledge_domain(mqtt, uid, spawn, tiny_model_dir):
+    domain = f"d{uid}"
+    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir, "--domains", f'["{domain}"]')
+    async with running(bus):
+        await wait_for(online(view, f"w-{uid}"), timeout=60)
+        query = KnowledgeQuery(
+            request_id=f"k{uid}",
+            domain=domain,
+            question="What is rest?",
+            asker=f"c-{uid}",
+            max_tokens=6,
+            deadline=time.time() + 20,
+        )
+        answer = await bus.request(
+            KNOWLEDGE.format(domain=domain),
+            query,
+            replies=KNOWLEDGE.replies,
+            deadline=query.deadline,
+        )
+    assert isinstance(answer, KnowledgeAnswer) and answer.agent == f"w-{uid}"
+    assert answer.domain == domain and answer.output_tokens >= 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "no model.onnx", "corrupt model.json"])
+def test_a_bad_model_folder_is_a_clear_startup_failure(tmp_path, tiny_model_dir, damage):
+    folder = tmp_path / "model"
+    if damage != "missing":
+        shutil.copytree(tiny_model_dir, folder)
+    if damage == "no model.onnx":
+        (folder / "model.onnx").unlink()
+    if damage == "corrupt model.json":
+        (folder / "model.json").write_text("{not json")
+    out = subprocess.run(
+        [sys.executable, "-m", "services.worker", "--backend", "onnx", "--model-dir", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    named = {
+        "missing": str(folder),
+        "no model.onnx": "model.onnx",
+        "corrupt model.json": "model.json",
+    }[damage]
+    assert out.stderr.strip().splitlines()[-1].startswith("worker: ")
+    assert named in out.stderr
+
+
+async def test_requests_share_the_model_concurrently(mqtt, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir, "--concurrency", "4")
+    async with running(bus):
+        await wait_for(online(view, f"w-{uid}"), timeout=60)
+        alone = await generate(bus, uid, prompt="one two three", max_tokens=10)
+        together = await asyncio.gather(
+            *(
+                generate(bus, uid, prompt=p, max_tokens=10)
+                for p in ("one two three", "four five", "six", "seven eight nine ten")
+            )
+        )
+    assert together[0].text == alone.text  # batching does not change a greedy answer
+    assert all(r.output_tokens >= 1 for r in together)
