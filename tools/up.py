@@ -15,6 +15,7 @@ from tools.broker import broker_answers, start_mosquitto
 from tools.common import add_broker_option, mqtt_settings
 from tools.stack import STACK, ServiceSpec
 
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # what tools/setup.sh exports
 STATE_DIR = Path(os.environ.get("EDGECOLLAB_STATE_DIR", Path.home() / ".local/state/edgecollab"))
 
 
@@ -43,6 +44,7 @@ def up(args: argparse.Namespace) -> int:
         print(f"up: starting mosquitto on port {settings.port} ({STATE_DIR})", flush=True)
         children.append(("mosquitto", start_mosquitto(settings.port, STATE_DIR)))
     env = {
+        "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
         **os.environ,
         "EDGECOLLAB_MQTT_HOST": settings.host,
         "EDGECOLLAB_MQTT_PORT": str(settings.port),

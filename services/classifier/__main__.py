@@ -45,7 +45,7 @@ def load_engine(settings: ClassifierSettings) -> ClassifierEngine:
     if not (folder / "model.onnx").is_file():
         sys.exit(
             f"classifier: no embedder at {folder}/model.onnx; "
-            f"make it with: edgecollab export-model --embedder {folder}"
+            f"make it with: edgecollab export-model minilm {folder}"
         )
     return ClassifierEngine.load(folder, threads=settings.threads)
 
