@@ -86,7 +86,7 @@ def test_ask_streams_and_prints_provenance(mqtt, uid, spawn):
     out = cli(mqtt, "ask", "hello there", "--max-tokens", "12")
     assert out.returncode == 0, out.stderr
     assert "edge models cooperate" in out.stdout
-    assert f"generate   edge  w-{uid}" in out.stdout and "0+12" not in out.stdout
+    assert f"answer     edge  w-{uid}" in out.stdout and "0+12" not in out.stdout
     answer = json.loads(cli(mqtt, "ask", "hello", "--json", "--max-tokens", "3").stdout)
     assert answer["outcome"] == "edge" and answer["steps"][0]["output_tokens"] == 3
 

@@ -82,9 +82,9 @@ async def test_full_edge_without_cloud_is_a_clear_rejection(mqtt, uid, spawn):
     answers, _, _ = await two_at_once(mqtt, uid)
     assert [a.outcome for a in answers] == ["edge", "rejected"]
     rejected = answers[1]
-    assert (
-        rejected.steps[0].name == "allocate" and f"w-{uid} at its limit" in rejected.steps[0].detail
-    )
+    refused = rejected.steps[0]
+    assert refused.where == "none" and refused.outcome == "rejected"
+    assert f"w-{uid} at its limit" in refused.detail
     assert "no cloud endpoint is configured" in rejected.text
 
 

@@ -18,9 +18,12 @@ from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudSettings
+from services.orchestrator.cooperation import Cooperation
+from services.orchestrator.generation import Generator
 from services.orchestrator.outcomes import Prices
 from services.orchestrator.policies import POLICIES, make_policy
 from services.orchestrator.service import Orchestrator
+from services.sensor.consumer import DataView
 
 
 class OrchestratorSettings(BaseSettings):
@@ -76,7 +79,11 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
         view = CmsView(bus)
         allocator = Allocator(view, policy, rng=random.Random(settings.seed))
-        orchestrator = Orchestrator(bus=bus, view=view, allocator=allocator, cloud=cloud)
+        generator = Generator(bus=bus, view=view, allocator=allocator, cloud=cloud)
+        cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
+        orchestrator = Orchestrator(
+            bus=bus, view=view, generator=generator, cooperation=cooperation
+        )
         return [lambda: orchestrator.publish_metrics(interval_s=settings.metrics_interval_s)]
 
     try:

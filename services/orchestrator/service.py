@@ -1,216 +1,190 @@
-"""The Task Orchestrator: answers each Query on the edge when it can, else in the cloud."""
+"""The Task Orchestrator: classify a query, plan it, run the plan's steps, answer.
+
+Independent steps of a phase run in parallel, phases in sequence; every step has a deadline.
+A failed data or knowledge step leaves the answer partial; the final generation decides the
+outcome (edge, cloud, rejected, failed), counted the same way as the simulator counts it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict, deque
+from collections import deque
 
 import structlog
 
-from schemas import Answer, CmsEntry, Query, Rejected, Step, Task, TaskResult
+from schemas import Answer, Classification, ClassifyRequest, Query, Step
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
-from services.core.topics import AGENT_STATUS, METRIC, QUERIES, TASKS
-from services.orchestrator.allocator import Allocator
-from services.orchestrator.cloud import CloudClient, CloudError, CloudReply
+from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
+from services.orchestrator.cooperation import Cooperation
+from services.orchestrator.generation import Generated, Generator, Job
 from services.orchestrator.outcomes import Outcome, Tally
-from services.orchestrator.policies import Demand
+from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
 
 log = structlog.get_logger("edgecollab.orchestrator")
 
 LATENCY_WINDOW = 10_000  # latencies kept for the metrics' percentiles
-
-
-class AgentGone(Exception):
-    """The agent a request was sent to went offline before answering."""
-
-
-def estimate_tokens(text: str) -> int:
-    """Prompt tokens before any tokenizer sees the text (~4 characters a token)."""
-    return max(1, round(len(text) / 4))
+CLASSIFY_TIMEOUT_S = 2.0
+DATA_STEP_S = 3.0  # a sensor publishes at least this often when alive
+STATE_EXPIRY_S = 300.0  # cms/inference/<request>/... outlives its request by this much
 
 
 class Orchestrator:
-    """Allocates each query by policy, dispatches it, falls back to the cloud, counts outcomes."""
+    """Plans each query over the CMS view and runs it on edge agents (else the cloud)."""
 
     def __init__(
-        self,
-        *,
-        bus: Bus,
-        view: CmsView,
-        allocator: Allocator,
-        cloud: CloudClient | None = None,
+        self, *, bus: Bus, view: CmsView, generator: Generator, cooperation: Cooperation
     ) -> None:
         self.bus = bus
         self.view = view
-        self.allocator = allocator
-        self.cloud = cloud
+        self.generator = generator
+        self.cooperation = cooperation
         self.tally = Tally(latencies_s=deque(maxlen=LATENCY_WINDOW))  # type: ignore[arg-type]
-        self._gone: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
-        view.on_change(self._on_cms_change)
         bus.serve(QUERIES, self.handle_query, shared="orchestrators")
 
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
-        started = time.perf_counter()
-        demand = Demand(prompt_tokens=estimate_tokens(query.text), output_tokens=query.max_tokens)
-        grant = await self.allocator.acquire(demand)
-        if grant.agent is None:
-            outcome = Outcome.CLOUD if grant.reason == "cloud" else Outcome.REJECTED_TO_CLOUD
-            steps = [] if grant.reason == "cloud" else [_allocation_step(grant.reason)]
-            return await self._cloud(query, started, steps, outcome)
-        try:
-            step, result = await self.dispatch(grant.agent, _task(query))
-        finally:
-            self.allocator.release(grant.agent, demand)
-        if result is not None:
-            return self._answer(query, started, result.text, Outcome.EDGE, [step])
-        return await self._cloud(query, started, [step], Outcome.REJECTED_TO_CLOUD)
+        started, since = time.perf_counter(), time.time()
+        steps: list[Step] = []
+        classification = await self._classify(query, steps)
+        plan = self.plan(query, classification)
+        outputs: dict[str, str] = {}
+        final: Generated | None = None
+        for number, phase in enumerate(plan.phases()):
+            results = await asyncio.gather(*(self._run(s, query, outputs, since) for s in phase))
+            for step, (text, records, generated) in zip(phase, results, strict=True):
+                steps += records
+                if text is not None:
+                    outputs[step.name] = text
+                final = generated if step is plan.final else final
+            if len(plan.steps) > 1:
+                await self._record_phase(query.request_id, number, phase, outputs)
+        assert final is not None
+        partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
+        return self._answer(query, started, final, steps, partial)
 
-    async def dispatch(self, agent: str, task: Task) -> tuple[Step, TaskResult | None]:
-        """Send a task to one worker; a reject, an error, a deadline or a death is a Step too."""
-        topic = TASKS.format(agent=agent)
-        started = time.perf_counter()
-        try:
-            reply = await self._request_while_alive(agent, topic, task)
-        except (DeadlineExceeded, RemoteError, AgentGone) as exc:
-            return _step(topic, agent, started, "failed", detail=str(exc)), None
-        if isinstance(reply, Rejected):
-            detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
-            return _step(topic, agent, started, "rejected", detail=detail), None
-        assert isinstance(reply, TaskResult)
-        return _step(topic, agent, started, "ok", result=reply), reply
+    def plan(self, query: Query, classification: Classification | None) -> Plan:
+        """The plan for this query given the agents online now."""
+        if classification is None:
+            return make_plan(domain="general", max_tokens=query.max_tokens)
+        domain = classification.domain
+        sensors = [
+            Sensor(a.card.agent, domain)
+            for a in self.view.agents("sensor")
+            if a.online and domain in a.card.domains
+        ]
+        experts = [a for a in self.view.agents("worker") if a.online and domain in a.card.domains]
+        return make_plan(
+            domain=domain,
+            max_tokens=query.max_tokens,
+            sensors=sensors,
+            expert_available=bool(experts) and domain != "general",
+        )
 
-    async def _cloud(
-        self, query: Query, started: float, steps: list[Step], outcome: Outcome
-    ) -> Answer:
-        """The cloud serves what the edge did not; without a cloud the request is rejected."""
-        edge_failed = bool(steps) and steps[-1].outcome == "failed"
-        if self.cloud is None:
-            final = Outcome.FAILED if edge_failed else Outcome.REJECTED
-            reason = steps[-1].detail if steps else "the policy sent it to the cloud"
-            text = f"{final.value}: {reason}; no cloud endpoint is configured"
-            return self._answer(query, started, text, final, steps)
-        step_started = time.perf_counter()
-        try:
-            reply = await self.cloud.complete(
-                [{"role": "user", "content": query.text}],
-                max_tokens=query.max_tokens,
-                temperature=query.sampling.temperature,
-                request_id=query.request_id,
+    async def _run(
+        self, step: PlanStep, query: Query, outputs: dict[str, str], since: float
+    ) -> tuple[str | None, list[Step], Generated | None]:
+        """One step: its output text (None if it failed), its records, and the generation."""
+        if step.kind == "data":
+            deadline = min(query.deadline, time.time() + DATA_STEP_S)
+            text, record = await self.cooperation.sense(step, since, deadline)
+            return text, [record], None
+        prompt = render(step, query.text, outputs)
+        if step.kind == "knowledge":
+            text, record = await self.cooperation.ask(
+                step, prompt, request_id=query.request_id, deadline=query.deadline
             )
-        except CloudError as exc:
-            steps.append(_cloud_step(self.cloud, step_started, "failed", detail=str(exc)))
-            return self._answer(query, started, f"failed: {exc}", Outcome.FAILED, steps)
-        steps.append(_cloud_step(self.cloud, step_started, "ok", reply=reply))
-        return self._answer(query, started, reply.text, outcome, steps)
+            return text, [record], None
+        job = Job(
+            request_id=query.request_id,
+            name=step.name,
+            prompt=prompt,
+            max_tokens=step.max_tokens,
+            deadline=query.deadline,
+            stream=query.stream and step.name == "answer",
+            sampling=query.sampling,
+        )
+        generated = await self.generator.run(job)
+        return generated.text, generated.steps, generated
+
+    async def _classify(self, query: Query, steps: list[Step]) -> Classification | None:
+        """The Classifier Engine's view of the query; None when no classifier is online."""
+        if not any(a.online for a in self.view.agents("classifier")):
+            return None
+        started = time.perf_counter()
+        request = ClassifyRequest(request_id=query.request_id, text=query.text)
+        deadline = min(query.deadline, time.time() + CLASSIFY_TIMEOUT_S)
+        try:
+            reply = await self.bus.request(
+                CLASSIFY.format(), request, replies=CLASSIFY.replies, deadline=deadline
+            )
+        except (DeadlineExceeded, RemoteError) as exc:
+            steps.append(_classify_step(started, "failed", str(exc)))
+            return None
+        assert isinstance(reply, Classification)
+        detail = f"{reply.domain} ({reply.confidence:.2f}), {reply.complexity.difficulty}"
+        steps.append(_classify_step(started, "ok", detail))
+        return reply
 
     def _answer(
-        self, query: Query, started: float, text: str, outcome: Outcome, steps: list[Step]
+        self, query: Query, started: float, final: Generated, steps: list[Step], partial: bool
     ) -> Answer:
         seconds = time.perf_counter() - started
         cost = sum(s.cost_usd for s in steps)
-        answered = outcome not in (Outcome.REJECTED, Outcome.FAILED)
-        self.tally.record(outcome, latency_s=seconds if answered else None, cost_usd=cost)
+        answered = final.text is not None
+        self.tally.record(final.outcome, latency_s=seconds if answered else None, cost_usd=cost)
+        text = final.text if answered else _refusal(final, steps)
         return Answer(
             request_id=query.request_id,
-            text=text,
-            outcome=outcome.value,
+            text=text or "",
+            outcome=final.outcome.value,
+            partial=partial,
             steps=steps,
             ms=round(seconds * 1000, 3),
             cost_usd=round(cost, 8),
         )
 
+    async def _record_phase(
+        self, request_id: str, number: int, phase: list[PlanStep], outputs: dict[str, str]
+    ) -> None:
+        """Task state while a plan runs: cms/inference/<request>/phase_<n>_output."""
+        key = INFERENCE_STATE.format(task=request_id, field=f"phase_{number}_output")
+        value = {s.name: outputs.get(s.name, "")[:500] for s in phase}
+        await cms.put(self.bus, key, value, version=number + 1, expiry_s=STATE_EXPIRY_S)
+
     async def publish_metrics(self, *, interval_s: float = 5.0) -> None:
-        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency."""
+        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache."""
         key = METRIC.format(scope=self.bus.client_id, name="requests")
         version, last = 0, -1
         while True:
             await asyncio.sleep(interval_s)
             if self.tally.requests != last and self.bus.connected.is_set():
                 version, last = version + 1, self.tally.requests
-                summary = self.tally.summary() | {"policy": self.allocator.policy.name}
+                summary = self.tally.summary() | {
+                    "policy": self.generator.allocator.policy.name,
+                    "knowledge_cache_hits": self.cooperation.cache_hits,
+                    "knowledge_cache_misses": self.cooperation.cache_misses,
+                }
                 await cms.put(self.bus, key, summary, version=version)
 
-    async def _request_while_alive(self, agent: str, topic: str, task: Task) -> object:
-        gone = self._gone[agent]
-        request = asyncio.ensure_future(
-            self.bus.request(topic, task, replies=TASKS.replies, deadline=task.deadline)
-        )
-        watch = asyncio.ensure_future(gone.wait())
-        try:
-            await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if request.done():
-                return request.result()
-            raise AgentGone(f"{agent} went offline before answering")
-        finally:
-            request.cancel()
-            watch.cancel()
 
-    def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
-        params = AGENT_STATUS.match(key)
-        if params is None:
-            return
-        view = self.view.agent(params["agent"])
-        if (view is None or not view.online) and params["agent"] in self._gone:
-            self._gone.pop(params["agent"]).set()  # wakes the requests in flight there
+def _refusal(final: Generated, steps: list[Step]) -> str:
+    reason = next((s.detail for s in reversed(steps) if s.detail), "no edge agent served it")
+    if final.outcome is Outcome.REJECTED:
+        return f"rejected: {reason}; no cloud endpoint is configured"
+    return f"failed: {reason}"
 
 
-def _task(query: Query) -> Task:
-    return Task(
-        task_id=f"{query.request_id}.gen",
-        request_id=query.request_id,
-        prompt=query.text,
-        max_tokens=query.max_tokens,
-        deadline=query.deadline,
-        stream=query.stream,
-        sampling=query.sampling,
-    )
-
-
-def _step(
-    topic: str,
-    agent: str,
-    started: float,
-    outcome: str,
-    *,
-    result: TaskResult | None = None,
-    detail: str | None = None,
-) -> Step:
+def _classify_step(started: float, outcome: str, detail: str) -> Step:
     return Step(
-        name="generate",
-        topic=topic,
-        agent=agent,
+        name="classify",
+        topic=CLASSIFY.format(),
+        agent=None,
         where="edge",
         outcome=outcome,  # type: ignore[arg-type]
-        prompt_tokens=result.prompt_tokens if result else 0,
-        output_tokens=result.output_tokens if result else 0,
         ms=round((time.perf_counter() - started) * 1000, 3),
-        detail=detail,
-    )
-
-
-def _allocation_step(reason: str) -> Step:
-    return Step(
-        name="allocate", topic="-", agent=None, where="none", outcome="rejected", detail=reason
-    )
-
-
-def _cloud_step(
-    cloud: CloudClient, started: float, outcome: str, *, reply=None, detail=None
-) -> Step:  # type: ignore[no-untyped-def]
-    return Step(
-        name="generate",
-        topic=f"cloud:{cloud.settings.model}",
-        agent=None,
-        where="cloud",
-        outcome=outcome,  # type: ignore[arg-type]
-        prompt_tokens=reply.prompt_tokens if reply else 0,
-        output_tokens=reply.output_tokens if reply else 0,
-        ms=round((time.perf_counter() - started) * 1000, 3),
-        cost_usd=round(reply.cost_usd, 8) if reply else 0.0,
         detail=detail,
     )

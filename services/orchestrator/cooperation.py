@@ -1,0 +1,120 @@
+"""Data and knowledge steps of a plan.
+
+Data: the orchestrator mirrors every sensor's readings (a DataView of data/...), so a data step
+waits for a reading of its sensor newer than the plan's start, then summarises it; a sensor
+that died makes the step fail at its deadline. Knowledge: an expert peer answers on
+knowledge/<domain>/ask; answers are cached under cms/cache/<hash> with an expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+from schemas import KnowledgeAnswer, KnowledgeQuery, Step
+from services.core import cms
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.topics import CACHE, KNOWLEDGE, READING
+from services.orchestrator.planner import PlanStep
+from services.sensor.consumer import DataView
+
+
+class Cooperation:
+    """Runs data and knowledge steps; counts knowledge cache hits and misses."""
+
+    def __init__(
+        self, *, bus: Bus, view: CmsView, data: DataView, cache_ttl_s: float = 600.0
+    ) -> None:
+        self.bus = bus
+        self.view = view
+        self.data = data
+        self.cache_ttl_s = cache_ttl_s
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    async def sense(self, step: PlanStep, since: float, deadline: float) -> tuple[str | None, Step]:
+        """A summary of the sensor's readings newer than `since`, or a failed step."""
+        assert step.agent is not None and step.domain is not None
+        topic = READING.filter(domain=step.domain, agent=step.agent)
+        started = time.perf_counter()
+        while (self.data.last_seen(step.agent) or 0.0) < since:
+            if time.time() >= deadline:
+                detail = f"no fresh reading from {step.agent} before the step's deadline"
+                return None, _step(step, topic, step.agent, started, "failed", detail=detail)
+            await asyncio.sleep(0.05)
+        summary = self.data.summary(step.domain, agents=[step.agent])
+        return summary, _step(step, topic, step.agent, started, "ok")
+
+    async def ask(
+        self, step: PlanStep, question: str, *, request_id: str, deadline: float
+    ) -> tuple[str | None, Step]:
+        """An expert's answer: from the cache when a fresh one is there, else asked for."""
+        assert step.domain is not None
+        key = CACHE.format(key=cache_key(step.domain, question))
+        started = time.perf_counter()
+        hit = self.view.get(key)
+        if hit is not None and hit.value.get("expires_at", 0) > time.time():
+            self.cache_hits += 1
+            return hit.value["answer"], _step(step, key, hit.value.get("agent"), started, "cached")
+        self.cache_misses += 1
+        topic = KNOWLEDGE.format(domain=step.domain)
+        query = KnowledgeQuery(
+            request_id=f"{request_id}.{step.domain}",
+            domain=step.domain,
+            question=question[:8000],
+            asker=self.bus.client_id,
+            max_tokens=step.max_tokens,
+            deadline=deadline,
+        )
+        try:
+            reply = await self.bus.request(
+                topic, query, replies=KNOWLEDGE.replies, deadline=deadline
+            )
+        except (DeadlineExceeded, RemoteError) as exc:
+            return None, _step(step, topic, None, started, "failed", detail=str(exc))
+        assert isinstance(reply, KnowledgeAnswer)
+        await self._remember(key, reply)
+        record = _step(step, topic, reply.agent, started, "ok", tokens=reply.output_tokens)
+        return reply.answer, record
+
+    async def _remember(self, key: str, reply: KnowledgeAnswer) -> None:
+        value = {
+            "answer": reply.answer,
+            "agent": reply.agent,
+            "domain": reply.domain,
+            "expires_at": time.time() + self.cache_ttl_s,
+        }
+        current = self.view.get(key)
+        version = current.version + 1 if current else 1
+        await cms.put(self.bus, key, value, version=version, expiry_s=self.cache_ttl_s)
+
+
+def cache_key(domain: str, question: str) -> str:
+    """A stable key for a question to a domain (whitespace and case do not matter)."""
+    normal = " ".join(question.lower().split())
+    return hashlib.sha256(f"{domain}\n{normal}".encode()).hexdigest()[:32]
+
+
+def _step(
+    step: PlanStep,
+    topic: str,
+    agent: str | None,
+    started: float,
+    outcome: str,
+    *,
+    tokens: int = 0,
+    detail: str | None = None,
+) -> Step:
+    return Step(
+        name=step.name,
+        topic=topic,
+        agent=agent,
+        where="edge",
+        outcome=outcome,  # type: ignore[arg-type]
+        output_tokens=tokens,
+        ms=round((time.perf_counter() - started) * 1000, 3),
+        detail=detail,
+    )

@@ -1,0 +1,197 @@
+"""One generation step: allocate by policy, dispatch to an edge worker, else the cloud."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from schemas import CmsEntry, Rejected, SamplingOptions, Step, Task, TaskResult
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.topics import AGENT_STATUS, TASKS
+from services.orchestrator.allocator import Allocator
+from services.orchestrator.cloud import CloudClient, CloudError, CloudReply
+from services.orchestrator.outcomes import Outcome
+from services.orchestrator.policies import Demand
+
+
+class AgentGone(Exception):
+    """The agent a request was sent to went offline before answering."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What to generate, for which request, by when."""
+
+    request_id: str
+    name: str  # the plan step
+    prompt: str
+    max_tokens: int
+    deadline: float
+    stream: bool = False
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+@dataclass(slots=True)
+class Generated:
+    """A generation's text (None when nobody served it), how it ended, and its steps."""
+
+    text: str | None
+    outcome: Outcome
+    steps: list[Step] = field(default_factory=list)
+
+
+def estimate_tokens(text: str) -> int:
+    """Prompt tokens before any tokenizer sees the text (~4 characters a token)."""
+    return max(1, round(len(text) / 4))
+
+
+class Generator:
+    """Edge first, by policy; the cloud for what the edge does not serve."""
+
+    def __init__(
+        self, *, bus: Bus, view: CmsView, allocator: Allocator, cloud: CloudClient | None
+    ) -> None:
+        self.bus = bus
+        self.view = view
+        self.allocator = allocator
+        self.cloud = cloud
+        self._gone: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        view.on_change(self._on_cms_change)
+
+    async def run(self, job: Job) -> Generated:
+        demand = Demand(prompt_tokens=estimate_tokens(job.prompt), output_tokens=job.max_tokens)
+        grant = await self.allocator.acquire(demand)
+        if grant.agent is None:
+            if grant.reason == "cloud":
+                return await self._cloud(job, [], Outcome.CLOUD)
+            return await self._cloud(
+                job, [_allocation_step(job, grant.reason)], Outcome.REJECTED_TO_CLOUD
+            )
+        try:
+            step, result = await self.dispatch(grant.agent, job)
+        finally:
+            self.allocator.release(grant.agent, demand)
+        if result is not None:
+            return Generated(result.text, Outcome.EDGE, [step])
+        return await self._cloud(job, [step], Outcome.REJECTED_TO_CLOUD)
+
+    async def dispatch(self, agent: str, job: Job) -> tuple[Step, TaskResult | None]:
+        """Send a task to one worker; a reject, an error, a deadline or a death is a Step too."""
+        topic = TASKS.format(agent=agent)
+        task = Task(
+            task_id=f"{job.request_id}.{job.name}",
+            request_id=job.request_id,
+            prompt=job.prompt,
+            max_tokens=job.max_tokens,
+            deadline=job.deadline,
+            stream=job.stream,
+            sampling=job.sampling,
+        )
+        started = time.perf_counter()
+        try:
+            reply = await self._request_while_alive(agent, topic, task)
+        except (DeadlineExceeded, RemoteError, AgentGone) as exc:
+            return _step(job, topic, agent, started, "failed", detail=str(exc)), None
+        if isinstance(reply, Rejected):
+            detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
+            return _step(job, topic, agent, started, "rejected", detail=detail), None
+        assert isinstance(reply, TaskResult)
+        return _step(job, topic, agent, started, "ok", result=reply), reply
+
+    async def _cloud(self, job: Job, steps: list[Step], outcome: Outcome) -> Generated:
+        """The cloud serves what the edge did not; without a cloud the request is refused."""
+        if self.cloud is None:
+            edge_failed = bool(steps) and steps[-1].outcome == "failed"
+            return Generated(None, Outcome.FAILED if edge_failed else Outcome.REJECTED, steps)
+        started = time.perf_counter()
+        try:
+            reply = await self.cloud.complete(
+                [{"role": "user", "content": job.prompt}],
+                max_tokens=job.max_tokens,
+                temperature=job.sampling.temperature,
+                request_id=job.request_id,
+            )
+        except CloudError as exc:
+            steps.append(_cloud_step(job, self.cloud, started, "failed", detail=str(exc)))
+            return Generated(None, Outcome.FAILED, steps)
+        steps.append(_cloud_step(job, self.cloud, started, "ok", reply=reply))
+        return Generated(reply.text, outcome, steps)
+
+    async def _request_while_alive(self, agent: str, topic: str, task: Task) -> object:
+        gone = self._gone[agent]
+        request = asyncio.ensure_future(
+            self.bus.request(topic, task, replies=TASKS.replies, deadline=task.deadline)
+        )
+        watch = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                return request.result()
+            raise AgentGone(f"{agent} went offline before answering")
+        finally:
+            request.cancel()
+            watch.cancel()
+
+    def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
+        params = AGENT_STATUS.match(key)
+        if params is None:
+            return
+        view = self.view.agent(params["agent"])
+        if (view is None or not view.online) and params["agent"] in self._gone:
+            self._gone.pop(params["agent"]).set()  # wakes the requests in flight there
+
+
+def _step(
+    job: Job,
+    topic: str,
+    agent: str,
+    started: float,
+    outcome: str,
+    *,
+    result: TaskResult | None = None,
+    detail: str | None = None,
+) -> Step:
+    return Step(
+        name=job.name,
+        topic=topic,
+        agent=agent,
+        where="edge",
+        outcome=outcome,  # type: ignore[arg-type]
+        prompt_tokens=result.prompt_tokens if result else 0,
+        output_tokens=result.output_tokens if result else 0,
+        ms=round((time.perf_counter() - started) * 1000, 3),
+        detail=detail,
+    )
+
+
+def _allocation_step(job: Job, reason: str) -> Step:
+    return Step(
+        name=job.name, topic="-", agent=None, where="none", outcome="rejected", detail=reason
+    )
+
+
+def _cloud_step(
+    job: Job,
+    cloud: CloudClient,
+    started: float,
+    outcome: str,
+    *,
+    reply: CloudReply | None = None,
+    detail: str | None = None,
+) -> Step:
+    return Step(
+        name=job.name,
+        topic=f"cloud:{cloud.settings.model}",
+        agent=None,
+        where="cloud",
+        outcome=outcome,  # type: ignore[arg-type]
+        prompt_tokens=reply.prompt_tokens if reply else 0,
+        output_tokens=reply.output_tokens if reply else 0,
+        ms=round((time.perf_counter() - started) * 1000, 3),
+        cost_usd=round(reply.cost_usd, 8) if reply else 0.0,
+        detail=detail,
+    )

@@ -1,0 +1,156 @@
+"""Plans: a classified query becomes a small DAG of steps (pure; no bus).
+
+Step kinds, each addressed to a semantic topic:
+  data       fresh readings of one sensor agent   (data/<domain>/+/<agent>, mirrored locally)
+  knowledge  an expert peer's answer              (knowledge/<domain>/ask)
+  generate   an SLM generation on an edge worker  (computation/tasks/<agent>, allocated by policy)
+
+Shapes follow the paper's scenarios (Fig. 5): `health` is sequential (vitals, then an analysis,
+then the medical expert, then the answer); `environment` fans out to every sensor and an expert
+in parallel, then aggregates; other domains are one generation, preceded by an expert's answer
+when the domain is covered by an expert in the CMS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+StepKind = Literal["data", "knowledge", "generate"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """One step; `prompt` is a template over the query and the outputs of `after`."""
+
+    name: str
+    kind: StepKind
+    after: tuple[str, ...] = ()
+    agent: str | None = None  # data steps: the sensor; generate steps: chosen at run time
+    domain: str | None = None
+    prompt: str = ""
+    max_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps in dependency order; the last one is the answer."""
+
+    domain: str
+    steps: tuple[PlanStep, ...]
+    shape: Literal["single", "parallel", "sequential"] = "single"
+    by_name: dict[str, PlanStep] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {s.name: s for s in self.steps})
+        for step in self.steps:
+            unknown = [d for d in step.after if d not in self.by_name]
+            if unknown:
+                raise ValueError(f"step {step.name} waits on unknown steps {unknown}")
+
+    @property
+    def final(self) -> PlanStep:
+        return self.steps[-1]
+
+    def phases(self) -> list[list[PlanStep]]:
+        """Layers of steps whose dependencies are all in earlier layers (run each in parallel)."""
+        done: set[str] = set()
+        layers: list[list[PlanStep]] = []
+        while len(done) < len(self.steps):
+            layer = [s for s in self.steps if s.name not in done and set(s.after) <= done]
+            if not layer:
+                raise ValueError("the plan has a cycle")
+            layers.append(layer)
+            done |= {s.name for s in layer}
+        return layers
+
+
+@dataclass(frozen=True, slots=True)
+class Sensor:
+    """A sensor agent the CMS knows: id and the domain of its streams."""
+
+    agent: str
+    domain: str
+
+
+def make_plan(
+    *,
+    domain: str,
+    max_tokens: int,
+    sensors: Sequence[Sensor] = (),
+    expert_available: bool = False,
+) -> Plan:
+    """The plan for a query of `domain` given the sensors and experts online."""
+    data = [
+        PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain)
+        for s in sensors
+        if s.domain == domain
+    ]
+    if domain == "health" and data:
+        return _health(data, max_tokens, expert_available)
+    if domain == "environment" and data:
+        return _environment(data, max_tokens, expert_available)
+    expert = [_expert(domain, ())] if expert_available else []
+    answer = PlanStep(
+        "answer",
+        "generate",
+        after=tuple(s.name for s in expert),
+        prompt=ANSWER,
+        max_tokens=max_tokens,
+    )
+    shape = "sequential" if expert else "single"
+    return Plan(domain, (*expert, answer), shape)
+
+
+def _health(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
+    vitals = tuple(s.name for s in data)
+    analysis = PlanStep("analysis", "generate", after=vitals, prompt=ANALYSIS, max_tokens=96)
+    steps: list[PlanStep] = [*data, analysis]
+    if expert:
+        steps.append(_expert("health", ("analysis",)))
+    answer = PlanStep(
+        "answer", "generate", after=(steps[-1].name,), prompt=HEALTH_ANSWER, max_tokens=max_tokens
+    )
+    return Plan("health", (*steps, answer), "sequential")
+
+
+def _environment(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
+    fan_out = [*data, *([_expert("environment", ())] if expert else [])]
+    answer = PlanStep(
+        "answer",
+        "generate",
+        after=tuple(s.name for s in fan_out),
+        prompt=CITY_ANSWER,
+        max_tokens=max_tokens,
+    )
+    return Plan("environment", (*fan_out, answer), "parallel")
+
+
+def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
+    return PlanStep(
+        f"knowledge:{domain}", "knowledge", after=after, domain=domain, prompt=EXPERT, max_tokens=96
+    )
+
+
+# Prompt templates: {query} is the user's text, {context} the outputs of the step's `after`.
+ANSWER = "{context}\n\nQuestion: {query}"
+EXPERT = "{query}\n\n{context}"
+ANALYSIS = (
+    "Interpret these vital signs from the user's wearables in two sentences; say what is normal "
+    "and what is not.\n\n{context}\n\nThe user says: {query}"
+)
+HEALTH_ANSWER = (
+    "{context}\n\nThe user says: {query}\n\nGive the user short personal advice, then a short "
+    "report for a clinician headed 'Clinician report:' with the measured values."
+)
+CITY_ANSWER = (
+    "Live readings and expert notes:\n{context}\n\nTask: {query}\n\nList the risks with the "
+    "numbers behind them, then a recommendation."
+)
+
+
+def render(step: PlanStep, query: str, outputs: dict[str, str]) -> str:
+    """The prompt of `step`: its template filled with the query and its inputs' outputs."""
+    context = "\n".join(f"[{name}] {outputs[name]}" for name in step.after if outputs.get(name))
+    return step.prompt.format(query=query, context=context or "(no context)").strip()

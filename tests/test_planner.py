@@ -1,0 +1,64 @@
+"""Plans are pure: their shape follows the domain, the sensors and the experts online."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
+
+WEARABLES = [Sensor("wearable-1", "health"), Sensor("ring-1", "health")]
+CITY = [Sensor(a, "environment") for a in ("camera-1", "air-1", "noise-1", "traffic-1")]
+
+
+def names(layer: list[PlanStep]) -> list[str]:
+    return [s.name for s in layer]
+
+
+def test_health_is_sequential_vitals_analysis_expert_answer():
+    plan = make_plan(
+        domain="health", max_tokens=200, sensors=WEARABLES + CITY, expert_available=True
+    )
+    assert plan.shape == "sequential"
+    assert [names(p) for p in plan.phases()] == [
+        ["data:wearable-1", "data:ring-1"],
+        ["analysis"],
+        ["knowledge:health"],
+        ["answer"],
+    ]
+    assert plan.final.max_tokens == 200
+
+
+def test_environment_fans_out_to_every_sensor_and_the_expert_in_parallel():
+    plan = make_plan(
+        domain="environment", max_tokens=150, sensors=CITY + WEARABLES, expert_available=True
+    )
+    phases = plan.phases()
+    assert plan.shape == "parallel" and len(phases) == 2
+    assert set(names(phases[0])) == {*(f"data:{s.agent}" for s in CITY), "knowledge:environment"}
+    assert names(phases[1]) == ["answer"]
+
+
+def test_other_domains_are_one_generation_with_an_expert_when_there_is_one():
+    assert [names(p) for p in make_plan(domain="math", max_tokens=50).phases()] == [["answer"]]
+    with_expert = make_plan(domain="code", max_tokens=50, expert_available=True)
+    assert [names(p) for p in with_expert.phases()] == [["knowledge:code"], ["answer"]]
+
+
+def test_health_without_sensors_falls_back_to_expert_and_answer():
+    plan = make_plan(domain="health", max_tokens=50, sensors=CITY, expert_available=True)
+    assert [names(p) for p in plan.phases()] == [["knowledge:health"], ["answer"]]
+
+
+def test_render_folds_the_inputs_outputs_into_the_prompt():
+    step = PlanStep("answer", "generate", after=("a", "b"), prompt="{context} | {query}")
+    assert render(step, "q?", {"a": "one", "b": ""}) == "[a] one | q?"
+    assert render(step, "q?", {}) == "(no context) | q?"
+
+
+def test_a_plan_refuses_unknown_dependencies_and_cycles():
+    with pytest.raises(ValueError, match="unknown"):
+        Plan("x", (PlanStep("a", "generate", after=("z",)),))
+    cyclic = Plan("x", (PlanStep("a", "generate", after=("b",)), PlanStep("b", "generate")))
+    object.__setattr__(cyclic.by_name["b"], "after", ("a",))
+    with pytest.raises(ValueError, match="cycle"):
+        cyclic.phases()
