@@ -126,7 +126,9 @@ async def test_bad_input_is_answered_with_error_and_next_request_served(mqtt, ui
         payload = payload.encode()
     async with running(server), running(client):
         with pytest.raises(RemoteError) as raised:
-            await _raw_request(client, topic, payload)
+            await client.request_raw(
+                topic, payload, replies=TASKS.replies, deadline=time.time() + 5
+            )
         expected = "bad_schema" if code == "other_schema" else code
         assert raised.value.error.code == expected
         reply = await client.request(
@@ -134,24 +136,6 @@ async def test_bad_input_is_answered_with_error_and_next_request_served(mqtt, ui
         )
     assert isinstance(reply, TaskResult)
     assert server.errors_sent == 1
-
-
-async def _raw_request(client: Bus, topic: str, payload: bytes) -> object:
-    """A request whose payload is raw bytes (what a buggy device would send)."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    from services.core.bus import _Pending
-
-    correlation = b"raw-" + topic.encode()[-8:] + str(time.time()).encode()
-    future = asyncio.get_running_loop().create_future()
-    client._pending[correlation] = _Pending(future, client._adapter((TaskResult, Error)))
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = client.reply_topic
-    props.CorrelationData = correlation
-    await client._publish_bytes(topic, payload, qos=1, retain=False, props=props)
-    async with asyncio.timeout(5):
-        return await future
 
 
 async def test_bad_input_without_response_topic_goes_to_errors_topic(mqtt, uid):

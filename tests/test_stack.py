@@ -176,9 +176,10 @@ async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spa
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
         from services.core.errors import RemoteError
-        from tests.test_bus import _raw_request  # the same raw-bytes requester
 
         with pytest.raises(RemoteError) as raised:
-            await _raw_request(bus, QUERIES.format(), payload)
+            await bus.request_raw(
+                QUERIES.format(), payload, replies=QUERIES.replies, deadline=time.time() + 5
+            )
         assert raised.value.error.service == "orchestrator"
         assert (await ask(bus)).outcome == "edge"

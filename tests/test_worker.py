@@ -21,7 +21,6 @@ from services.core.errors import RemoteError
 from services.core.topics import ERRORS, KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
 from tests.broker import ROOT
 from tests.conftest import running
-from tests.test_bus import _raw_request
 from tests.test_stack import online, wait_for
 
 
@@ -134,7 +133,9 @@ async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         for name, (payload, code, words) in cases.items():
             with pytest.raises(RemoteError) as raised:
-                await _raw_request(bus, topic, orjson.dumps(payload))
+                await bus.request_raw(
+                    topic, orjson.dumps(payload), replies=TASKS.replies, deadline=time.time() + 5
+                )
             assert raised.value.error.code == code, name
             assert words in raised.value.error.message, (name, raised.value.error.message)
         assert (await generate(bus, uid)).output_tokens >= 1

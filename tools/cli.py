@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = (
     "tools.up",
     "tools.ask",
+    "tools.demo",
     "tools.agents",
     "tools.metrics",
     "tools.cms",

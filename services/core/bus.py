@@ -245,20 +245,30 @@ class Bus:
         deadline: float,
     ) -> Message:
         """Send a request and await its reply; an `Error` reply raises RemoteError."""
+        payload = body.model_dump_json().encode()
+        return await self.request_raw(topic, payload, replies=replies, deadline=deadline)
+
+    async def request_raw(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        replies: tuple[type[Message], ...],
+        deadline: float,
+    ) -> Message:
+        """`request` with the payload as bytes, as a device of any make might send it."""
         timeout = deadline - time.time()
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline already passed for {topic}")
         correlation = uuid.uuid4().bytes
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = _Pending(future, self._adapter((*replies, Error)))
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = max(1, math.ceil(timeout))
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = correlation
         try:
-            await self.publish(
-                topic,
-                body,
-                expiry_s=timeout,
-                response_topic=self.reply_topic,
-                correlation=correlation,
-            )
+            await self._publish_bytes(topic, payload, qos=1, retain=False, props=props)
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 return await future
         except TimeoutError:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("tools.bench.bus",)
+BENCH_MODULES = (
+    "tools.bench.bus",
+    "tools.bench.policy",
+    "tools.bench.classify",
+    "tools.bench.worker",
+    "tools.bench.data",
+    "tools.bench.fig6",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
