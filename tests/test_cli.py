@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -117,3 +119,31 @@ async def test_agents_lists_10000_agents(mqtt, uid):
         async with aiomqtt.Client(mqtt.host, mqtt.port) as pub:
             for i in range(count):
                 await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), b"", retain=True)
+
+
+def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
+    from tools.broker import broker_answers, free_port
+
+    port = free_port()
+    env = {**os.environ, "EDGECOLLAB_STATE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "tools.cli", "up", "--only", "orchestrator",
+         "--broker", f"127.0.0.1:{port}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        ready = subprocess.run(
+            [sys.executable, "-m", "tools.cli", "agents", "--wait-for", "orchestrator-1",
+             "--timeout", "60", "--broker", f"127.0.0.1:{port}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert ready.returncode == 0, ready.stdout
+        assert "orchestrator-1" in ready.stdout and "online" in ready.stdout
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 0
+    assert "starting mosquitto" in out and "up: stopped" in out
+    assert not broker_answers("127.0.0.1", port)

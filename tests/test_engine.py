@@ -16,7 +16,6 @@ from services.worker.engine import DecoderRunner, Engine, ModelError, measure_to
 from services.worker.generator import Generator
 from services.worker.sampling import Sampler, SamplingParams
 
-
 GREEDY = SamplingParams(max_tokens=24)
 PROMPTS = ["Tell me about the sea.", "Edge devices cooperate.", "What is two plus two?"]
 
@@ -223,8 +222,8 @@ async def test_empty_or_malformed_prompts_are_refused(generator: Generator, mess
 
 
 async def test_prompt_longer_than_the_context_is_refused(generator: Generator) -> None:
-    with pytest.raises(ValueError, match="context holds 256"):
-        generator.submit("x" * 300, GREEDY)
+    with pytest.raises(ValueError, match="context holds 2048"):
+        generator.submit("x" * 2100, GREEDY)
 
 
 @pytest.mark.parametrize("max_tokens", [0, -1, 10**9])

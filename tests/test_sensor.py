@@ -17,7 +17,7 @@ from schemas import EmbeddingRecord, Error, KnowledgeAnswer, KnowledgeQuery, Rea
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded
-from services.core.topics import EMBEDDING, ERRORS, KNOWLEDGE, READING
+from services.core.topics import EMBEDDING, ERRORS, KNOWLEDGE, READING, SENSOR_ASK
 from services.sensor.__main__ import SensorSettings, build
 from services.sensor.consumer import DataView, embedding_problem, reading_problem
 from services.sensor.features import MODEL_DIMS, Sample, describe, describe_agent, embed
@@ -152,7 +152,7 @@ async def test_wearable_process_publishes_readings_embeddings_and_answers_with_a
         await wait_for(lambda: view.counters.embeddings >= 6 and len(seen) >= 60)
         record = view.embedding(agent, "heart_rate")
         answer = await bus.request(
-            KNOWLEDGE.format(domain="health"),
+            SENSOR_ASK.format(domain="health", agent=agent),
             KnowledgeQuery(
                 request_id=f"k-{uid}",
                 domain="health",
@@ -160,7 +160,7 @@ async def test_wearable_process_publishes_readings_embeddings_and_answers_with_a
                 asker=f"c-{uid}",
                 deadline=time.time() + 5,
             ),
-            replies=KNOWLEDGE.replies,
+            replies=SENSOR_ASK.replies,
             deadline=time.time() + 5,
         )
     card = cms.agent(agent).card
@@ -217,7 +217,7 @@ async def test_city_sensor_shows_a_crowd_in_values_summary_and_answer(mqtt, uid)
         try:
             await wait_for(lambda: len(view.window(agent, "noise")) >= 10)
             answer = await bus.request(
-                KNOWLEDGE.format(domain="environment"),
+                SENSOR_ASK.format(domain="environment", agent=agent),
                 KnowledgeQuery(
                     request_id=f"k-{uid}",
                     domain="environment",
@@ -225,7 +225,7 @@ async def test_city_sensor_shows_a_crowd_in_values_summary_and_answer(mqtt, uid)
                     asker=f"c-{uid}",
                     deadline=time.time() + 5,
                 ),
-                replies=KNOWLEDGE.replies,
+                replies=SENSOR_ASK.replies,
                 deadline=time.time() + 5,
             )
         finally:
@@ -356,9 +356,9 @@ async def test_a_plain_mosquitto_pub_reading_is_taken(mqtt, uid):
     assert "PM2.5 41.5 µg/m³. Alerts: unhealthy air" in view.summary("environment", agents=[agent])
 
 
-async def test_a_sensor_can_leave_knowledge_questions_to_the_experts(mqtt, uid):
+async def test_a_sensor_leaves_the_experts_questions_to_the_experts(mqtt, uid):
     agent = f"quiet-{uid}"
-    config = settings(agent_id=agent, profile="city", streams=["noise"], answer_knowledge=False)
+    config = settings(agent_id=agent, profile="city", streams=["noise"])
     sensor_bus = Bus(settings=mqtt, client_id=agent, service="sensor")
     build(config, sensor_bus)
     bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")

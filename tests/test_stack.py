@@ -168,7 +168,16 @@ async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(mqtt
     assert time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("payload", [b"{oops", b'{"v": 7, "type": "query"}', b"x" * (1 << 20)])
+def _query(text: str) -> bytes:
+    return orjson.dumps({"v": 1, "type": "query", "request_id": "q1", "text": text,
+                         "deadline": time.time() + 10})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{oops", b'{"v": 7, "type": "query"}', b"x" * (1 << 20), _query(""), _query("x" * 100_000)],
+    ids=["bad-json", "bad-version", "1MB", "empty-query", "100k-chars-query"],
+)
 async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spawn, payload):
     start_stack(spawn, uid)
     bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")

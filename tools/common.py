@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import orjson
 
@@ -15,12 +18,14 @@ from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings, parse_broker
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def add_broker_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         metavar="HOST:PORT",
-        help="MQTT broker (default: EDGECOLLAB_MQTT_HOST:EDGECOLLAB_MQTT_PORT, else localhost:1883)",
+        help="MQTT broker (default: EDGECOLLAB_MQTT_HOST:PORT, else localhost:1883)",
     )
 
 
@@ -57,6 +62,17 @@ async def connected_bus(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def spawn(argv: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
+    """Start a process of this checkout against `mqtt` (benchmarks); its stdout is dropped."""
+    env = {
+        **os.environ,
+        "EDGECOLLAB_MQTT_HOST": mqtt.host,
+        "EDGECOLLAB_MQTT_PORT": str(mqtt.port),
+        "EDGECOLLAB_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 
 def print_json(value: object) -> None:

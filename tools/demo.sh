@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: set up, start the stack (`edgecollab up`), ask it a few questions, stop it.
+# The demo: set up, start the stack (`edgecollab up`), ask it questions, run the paper's two
+# scenarios, stop it. Answers come from SmolLM2-135M on this machine, with their provenance.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -10,14 +11,17 @@ $ec up --broker "$broker" > demo-up.log 2>&1 &
 up_pid=$!
 trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
 
-$ec agents --broker "$broker" --wait-for orchestrator-1,classifier-1,worker-1 --timeout 120
-for question in \
-    "What is the capital of France?" \
-    "Summarise the air quality near the stadium." \
-    "How can edge devices cooperate?"; do
+$ec agents --broker "$broker" --timeout 120 \
+  --wait-for orchestrator-1,classifier-1,worker-1,wearable-1,camera-1,air-1,noise-1,traffic-1
+for question in "What is the capital of France?" "Write a haiku about edge computing."; do
   echo
   echo "\$ edgecollab ask \"$question\""
   $ec ask --broker "$broker" --max-tokens 40 "$question"
+done
+for scenario in health city; do
+  echo
+  echo "\$ edgecollab demo $scenario"
+  $ec demo --broker "$broker" "$scenario"
 done
 echo
 echo "(stack log: demo-up.log)"

@@ -35,4 +35,21 @@ STACK: tuple[ServiceSpec, ...] = (
         ("--agent-id", "worker-1", "--backend", "onnx", "--model-dir", "SmolLM2-135M-Instruct",
          "--concurrency", "4", "--domains", '["health","environment","general"]'),
     ),
+    # Simulated devices: a feverish wearer (Fig. 5a) and a city block before an event (Fig. 5b).
+    ServiceSpec(
+        "wearable-1",
+        "services.sensor",
+        ("--agent-id", "wearable-1", "--profile", "wearable", "--event", "fever"),
+    ),
+    *(
+        ServiceSpec(name, "services.sensor",
+                    ("--agent-id", name, "--profile", "city", "--streams", streams,
+                     "--event", "crowd", "--event-every-s", "600", "--event-for-s", "300"))
+        for name, streams in (
+            ("camera-1", '["camera"]'),
+            ("air-1", '["pm25","no2"]'),
+            ("noise-1", '["noise"]'),
+            ("traffic-1", '["traffic"]'),
+        )
+    ),
 )  # fmt: skip

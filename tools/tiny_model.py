@@ -46,7 +46,7 @@ def tiny_spec(vocab_size: int) -> DecoderSpec:
         head_dim=16,
         rope_theta=10000.0,
         rms_eps=1e-5,
-        context_length=256,
+        context_length=2048,  # room for plan prompts with sensor summaries
     )
 
 

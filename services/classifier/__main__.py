@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from schemas import AgentCard, now
 from schemas.ids import AGENT_ID_PATTERN
@@ -18,19 +18,13 @@ from services.core.logging import configure_logging
 from services.core.models import resolve_model_dir
 from services.core.presence import Presence
 from services.core.service import run_agent
-from services.core.settings import MqttSettings
+from services.core.settings import MqttSettings, service_settings
 
 
 class ClassifierSettings(BaseSettings):
     """Classifier settings: EDGECOLLAB_CLASSIFIER_* or --kebab-case flags."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGECOLLAB_CLASSIFIER_",
-        cli_parse_args=True,
-        cli_kebab_case=True,
-        cli_prog_name="python -m services.classifier",
-        extra="ignore",
-    )
+    model_config = service_settings("classifier")
 
     agent_id: str = Field("classifier-1", pattern=AGENT_ID_PATTERN)
     model_dir: str = Field(

@@ -153,6 +153,7 @@ class Bus:
                     async with self._make_client(clean_start=first) as client:
                         backoff = await self._session(client)
                 except aiomqtt.MqttError as exc:
+                    _raise_if_cancelling()
                     log.warning("bus.disconnected", broker=self.settings.address, reason=str(exc))
                 finally:
                     self._client = None
@@ -230,8 +231,10 @@ class Bus:
             assert self._client is not None
             try:
                 await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+                _raise_if_cancelling()
                 return
             except aiomqtt.MqttError as exc:
+                _raise_if_cancelling()
                 log.warning("bus.publish_retry", topic=topic, reason=str(exc))
                 await asyncio.sleep(0.05)
         raise aiomqtt.MqttError(f"could not publish to {topic}")
@@ -420,6 +423,14 @@ class Bus:
             pending.future.set_exception(RemoteError(reply))
         else:
             pending.future.set_result(reply)
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancel that Python 3.11's asyncio.wait_for (inside aiomqtt) swallowed when
+    the awaited operation finished at the same moment; else a service could outlive SIGTERM."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def parse_payload(model: type[M], payload: bytes, max_payload: int) -> M:

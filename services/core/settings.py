@@ -26,6 +26,17 @@ class MqttSettings(BaseSettings):
         return f"{self.host}:{self.port}"
 
 
+def service_settings(service: str) -> SettingsConfigDict:
+    """Settings of `python -m services.<service>`: EDGECOLLAB_<SERVICE>_* or --kebab-case flags."""
+    return SettingsConfigDict(
+        env_prefix=f"EDGECOLLAB_{service.upper()}_",
+        cli_parse_args=True,
+        cli_kebab_case=True,
+        cli_prog_name=f"python -m services.{service}",
+        extra="ignore",
+    )
+
+
 def parse_broker(value: str) -> tuple[str, int]:
     """Split `host:port` (or `host`, port 1883) for the --broker option."""
     host, _, port = value.rpartition(":") if ":" in value else (value, "", "1883")

@@ -106,8 +106,9 @@ CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classificatio
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
 
-# Knowledge cooperation.
+# Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))
+SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies=(KnowledgeAnswer,))
 
 # Errors about input a service dropped with no response topic to answer on.
 ERRORS = Topic("errors/{service}", Error)

@@ -6,7 +6,7 @@ import asyncio
 import random
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from schemas import AgentCard, now
 from schemas.ids import AGENT_ID_PATTERN
@@ -15,7 +15,7 @@ from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
-from services.core.settings import MqttSettings
+from services.core.settings import MqttSettings, service_settings
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudSettings
 from services.orchestrator.cooperation import Cooperation
@@ -29,13 +29,7 @@ from services.sensor.consumer import DataView
 class OrchestratorSettings(BaseSettings):
     """Orchestrator settings: EDGECOLLAB_ORCHESTRATOR_* or --kebab-case flags."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGECOLLAB_ORCHESTRATOR_",
-        cli_parse_args=True,
-        cli_kebab_case=True,
-        cli_prog_name="python -m services.orchestrator",
-        extra="ignore",
-    )
+    model_config = service_settings("orchestrator")
 
     agent_id: str = Field("orchestrator-1", pattern=AGENT_ID_PATTERN)
     policy: str = Field("earliest_finish", description=f"one of: {', '.join(POLICIES)}")

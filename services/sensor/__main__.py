@@ -7,7 +7,7 @@ import zlib
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from schemas import AgentCard, now
 from schemas.ids import AGENT_ID_PATTERN
@@ -15,7 +15,7 @@ from services.core.bus import Bus
 from services.core.logging import configure_logging
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
-from services.core.settings import MqttSettings
+from services.core.settings import MqttSettings, service_settings
 from services.sensor.agent import EventSchedule, SensorAgent, data_topics
 from services.sensor.streams import EVENT_DOMAINS, PROFILES, STREAMS, Stream
 
@@ -23,13 +23,7 @@ from services.sensor.streams import EVENT_DOMAINS, PROFILES, STREAMS, Stream
 class SensorSettings(BaseSettings):
     """Sensor settings: EDGECOLLAB_SENSOR_* or --kebab-case flags."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGECOLLAB_SENSOR_",
-        cli_parse_args=True,
-        cli_kebab_case=True,
-        cli_prog_name="python -m services.sensor",
-        extra="ignore",
-    )
+    model_config = service_settings("sensor")
 
     agent_id: str = Field("sensor-1", pattern=AGENT_ID_PATTERN)
     profile: Literal["wearable", "city"] = "wearable"
@@ -43,9 +37,6 @@ class SensorSettings(BaseSettings):
     event_every_s: float = Field(0.0, ge=0, description="repeat period; 0: once")
     event_ramp_s: float = Field(10.0, ge=0, description="seconds to reach full strength")
     retain: bool = Field(True, description="retain each stream's latest reading (last value)")
-    answer_knowledge: bool = Field(
-        True, description="answer knowledge/<domain>/ask (shared with the domain's SLM experts)"
-    )
     seed: int | None = Field(None, description="noise seed (default: from the agent id)")
 
     @model_validator(mode="after")
@@ -88,7 +79,6 @@ def build(settings: SensorSettings, bus: Bus) -> SensorAgent:
         history_s=settings.history_s,
         schedule=settings.schedule(),
         retain=settings.retain,
-        answer_knowledge=settings.answer_knowledge,
         seed=settings.seed if settings.seed is not None else zlib.crc32(settings.agent_id.encode()),
     )
 

@@ -19,7 +19,7 @@ import structlog
 
 from schemas import EmbeddingRecord, KnowledgeAnswer, KnowledgeQuery, Reading
 from services.core.bus import Bus, Request
-from services.core.topics import EMBEDDING, KNOWLEDGE, READING, Topic
+from services.core.topics import EMBEDDING, READING, SENSOR_ASK, Topic
 from services.sensor.features import (
     MODEL_DIMS,
     STATS_MODEL,
@@ -86,7 +86,6 @@ class SensorAgent:
         history_s: float = 60.0,
         schedule: EventSchedule | None = None,
         retain: bool = True,
-        answer_knowledge: bool = True,
         seed: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -99,8 +98,7 @@ class SensorAgent:
         self._window_end: dict[str, float] = {s.name: 0.0 for s in streams}
         self._started = clock()
         self.readings_sent = self.embeddings_sent = 0
-        if answer_knowledge:  # the group is the domain experts' too: one member gets each question
-            bus.serve(KNOWLEDGE, self.answer, shared=f"knowledge-{domain}", domain=domain)
+        bus.serve(SENSOR_ASK, self.answer, domain=domain, agent=agent)
 
     def topics(self) -> list[str]:
         """The data topics this agent publishes (its card's `streams`)."""

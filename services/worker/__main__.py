@@ -8,7 +8,7 @@ import sys
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from schemas import AgentCard, now
 from schemas.ids import AGENT_ID_PATTERN, DOMAIN_PATTERN
@@ -19,7 +19,7 @@ from services.core.logging import configure_logging
 from services.core.models import resolve_model_dir
 from services.core.presence import Presence
 from services.core.service import run_agent
-from services.core.settings import MqttSettings
+from services.core.settings import MqttSettings, service_settings
 from services.worker.backend import Backend
 from services.worker.emulated import EmulatedBackend
 from services.worker.service import Worker
@@ -28,13 +28,7 @@ from services.worker.service import Worker
 class WorkerSettings(BaseSettings):
     """Worker settings: EDGECOLLAB_WORKER_* or --kebab-case flags."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGECOLLAB_WORKER_",
-        cli_parse_args=True,
-        cli_kebab_case=True,
-        cli_prog_name="python -m services.worker",
-        extra="ignore",
-    )
+    model_config = service_settings("worker")
 
     agent_id: str = Field("worker-1", pattern=AGENT_ID_PATTERN)
     backend: Literal["onnx", "emulated"] = "emulated"

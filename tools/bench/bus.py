@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,7 @@ from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import QUERIES
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json
+from tools.common import print_json, spawn
 from tools.stack import ServiceSpec
 
 PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
@@ -85,14 +83,8 @@ def echo_server(port: int) -> None:
 
 
 async def _measure_bare(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, float]:
-    server = _spawn(
-        [
-            sys.executable,
-            "-c",
-            f"from tools.bench.bus import echo_server; echo_server({mqtt.port})",
-        ],
-        {},
-    )
+    code = f"from tools.bench.bus import echo_server; echo_server({mqtt.port})"
+    server = spawn([sys.executable, "-c", code], mqtt)
     try:
         await asyncio.sleep(1.0)
         reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
@@ -131,11 +123,6 @@ async def _resolve_replies(
 
 
 async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, float]:
-    env = {
-        "EDGECOLLAB_MQTT_HOST": mqtt.host,
-        "EDGECOLLAB_MQTT_PORT": str(mqtt.port),
-        "EDGECOLLAB_LOG_LEVEL": "warning",
-    }
     tag = uuid.uuid4().hex[:6]
     specs = [
         ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", f"bench-orch-{tag}")),
@@ -152,7 +139,7 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
             ),
         ),
     ]
-    procs = [_spawn(spec.local_command(), env) for spec in specs]
+    procs = [spawn(spec.local_command(), mqtt) for spec in specs]
     try:
         bus = Bus(settings=mqtt, client_id=f"bench-client-{tag}", service="bench")
         view = CmsView(bus)
@@ -213,10 +200,3 @@ async def _measure(one, args: argparse.Namespace) -> dict[str, float]:  # type: 
         "failed": failures,
         "in_flight": args.in_flight,
     }
-
-
-def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    root = Path(__file__).resolve().parents[2]
-    return subprocess.Popen(
-        argv, cwd=root, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=None
-    )

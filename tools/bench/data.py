@@ -23,9 +23,8 @@ from services.core.settings import MqttSettings
 from services.sensor.consumer import DataCounters, DataView
 from services.sensor.features import Sample, embed
 from services.sensor.streams import PROFILES, STREAMS
-from tools.bench.bus import _spawn
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json
+from tools.common import print_json, spawn
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,14 +66,9 @@ def _sensor_commands(args: argparse.Namespace, tag: str) -> dict[str, list[str]]
 
 
 async def _measure(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, object]:
-    env = {
-        "EDGECOLLAB_MQTT_HOST": mqtt.host,
-        "EDGECOLLAB_MQTT_PORT": str(mqtt.port),
-        "EDGECOLLAB_LOG_LEVEL": "warning",
-    }
     tag = uuid.uuid4().hex[:6]
     commands = _sensor_commands(args, tag)
-    procs = [_spawn(argv, env) for argv in commands.values()]
+    procs = [spawn(argv, mqtt) for argv in commands.values()]
     bus = Bus(settings=mqtt, client_id=f"bench-consumer-{tag}", service="bench")
     view, cms = DataView(bus, window_s=args.window_s), CmsView(bus)
     runner = asyncio.create_task(bus.run())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from services.orchestrator.workload import (
     load_scenario,
 )
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json
+from tools.common import print_json, spawn
 from tools.fake_cloud import FakeCloud
 from tools.simulation.engine import simulate
 
@@ -259,15 +258,7 @@ def _agreement(live: dict, sim: dict, requests: int) -> dict[str, object]:
 
 
 def _spawn(args: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "EDGECOLLAB_MQTT_HOST": mqtt.host,
-        "EDGECOLLAB_MQTT_PORT": str(mqtt.port),
-        "EDGECOLLAB_LOG_LEVEL": "warning",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
-    )
+    return spawn([sys.executable, "-m", *args], mqtt)
 
 
 def _progress(message: str) -> None:
