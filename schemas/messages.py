@@ -230,6 +230,7 @@ class Classification(Message):
 
     type: Literal["classification"] = "classification"
     request_id: RequestIdField
+    agent: AgentIdField | None = Field(None, description="the classifier that answered")
     domain: str
     sub_labels: list[str] = []
     confidence: float = Field(ge=0, le=1)

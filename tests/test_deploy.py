@@ -30,13 +30,13 @@ def compose_spec() -> dict:
 
 
 def test_compose_file_is_valid_per_the_compose_specification():
-    jsonschema.validate(COMPOSE, compose_spec())
+    jsonschema.Draft201909Validator(compose_spec()).validate(COMPOSE)
 
 
 def test_compose_validation_catches_a_broken_file():
     broken = {**COMPOSE, "services": {"x": {"command": 42, "image": "y"}}}
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(broken, compose_spec())
+        jsonschema.Draft201909Validator(compose_spec()).validate(broken)
 
 
 def test_every_compose_service_runs_the_same_command_as_edgecollab_up():

@@ -12,6 +12,7 @@ from schemas import Answer, Query, SamplingOptions, TokenChunk
 from services.core.bus import Request
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import QUERIES, STREAM
+from tools.agents import format_table
 from tools.common import add_broker_option, connected_bus, print_json
 
 
@@ -67,11 +68,19 @@ def provenance(answer: Answer) -> str:
         f"-- {answer.outcome}{' (partial)' if answer.partial else ''} in {answer.ms:.0f} ms, "
         f"cloud cost ${answer.cost_usd:.6f}"
     )
-    lines = [head]
-    for step in answer.steps:
-        lines.append(
-            f"   {step.name:<10} {step.where:<5} {step.agent or '-':<16} {step.outcome:<8} "
-            f"{step.prompt_tokens:>5}+{step.output_tokens:<5} tok {step.ms:>8.1f} ms  {step.topic}"
-            + (f"  [{step.detail}]" if step.detail else "")
-        )
-    return "\n".join(lines)
+    rows = [
+        {
+            "step": step.name,
+            "where": step.where,
+            "agent": step.agent or "-",
+            "outcome": step.outcome,
+            "tokens": f"{step.prompt_tokens}+{step.output_tokens}",
+            "ms": f"{step.ms:.1f}",
+            "usd": f"{step.cost_usd:.6f}" if step.cost_usd else "-",
+            "topic": step.topic,
+            "detail": step.detail or "",
+        }
+        for step in answer.steps
+    ]
+    table = format_table(rows) if rows else ""
+    return "\n".join([head, *("   " + line for line in table.splitlines())])

@@ -9,7 +9,7 @@ broker="${EDGECOLLAB_DEMO_BROKER:-localhost:1883}"
 
 $ec up --broker "$broker" > demo-up.log 2>&1 &
 up_pid=$!
-trap 'kill -INT $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
+trap 'kill -TERM $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT  # SIGINT is ignored by background jobs
 
 $ec agents --broker "$broker" --timeout 120 \
   --wait-for orchestrator-1,classifier-1,worker-1,wearable-1,camera-1,air-1,noise-1,traffic-1

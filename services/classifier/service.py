@@ -17,6 +17,7 @@ class Classifier:
     """Classifies texts against the online agents' cards in the CMS view."""
 
     def __init__(self, *, bus: Bus, view: CmsView, engine: ClassifierEngine) -> None:
+        self.agent = bus.client_id
         self.view = view
         self.engine = engine
         bus.serve(CLASSIFY, self.handle, shared="classifiers")
@@ -27,12 +28,13 @@ class Classifier:
             result = await asyncio.to_thread(self.engine.classify, request.body.text, cards)
         except ClassifierInputError as exc:
             raise BadInput("bad_request", str(exc)) from None
-        return to_message(request.body.request_id, result)
+        return to_message(request.body.request_id, result, agent=self.agent)
 
 
-def to_message(request_id: str, result: ClassificationResult) -> Classification:
+def to_message(request_id: str, result: ClassificationResult, *, agent: str) -> Classification:
     return Classification(
         request_id=request_id,
+        agent=agent,
         domain=result.domain,
         sub_labels=list(result.sub_labels),
         confidence=round(min(1.0, max(0.0, result.confidence)), 4),

@@ -137,16 +137,17 @@ def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
 ANSWER = "{context}\n\nQuestion: {query}"
 EXPERT = "{query}\n\n{context}"
 ANALYSIS = (
-    "Interpret these vital signs from the user's wearables in two sentences; say what is normal "
-    "and what is not.\n\n{context}\n\nThe user says: {query}"
+    "Vital signs from the user's wearable:\n{context}\n\nThe user says: {query}\n"
+    "In two sentences, which of these vital signs are normal and which are not?"
 )
 HEALTH_ANSWER = (
-    "{context}\n\nThe user says: {query}\n\nGive the user short personal advice, then a short "
-    "report for a clinician headed 'Clinician report:' with the measured values."
+    "{context}\n\nThe user says: {query}\n"
+    "Give the user short personal advice. Then write 'Clinician report:' and list the measured "
+    "values that matter."
 )
 CITY_ANSWER = (
-    "Live readings and expert notes:\n{context}\n\nTask: {query}\n\nList the risks with the "
-    "numbers behind them, then a recommendation."
+    "Live readings from the city's sensors, and an expert's notes:\n{context}\n\n"
+    "{query}. Name the main risks with their numbers, then give one recommendation."
 )
 
 

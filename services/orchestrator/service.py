@@ -122,11 +122,11 @@ class Orchestrator:
                 CLASSIFY.format(), request, replies=CLASSIFY.replies, deadline=deadline
             )
         except (DeadlineExceeded, RemoteError) as exc:
-            steps.append(_classify_step(started, "failed", str(exc)))
+            steps.append(_classify_step(started, "failed", str(exc), None))
             return None
         assert isinstance(reply, Classification)
         detail = f"{reply.domain} ({reply.confidence:.2f}), {reply.complexity.difficulty}"
-        steps.append(_classify_step(started, "ok", detail))
+        steps.append(_classify_step(started, "ok", detail, reply.agent))
         return reply
 
     def _answer(
@@ -178,11 +178,11 @@ def _refusal(final: Generated, steps: list[Step]) -> str:
     return f"failed: {reason}"
 
 
-def _classify_step(started: float, outcome: str, detail: str) -> Step:
+def _classify_step(started: float, outcome: str, detail: str, agent: str | None) -> Step:
     return Step(
         name="classify",
         topic=CLASSIFY.format(),
-        agent=None,
+        agent=agent,
         where="edge",
         outcome=outcome,  # type: ignore[arg-type]
         ms=round((time.perf_counter() - started) * 1000, 3),
