@@ -54,7 +54,8 @@ class Orchestrator:
         outputs: dict[str, str] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            results = await asyncio.gather(*(self._run(s, query, outputs, since) for s in phase))
+            runs = [self._run(s, query, outputs, since) for s in phase]
+            results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
                 if text is not None:
@@ -112,7 +113,8 @@ class Orchestrator:
 
     async def _classify(self, query: Query, steps: list[Step]) -> Classification | None:
         """The Classifier Engine's view of the query; None when no classifier is online."""
-        if not any(a.online for a in self.view.agents("classifier")):
+        classifiers = (a for a, card in self.view.cards.items() if card.kind == "classifier")
+        if not any(self.view.online(a) for a in classifiers):
             return None
         started = time.perf_counter()
         request = ClassifyRequest(request_id=query.request_id, text=query.text)
