@@ -48,7 +48,7 @@ async def connected_bus(
     configure_logging("cli", level="warning")
     settings = mqtt_settings(args)
     bus = Bus(settings=settings, client_id=f"cli-{uuid.uuid4().hex[:10]}", service="cli")
-    view = CmsView(bus) if mirror_cms else None
+    view = CmsView(bus, qos=0) if mirror_cms else None  # a read-only snapshot: no acks needed
     task = asyncio.create_task(bus.run())
     try:
         try:

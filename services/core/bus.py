@@ -62,6 +62,7 @@ class _Route:
     handler: Handler | None = None
     listener: Callable[[Request[Any]], None] | None = None
     raw: RawCallback | None = None
+    qos: int = 1
 
 
 @dataclass(slots=True)
@@ -115,9 +116,9 @@ class Bus:
         """Receive events on `topic` in arrival order; the callback must not block."""
         self._add(_Route(topic, *self._filters(topic, shared, fixed), listener=listener))
 
-    def listen_raw(self, topic_filter: str, callback: RawCallback) -> None:
+    def listen_raw(self, topic_filter: str, callback: RawCallback, *, qos: int = 1) -> None:
         """Receive raw (topic, payload) in arrival order, e.g. the CMS mirror."""
-        self._add(_Route(None, topic_filter, topic_filter, raw=callback))
+        self._add(_Route(None, topic_filter, topic_filter, raw=callback, qos=qos))
 
     def on_connect(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run after every (re)connection, once subscriptions are in place (the birth)."""
@@ -163,7 +164,7 @@ class Bus:
                 backoff = min(backoff * 2, 5.0)
 
     async def _session(self, client: aiomqtt.Client) -> float:
-        subscriptions = [(self.reply_topic, 1)] + [(r.subscription, 1) for r in self._routes]
+        subscriptions = [(self.reply_topic, 1)] + [(r.subscription, r.qos) for r in self._routes]
         await client.subscribe(subscriptions)
         self._client = client
         self.connected.set()
