@@ -19,6 +19,7 @@ from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import CACHE, KNOWLEDGE, READING
 from services.orchestrator.planner import PlanStep
+from services.orchestrator.provenance import record
 from services.sensor.consumer import DataView
 
 
@@ -43,10 +44,10 @@ class Cooperation:
         while (self.data.last_seen(step.agent) or 0.0) < since:
             if time.time() >= deadline:
                 detail = f"no fresh reading from {step.agent} before the step's deadline"
-                return None, _step(step, topic, step.agent, started, "failed", detail=detail)
+                return None, record(step.name, topic, step.agent, started, "failed", detail=detail)
             await asyncio.sleep(0.05)
         summary = self.data.summary(step.domain, agents=[step.agent])
-        return summary, _step(step, topic, step.agent, started, "ok")
+        return summary, record(step.name, topic, step.agent, started, "ok")
 
     async def ask(
         self, step: PlanStep, question: str, *, request_id: str, deadline: float
@@ -58,7 +59,8 @@ class Cooperation:
         hit = self.view.get(key)
         if hit is not None and hit.value.get("expires_at", 0) > time.time():
             self.cache_hits += 1
-            return hit.value["answer"], _step(step, key, hit.value.get("agent"), started, "cached")
+            agent = hit.value.get("agent")
+            return hit.value["answer"], record(step.name, key, agent, started, "cached")
         self.cache_misses += 1
         topic = KNOWLEDGE.format(domain=step.domain)
         query = KnowledgeQuery(
@@ -74,11 +76,13 @@ class Cooperation:
                 topic, query, replies=KNOWLEDGE.replies, deadline=deadline
             )
         except (DeadlineExceeded, RemoteError) as exc:
-            return None, _step(step, topic, None, started, "failed", detail=str(exc))
+            return None, record(step.name, topic, None, started, "failed", detail=str(exc))
         assert isinstance(reply, KnowledgeAnswer)
         await self._remember(key, reply)
-        record = _step(step, topic, reply.agent, started, "ok", tokens=reply.output_tokens)
-        return reply.answer, record
+        tokens = reply.output_tokens
+        return reply.answer, record(
+            step.name, topic, reply.agent, started, "ok", output_tokens=tokens
+        )
 
     async def _remember(self, key: str, reply: KnowledgeAnswer) -> None:
         value = {
@@ -96,25 +100,3 @@ def cache_key(domain: str, question: str) -> str:
     """A stable key for a question to a domain (whitespace and case do not matter)."""
     normal = " ".join(question.lower().split())
     return hashlib.sha256(f"{domain}\n{normal}".encode()).hexdigest()[:32]
-
-
-def _step(
-    step: PlanStep,
-    topic: str,
-    agent: str | None,
-    started: float,
-    outcome: str,
-    *,
-    tokens: int = 0,
-    detail: str | None = None,
-) -> Step:
-    return Step(
-        name=step.name,
-        topic=topic,
-        agent=agent,
-        where="edge",
-        outcome=outcome,  # type: ignore[arg-type]
-        output_tokens=tokens,
-        ms=round((time.perf_counter() - started) * 1000, 3),
-        detail=detail,
-    )

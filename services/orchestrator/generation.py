@@ -13,9 +13,10 @@ from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import AGENT_STATUS, TASKS
 from services.orchestrator.allocator import Allocator
-from services.orchestrator.cloud import CloudClient, CloudError, CloudReply
+from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.outcomes import Outcome
 from services.orchestrator.policies import Demand
+from services.orchestrator.provenance import record
 
 
 class AgentGone(Exception):
@@ -68,9 +69,10 @@ class Generator:
         if grant.agent is None:
             if grant.reason == "cloud":
                 return await self._cloud(job, [], Outcome.CLOUD)
-            return await self._cloud(
-                job, [_allocation_step(job, grant.reason)], Outcome.REJECTED_TO_CLOUD
+            refused = record(
+                job.name, "-", None, None, "rejected", where="none", detail=grant.reason
             )
+            return await self._cloud(job, [refused], Outcome.REJECTED_TO_CLOUD)
         try:
             step, result = await self.dispatch(grant.agent, job)
         finally:
@@ -95,19 +97,20 @@ class Generator:
         try:
             reply = await self._request_while_alive(agent, topic, task)
         except (DeadlineExceeded, RemoteError, AgentGone) as exc:
-            return _step(job, topic, agent, started, "failed", detail=str(exc)), None
+            return record(job.name, topic, agent, started, "failed", detail=str(exc)), None
         if isinstance(reply, Rejected):
             detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
-            return _step(job, topic, agent, started, "rejected", detail=detail), None
+            return record(job.name, topic, agent, started, "rejected", detail=detail), None
         assert isinstance(reply, TaskResult)
-        return _step(job, topic, agent, started, "ok", result=reply), reply
+        tokens = {"prompt_tokens": reply.prompt_tokens, "output_tokens": reply.output_tokens}
+        return record(job.name, topic, agent, started, "ok", **tokens), reply
 
     async def _cloud(self, job: Job, steps: list[Step], outcome: Outcome) -> Generated:
         """The cloud serves what the edge did not; without a cloud the request is refused."""
         if self.cloud is None:
             edge_failed = bool(steps) and steps[-1].outcome == "failed"
             return Generated(None, Outcome.FAILED if edge_failed else Outcome.REJECTED, steps)
-        started = time.perf_counter()
+        started, topic = time.perf_counter(), f"cloud:{self.cloud.settings.model}"
         try:
             reply = await self.cloud.complete(
                 [{"role": "user", "content": job.prompt}],
@@ -116,9 +119,15 @@ class Generator:
                 request_id=job.request_id,
             )
         except CloudError as exc:
-            steps.append(_cloud_step(job, self.cloud, started, "failed", detail=str(exc)))
+            steps.append(
+                record(job.name, topic, None, started, "failed", where="cloud", detail=str(exc))
+            )
             return Generated(None, Outcome.FAILED, steps)
-        steps.append(_cloud_step(job, self.cloud, started, "ok", reply=reply))
+        usage = {"prompt_tokens": reply.prompt_tokens, "output_tokens": reply.output_tokens}
+        cost = reply.cost_usd
+        steps.append(
+            record(job.name, topic, None, started, "ok", where="cloud", cost_usd=cost, **usage)
+        )
         return Generated(reply.text, outcome, steps)
 
     async def _request_while_alive(self, agent: str, topic: str, task: Task) -> object:
@@ -143,55 +152,3 @@ class Generator:
         view = self.view.agent(params["agent"])
         if (view is None or not view.online) and params["agent"] in self._gone:
             self._gone.pop(params["agent"]).set()  # wakes the requests in flight there
-
-
-def _step(
-    job: Job,
-    topic: str,
-    agent: str,
-    started: float,
-    outcome: str,
-    *,
-    result: TaskResult | None = None,
-    detail: str | None = None,
-) -> Step:
-    return Step(
-        name=job.name,
-        topic=topic,
-        agent=agent,
-        where="edge",
-        outcome=outcome,  # type: ignore[arg-type]
-        prompt_tokens=result.prompt_tokens if result else 0,
-        output_tokens=result.output_tokens if result else 0,
-        ms=round((time.perf_counter() - started) * 1000, 3),
-        detail=detail,
-    )
-
-
-def _allocation_step(job: Job, reason: str) -> Step:
-    return Step(
-        name=job.name, topic="-", agent=None, where="none", outcome="rejected", detail=reason
-    )
-
-
-def _cloud_step(
-    job: Job,
-    cloud: CloudClient,
-    started: float,
-    outcome: str,
-    *,
-    reply: CloudReply | None = None,
-    detail: str | None = None,
-) -> Step:
-    return Step(
-        name=job.name,
-        topic=f"cloud:{cloud.settings.model}",
-        agent=None,
-        where="cloud",
-        outcome=outcome,  # type: ignore[arg-type]
-        prompt_tokens=reply.prompt_tokens if reply else 0,
-        output_tokens=reply.output_tokens if reply else 0,
-        ms=round((time.perf_counter() - started) * 1000, 3),
-        cost_usd=round(reply.cost_usd, 8) if reply else 0.0,
-        detail=detail,
-    )

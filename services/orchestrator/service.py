@@ -23,6 +23,7 @@ from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.generation import Generated, Generator, Job
 from services.orchestrator.outcomes import Outcome, Tally
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
+from services.orchestrator.provenance import record
 
 log = structlog.get_logger("edgecollab.orchestrator")
 
@@ -124,11 +125,15 @@ class Orchestrator:
                 CLASSIFY.format(), request, replies=CLASSIFY.replies, deadline=deadline
             )
         except (DeadlineExceeded, RemoteError) as exc:
-            steps.append(_classify_step(started, "failed", str(exc), None))
+            steps.append(
+                record("classify", CLASSIFY.format(), None, started, "failed", detail=str(exc))
+            )
             return None
         assert isinstance(reply, Classification)
         detail = f"{reply.domain} ({reply.confidence:.2f}), {reply.complexity.difficulty}"
-        steps.append(_classify_step(started, "ok", detail, reply.agent))
+        steps.append(
+            record("classify", CLASSIFY.format(), reply.agent, started, "ok", detail=detail)
+        )
         return reply
 
     def _answer(
@@ -178,15 +183,3 @@ def _refusal(final: Generated, steps: list[Step]) -> str:
     if final.outcome is Outcome.REJECTED:
         return f"rejected: {reason}; no cloud endpoint is configured"
     return f"failed: {reason}"
-
-
-def _classify_step(started: float, outcome: str, detail: str, agent: str | None) -> Step:
-    return Step(
-        name="classify",
-        topic=CLASSIFY.format(),
-        agent=agent,
-        where="edge",
-        outcome=outcome,  # type: ignore[arg-type]
-        ms=round((time.perf_counter() - started) * 1000, 3),
-        detail=detail,
-    )
