@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Union
 
 import aiomqtt
-import orjson
 import structlog
 from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.packettypes import PacketTypes
@@ -31,6 +30,7 @@ from schemas.messages import ErrorCode
 from services.core.errors import BadInput, DeadlineExceeded, RemoteError
 from services.core.settings import MqttSettings
 from services.core.topics import ERRORS, REPLIES, Topic
+from services.core.wire import parse_payload, request_id_of
 
 M = TypeVar("M", bound=Message)
 log = structlog.get_logger("edgecollab.bus")
@@ -386,7 +386,7 @@ class Bus:
         reply_to: str | None,
         correlation: bytes | None,
     ) -> None:
-        error = self._error(exc.code, str(exc), topic, _request_id_of(payload))
+        error = self._error(exc.code, str(exc), topic, request_id_of(payload))
         log.warning("input.refused", topic=topic, code=exc.code, reason=str(exc))
         target = reply_to or ERRORS.format(service=self.service)
         self.errors_sent += 1
@@ -432,37 +432,3 @@ def _raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def parse_payload(model: type[M], payload: bytes, max_payload: int) -> M:
-    """Bytes to model, or BadInput with the precise reason (size, JSON, version, schema)."""
-    if len(payload) > max_payload:
-        raise BadInput("too_large", f"payload of {len(payload)} bytes exceeds {max_payload}")
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput("bad_json", f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadInput("bad_schema", f"expected a JSON object, got {type(data).__name__}")
-    if data.get("v") != 1:
-        raise BadInput("bad_version", f"schema version {data.get('v')!r} not supported (want v: 1)")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise BadInput("bad_schema", _summarize(exc)) from None
-
-
-def _summarize(exc: ValidationError) -> str:
-    parts = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()[:4]]
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
-
-
-def _request_id_of(payload: bytes) -> str | None:
-    """Best effort: the request id of a payload we refused, so the requester can match it."""
-    try:
-        data = orjson.loads(payload) if len(payload) < 65536 else None
-    except orjson.JSONDecodeError:
-        return None
-    value = data.get("request_id") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None

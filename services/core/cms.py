@@ -15,9 +15,10 @@ import structlog
 from pydantic import ValidationError
 
 from schemas import AgentCard, AgentStatus, CmsEntry, now
-from services.core.bus import Bus, parse_payload
+from services.core.bus import Bus
 from services.core.errors import BadInput
 from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_ROOT
+from services.core.wire import parse_payload
 
 log = structlog.get_logger("edgecollab.cms")
 

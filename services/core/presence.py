@@ -15,10 +15,11 @@ import aiomqtt
 import structlog
 
 from schemas import AgentCard, AgentStatus, CmsEntry, now
-from services.core.bus import Bus, parse_payload
+from services.core.bus import Bus
 from services.core.errors import BadInput
 from services.core.settings import MqttSettings
 from services.core.topics import AGENT_CARD, AGENT_STATUS
+from services.core.wire import parse_payload
 
 log = structlog.get_logger("edgecollab.presence")
 

@@ -32,9 +32,10 @@ from typing import TypeVar
 
 from schemas import EmbeddingRecord, Reading
 from schemas.messages import ErrorCode
-from services.core.bus import Bus, parse_payload
+from services.core.bus import Bus
 from services.core.errors import BadInput
 from services.core.topics import EMBEDDING, READING
+from services.core.wire import parse_payload
 from services.sensor.features import (
     MODEL_DIMS,
     STATS_MODEL,
