@@ -24,7 +24,6 @@ class Grant:
 
     agent: str | None
     reason: str = ""  # "cloud": the policy's choice; "full": rejected at the edge
-    waited_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -78,11 +77,11 @@ class Allocator:
         try:
             async with asyncio.timeout(max_wait_s):
                 if await waiter.granted:
-                    return Grant(agent, waited_s=loop.time() - started)
+                    return Grant(agent)
         except TimeoutError:
             waiter.granted.cancel()
             self.fleet.dequeued(agent, demand.output_tokens)
-        return Grant(None, f"full: waited {loop.time() - started:.2f} s for {agent}", 0.0)
+        return Grant(None, f"full: waited {loop.time() - started:.2f} s for {agent}")
 
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         params = AGENT_CARD.match(key) or AGENT_STATUS.match(key)
