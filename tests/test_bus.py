@@ -192,3 +192,20 @@ async def test_fresh_view_receives_every_one_of_10000_retained_cards(mqtt, uid):
     async with aiomqtt.Client(mqtt.host, mqtt.port) as pub:  # leave the broker clean
         for i in range(count):
             await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), b"", qos=0, retain=True)
+
+
+def test_publish_properties_pack_as_paho_does() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from services.core.connection import PublishProperties
+
+    paho_props = Properties(PacketTypes.PUBLISH)
+    paho_props.MessageExpiryInterval = 30
+    paho_props.ResponseTopic = "replies/client-é"
+    paho_props.CorrelationData = bytes(range(16))
+    ours = PublishProperties(
+        expiry_s=30, response_topic="replies/client-é", correlation=bytes(range(16))
+    )
+    assert ours.pack() == paho_props.pack()
+    assert PublishProperties().pack() == Properties(PacketTypes.PUBLISH).pack()

@@ -1,4 +1,4 @@
-"""The MQTT 5 bus every service stands on (aiomqtt over paho-mqtt).
+"""The MQTT 5 bus every service stands on (paho-mqtt on the asyncio loop: `connection.py`).
 
 One `Bus` per process: it connects with a Last Will, reconnects with backoff and resubscribes,
 validates every payload at the edge before a handler sees it, answers bad input with an
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -18,16 +17,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, Union
 
-import aiomqtt
 import structlog
 from paho.mqtt.client import topic_matches_sub
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import TypeAdapter, ValidationError
 
 from schemas import Error, Message
 from schemas.messages import ErrorCode
-from services.core.errors import BadInput, DeadlineExceeded, RemoteError
+from services.core.connection import Connection, ConnectionLost, PublishProperties
+from services.core.errors import BadInput, DeadlineExceeded, PeerGone, RemoteError
 from services.core.settings import MqttSettings
 from services.core.topics import ERRORS, REPLIES, Topic
 from services.core.wire import parse_payload, request_id_of
@@ -35,7 +33,6 @@ from services.core.wire import parse_payload, request_id_of
 M = TypeVar("M", bound=Message)
 log = structlog.get_logger("edgecollab.bus")
 
-_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # ~88 ms per QoS 1 round trip without
 _DEDUP_WINDOW = 4096  # correlation ids remembered to answer a redelivered request once
 
 
@@ -69,6 +66,7 @@ class _Route:
 class _Pending:
     future: asyncio.Future[Any]
     adapter: TypeAdapter[Any]
+    peer: str | None = None  # the agent expected to answer, if one is
 
 
 class Bus:
@@ -92,7 +90,7 @@ class Bus:
         self._on_connect: list[Callable[[], Awaitable[None]]] = []
         self._pending: dict[bytes, _Pending] = {}
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._client: aiomqtt.Client | None = None
+        self._client: Connection | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._adapters: dict[tuple[type[Message], ...], TypeAdapter[Any]] = {}
         self.errors_sent = 0  # bad input answered; tests and benchmarks read it
@@ -137,7 +135,7 @@ class Bus:
         self._add(_Route(topic, *self._filters(topic, None, fixed), listener=listener))
         await self.connected.wait()
         assert self._client is not None
-        await self._client.subscribe(self._routes[-1].subscription, qos=1)
+        await self._client.subscribe([(self._routes[-1].subscription, 1)])
 
     def _add(self, route: _Route) -> None:
         self._routes.append(route)
@@ -151,10 +149,9 @@ class Bus:
             self._tasks = tasks
             while True:
                 try:
-                    async with self._make_client(clean_start=first) as client:
-                        backoff = await self._session(client)
-                except aiomqtt.MqttError as exc:
-                    _raise_if_cancelling()
+                    async with self._connection(clean_start=first) as connection:
+                        backoff = await self._session(connection)
+                except ConnectionLost as exc:
                     log.warning("bus.disconnected", broker=self.settings.address, reason=str(exc))
                 finally:
                     self._client = None
@@ -163,39 +160,34 @@ class Bus:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _session(self, client: aiomqtt.Client) -> float:
+    async def _session(self, connection: Connection) -> float:
         subscriptions = [(self.reply_topic, 1)] + [(r.subscription, r.qos) for r in self._routes]
-        await client.subscribe(subscriptions)
-        self._client = client
+        await connection.subscribe(subscriptions)
+        self._client = connection
         self.connected.set()
         log.info("bus.connected", broker=self.settings.address, client_id=self.client_id)
         for callback in self._on_connect:
             await callback()
-        async for message in client.messages:
-            self._dispatch(message)
+        await connection.closed()
         return 0.1
 
-    def _make_client(self, *, clean_start: bool) -> aiomqtt.Client:
+    def _connection(self, *, clean_start: bool) -> Connection:
         s = self.settings
-        connect_props = Properties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = s.session_expiry_s
         will = None
         if self._will is not None:
             topic, body = self._will
-            will = aiomqtt.Will(topic, body.model_dump_json(), qos=1, retain=True)
-        return aiomqtt.Client(
-            s.host,
-            s.port,
-            identifier=self.client_id,
+            will = (topic, body.model_dump_json().encode())
+        return Connection(
+            host=s.host,
+            port=s.port,
+            client_id=self.client_id,
+            on_message=self._dispatch,
             username=s.username,
             password=s.password.get_secret_value() if s.password else None,
-            protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=s.keepalive,
-            will=will,
             clean_start=clean_start,
-            properties=connect_props,
-            socket_options=_NODELAY,
-            timeout=10,
+            session_expiry_s=s.session_expiry_s,
+            will=will,
         )
 
     # -- publishing --------------------------------------------------------------------------
@@ -212,33 +204,36 @@ class Bus:
         correlation: bytes | None = None,
     ) -> None:
         """Publish a model (None: an empty payload, which deletes a retained entry)."""
-        props = None  # paho's Properties costs ~0.1 ms to build: only when needed
+        props = None
         if expiry_s is not None or response_topic or correlation:
-            props = Properties(PacketTypes.PUBLISH)
-            if expiry_s is not None:
-                props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation:
-                props.CorrelationData = correlation
+            props = PublishProperties(
+                expiry_s=None if expiry_s is None else max(1, math.ceil(expiry_s)),
+                response_topic=response_topic or None,
+                correlation=correlation or None,
+            )
         payload = b"" if body is None else body.model_dump_json().encode()
         await self._publish_bytes(topic, payload, qos=qos, retain=retain, props=props)
 
     async def _publish_bytes(
-        self, topic: str, payload: bytes, *, qos: int, retain: bool, props: Properties | None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        props: PublishProperties | None,
     ) -> None:
         for _attempt in range(3):  # a publish caught by a reconnect is tried on the new one
             await self.connected.wait()
             assert self._client is not None
             try:
-                await self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-                _raise_if_cancelling()
+                self._client.publish(topic, payload, qos=qos, retain=retain, props=props)
+                await asyncio.sleep(0)  # let the loop write it out, and never starve the loop
                 return
-            except aiomqtt.MqttError as exc:
-                _raise_if_cancelling()
+            except ConnectionLost as exc:
                 log.warning("bus.publish_retry", topic=topic, reason=str(exc))
                 await asyncio.sleep(0.05)
-        raise aiomqtt.MqttError(f"could not publish to {topic}")
+        raise ConnectionLost(f"could not publish to {topic}")
 
     async def request(
         self,
@@ -247,10 +242,12 @@ class Bus:
         *,
         replies: tuple[type[Message], ...],
         deadline: float,
+        peer: str | None = None,
     ) -> Message:
-        """Send a request and await its reply; an `Error` reply raises RemoteError."""
+        """Send a request and await its reply; an `Error` reply raises RemoteError, and
+        `abandon(peer)` raises PeerGone in the requests sent to that agent."""
         payload = body.model_dump_json().encode()
-        return await self.request_raw(topic, payload, replies=replies, deadline=deadline)
+        return await self.request_raw(topic, payload, replies=replies, deadline=deadline, peer=peer)
 
     async def request_raw(
         self,
@@ -259,6 +256,7 @@ class Bus:
         *,
         replies: tuple[type[Message], ...],
         deadline: float,
+        peer: str | None = None,
     ) -> Message:
         """`request` with the payload as bytes, as a device of any make might send it."""
         timeout = deadline - time.time()
@@ -266,11 +264,12 @@ class Bus:
             raise DeadlineExceeded(f"deadline already passed for {topic}")
         correlation = uuid.uuid4().bytes
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = _Pending(future, self._adapter((*replies, Error)))
-        props = Properties(PacketTypes.PUBLISH)
-        props.MessageExpiryInterval = max(1, math.ceil(timeout))
-        props.ResponseTopic = self.reply_topic
-        props.CorrelationData = correlation
+        self._pending[correlation] = _Pending(future, self._adapter((*replies, Error)), peer)
+        props = PublishProperties(
+            expiry_s=max(1, math.ceil(timeout)),
+            response_topic=self.reply_topic,
+            correlation=correlation,
+        )
         try:
             await self._publish_bytes(topic, payload, qos=1, retain=False, props=props)
             async with asyncio.timeout(max(0.0, deadline - time.time())):
@@ -290,13 +289,18 @@ class Bus:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = _Pending(future, self._adapter((Error,)))
         try:
-            props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation
+            props = PublishProperties(correlation=correlation)
             await self._publish_bytes(self.reply_topic, b"", qos=1, retain=False, props=props)
             async with asyncio.timeout(timeout):
                 await future
         finally:
             self._pending.pop(correlation, None)
+
+    def abandon(self, peer: str) -> None:
+        """Fail at once the requests awaiting an answer from `peer`, which went offline."""
+        for pending in self._pending.values():
+            if pending.peer == peer and not pending.future.done():
+                pending.future.set_exception(PeerGone(f"{peer} went offline before answering"))
 
     def _adapter(self, models: tuple[type[Message], ...]) -> TypeAdapter[Any]:
         adapter = self._adapters.get(models)
@@ -306,24 +310,26 @@ class Bus:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else b""
-        if topic == self.reply_topic:
-            self._resolve(message, payload)
-            return
-        route = next((r for r in self._routes if topic_matches_sub(r.matcher, topic)), None)
-        if route is None:
-            log.debug("bus.unrouted", topic=topic)
-        elif route.raw is not None:
-            route.raw(topic, payload)
-        elif route.handler is not None:
-            assert self._tasks is not None
-            self._tasks.create_task(self._serve(route, topic, payload, message.properties))
-        else:
-            request = self._accept(route, topic, payload, message.properties)
-            if request is not None and route.listener is not None:
-                route.listener(request)
+    def _dispatch(self, topic: str, payload: bytes, props: Properties | None) -> None:
+        """Route one incoming message (called by the connection, in arrival order)."""
+        try:
+            if topic == self.reply_topic:
+                self._resolve(topic, payload, props)
+                return
+            route = next((r for r in self._routes if topic_matches_sub(r.matcher, topic)), None)
+            if route is None:
+                log.debug("bus.unrouted", topic=topic)
+            elif route.raw is not None:
+                route.raw(topic, payload)
+            elif route.handler is not None:
+                assert self._tasks is not None
+                self._tasks.create_task(self._serve(route, topic, payload, props))
+            else:
+                request = self._accept(route, topic, payload, props)
+                if request is not None and route.listener is not None:
+                    route.listener(request)
+        except Exception:  # a listener's bug must not stop the service from reading
+            log.exception("bus.dispatch_failed", topic=topic)
 
     def _accept(
         self, route: _Route, topic: str, payload: bytes, props: Properties | None
@@ -394,7 +400,7 @@ class Bus:
         self._tasks.create_task(self._publish_error(target, error, correlation))
 
     async def _publish_error(self, target: str, error: Error, correlation: bytes | None) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
+        with contextlib.suppress(ConnectionLost):
             await self.publish(target, error, correlation=correlation)
 
     def _error(self, code: ErrorCode, message: str, topic: str, request_id: str | None) -> Error:
@@ -406,11 +412,11 @@ class Bus:
         """Tell errors/<service> about input dropped outside a request (e.g. a bad CMS entry)."""
         self._refuse(BadInput(code, message), topic, b"", None, None)
 
-    def _resolve(self, message: aiomqtt.Message, payload: bytes) -> None:
-        correlation = getattr(message.properties, "CorrelationData", None)
+    def _resolve(self, topic: str, payload: bytes, props: Properties | None) -> None:
+        correlation = getattr(props, "CorrelationData", None)
         pending = self._pending.get(correlation) if correlation else None
         if pending is None or pending.future.done():
-            log.debug("reply.unclaimed", topic=message.topic.value)
+            log.debug("reply.unclaimed", topic=topic)
             return
         if correlation.startswith(b"barrier-"):
             pending.future.set_result(None)
@@ -424,11 +430,3 @@ class Bus:
             pending.future.set_exception(RemoteError(reply))
         else:
             pending.future.set_result(reply)
-
-
-def _raise_if_cancelling() -> None:
-    """Re-raise a cancel that Python 3.11's asyncio.wait_for (inside aiomqtt) swallowed when
-    the awaited operation finished at the same moment; else a service could outlive SIGTERM."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

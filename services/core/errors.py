@@ -4,6 +4,7 @@ EdgecollabError
 ├── BadInput            input we refuse; carries the `Error` code to answer with
 ├── DeadlineExceeded    a request got no answer before its deadline
 ├── RemoteError         the peer answered with an `Error` message
+├── PeerGone            the peer went offline before answering
 └── ConfigError         settings or files that cannot work; a clear start-up failure
 """
 
@@ -35,6 +36,10 @@ class RemoteError(EdgecollabError):
     def __init__(self, error: Error) -> None:
         super().__init__(f"{error.service}: {error.code}: {error.message}")
         self.error = error
+
+
+class PeerGone(EdgecollabError):
+    """The agent a request was sent to went offline before answering."""
 
 
 class ConfigError(EdgecollabError):

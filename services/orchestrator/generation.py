@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from schemas import CmsEntry, Rejected, SamplingOptions, Step, Task, TaskResult
 from services.core.bus import Bus
 from services.core.cms import CmsView
-from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
 from services.core.topics import AGENT_STATUS, TASKS
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.outcomes import Outcome
 from services.orchestrator.policies import Demand
 from services.orchestrator.provenance import record
-
-
-class AgentGone(Exception):
-    """The agent a request was sent to went offline before answering."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +54,6 @@ class Generator:
         self.view = view
         self.allocator = allocator
         self.cloud = cloud
-        self._gone: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         view.on_change(self._on_cms_change)
 
     async def run(self, job: Job) -> Generated:
@@ -95,8 +88,10 @@ class Generator:
         )
         started = time.perf_counter()
         try:
-            reply = await self._request_while_alive(agent, topic, task)
-        except (DeadlineExceeded, RemoteError, AgentGone) as exc:
+            reply = await self.bus.request(
+                topic, task, replies=TASKS.replies, deadline=task.deadline, peer=agent
+            )
+        except (DeadlineExceeded, RemoteError, PeerGone) as exc:
             return record(job.name, topic, agent, started, "failed", detail=str(exc)), None
         if isinstance(reply, Rejected):
             detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
@@ -130,25 +125,10 @@ class Generator:
         )
         return Generated(reply.text, outcome, steps)
 
-    async def _request_while_alive(self, agent: str, topic: str, task: Task) -> object:
-        gone = self._gone[agent]
-        request = asyncio.ensure_future(
-            self.bus.request(topic, task, replies=TASKS.replies, deadline=task.deadline)
-        )
-        watch = asyncio.ensure_future(gone.wait())
-        try:
-            await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if request.done():
-                return request.result()
-            raise AgentGone(f"{agent} went offline before answering")
-        finally:
-            request.cancel()
-            watch.cancel()
-
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         params = AGENT_STATUS.match(key)
         if params is None:
             return
         view = self.view.agent(params["agent"])
-        if (view is None or not view.online) and params["agent"] in self._gone:
-            self._gone.pop(params["agent"]).set()  # wakes the requests in flight there
+        if view is None or not view.online:
+            self.bus.abandon(params["agent"])  # its requests in flight fail now, not at deadline

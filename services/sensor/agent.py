@@ -59,18 +59,6 @@ def data_topics(agent: str, domain: str, streams: list[Stream], *, embeddings: b
     return [t.format(domain=domain, stream=s.name, agent=agent) for t in templates for s in streams]
 
 
-def _honour_cancel() -> None:
-    """Raise if this task was cancelled, even if an await swallowed the CancelledError.
-
-    On Python 3.11 aiomqtt's publish waits with asyncio.wait_for, which returns the result and
-    drops a cancel that lands as the publish completes; a loop that publishes non-stop would
-    then outlive SIGTERM (seen under CPU contention).
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class SensorAgent:
     """Samples its streams at `rate_hz`, publishes readings and embeddings, answers questions."""
 
@@ -122,7 +110,6 @@ class SensorAgent:
             if self.window_s and loop.time() >= next_window:
                 await self.close_window()
                 next_window += self.window_s
-            _honour_cancel()
             next_tick = max(next_tick + self.period_s, loop.time() - self.period_s)
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
 
