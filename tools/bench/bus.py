@@ -1,18 +1,23 @@
-"""`edgecollab bench bus`: Query → orchestrator → emulated worker → Answer, beside a bare
-aiomqtt request/response ping-pong on the same broker in the same run. Prints JSON."""
+"""`edgecollab bench bus`: Query → orchestrator → emulated worker → Answer, beside bare
+request/response ping-pongs on the same broker in the same run: aiomqtt on both ends, and
+paho-mqtt on both ends (the bus runs on paho). Prints JSON."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -31,7 +36,7 @@ PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("bus", help="round trip and throughput of the stack vs bare MQTT")
-    parser.add_argument("--requests", type=int, default=2000, help="per throughput run")
+    parser.add_argument("--requests", type=int, default=5000, help="per throughput run")
     parser.add_argument("--sequential", type=int, default=300, help="for the latency run")
     parser.add_argument("--in-flight", type=int, default=64)
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
@@ -44,21 +49,29 @@ async def bench(args: argparse.Namespace) -> int:
         broker = start_mosquitto(port, Path(tmp))
         mqtt = MqttSettings(host="127.0.0.1", port=port)
         try:
-            bare = await _measure_bare(mqtt, args)
+            bare = {
+                "aiomqtt": await _measure_bare(mqtt, args),
+                "paho": await asyncio.to_thread(_measure_bare_paho, mqtt, args),
+            }
             stack = await _measure_stack(mqtt, args)
         finally:
             broker.terminate()
+            broker.wait()
     print_json(
         {
-            "bare_aiomqtt": bare,
+            **{f"bare_{library}": result for library, result in bare.items()},
             "stack": stack,
-            "ratio": {
-                "p50": round(stack["p50_ms"] / bare["p50_ms"], 2),
-                "throughput": round(stack["req_per_s"] / bare["req_per_s"], 2),
-            },
+            **{f"ratio_to_{library}": _ratio(stack, result) for library, result in bare.items()},
         }
     )
     return 0
+
+
+def _ratio(stack: dict[str, float], bare: dict[str, float]) -> dict[str, float]:
+    return {
+        "p50": round(stack["p50_ms"] / bare["p50_ms"], 2),
+        "throughput": round(stack["req_per_s"] / bare["req_per_s"], 2),
+    }
 
 
 # -- bare ping-pong -------------------------------------------------------------------------
@@ -86,7 +99,7 @@ async def _measure_bare(mqtt: MqttSettings, args: argparse.Namespace) -> dict[st
     code = f"from tools.bench.bus import echo_server; echo_server({mqtt.port})"
     server = spawn([sys.executable, "-c", code], mqtt)
     try:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # the server subscribes
         reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
         pending: dict[bytes, asyncio.Future[None]] = {}
         async with aiomqtt.Client(
@@ -107,7 +120,7 @@ async def _measure_bare(mqtt: MqttSettings, args: argparse.Namespace) -> dict[st
             reader.cancel()
         return result
     finally:
-        server.terminate()
+        _stop(server)
 
 
 async def _resolve_replies(
@@ -117,6 +130,91 @@ async def _resolve_replies(
         future = pending.pop(message.properties.CorrelationData, None)
         if future is not None and not future.done():
             future.set_result(None)
+
+
+# -- bare paho ping-pong ------------------------------------------------------------------------
+
+
+def _paho_client(port: int, on_message: Callable[..., None]) -> paho.Client:
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.on_socket_open = lambda _c, _u, sock: sock.setsockopt(*NODELAY[0])
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    return client
+
+
+def paho_echo_server(port: int) -> None:
+    """A bare paho responder: echoes each request to its Response Topic."""
+
+    def echo(client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = message.properties.CorrelationData
+        client.publish(message.properties.ResponseTopic, message.payload, qos=1, properties=props)
+
+    client = _paho_client(port, echo)
+    client.subscribe(PING, qos=1)
+    client.loop_forever()
+
+
+def _measure_bare_paho(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, float]:
+    code = f"from tools.bench.bus import paho_echo_server; paho_echo_server({mqtt.port})"
+    server = spawn([sys.executable, "-c", code], mqtt)
+    try:
+        time.sleep(1.0)  # the server subscribes
+        return _PahoPinger(mqtt.port, args).run()
+    finally:
+        _stop(server)
+
+
+class _PahoPinger:
+    """A bare paho requester on one thread: each reply's callback sends the next request.
+
+    Phases as in `_measure`: 50 warm-up and `sequential` requests one at a time (latency),
+    then `requests` with `in_flight` outstanding (throughput)."""
+
+    def __init__(self, port: int, args: argparse.Namespace) -> None:
+        self.args = args
+        self.reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
+        self.sent_at: dict[bytes, float] = {}
+        self.latencies: list[float] = []
+        self.one_at_a_time = 50 + args.sequential
+        self.total = self.one_at_a_time + args.requests
+        self.sent = self.answered = 0
+        self.started = time.perf_counter()
+        self.client = _paho_client(port, self._on_reply)
+        self.client.subscribe(self.reply_topic, qos=1)
+
+    def run(self) -> dict[str, float]:
+        deadline = time.monotonic() + 120
+        self._send()
+        while self.answered < self.total and time.monotonic() < deadline:
+            self.client.loop(timeout=0.1)
+        elapsed = time.perf_counter() - self.started
+        self.client.disconnect()
+        return _summary(self.latencies, self.args, elapsed, self.total - self.answered)
+
+    def _send(self) -> None:
+        correlation = uuid.uuid4().bytes
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic, props.CorrelationData = self.reply_topic, correlation
+        self.sent_at[correlation] = time.perf_counter()
+        self.sent += 1
+        self.client.publish(PING, b'{"v":1}', qos=1, properties=props)
+
+    def _on_reply(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+        sent = self.sent_at.pop(message.properties.CorrelationData, None)
+        if sent is None:
+            return
+        self.answered += 1
+        if 50 < self.answered <= self.one_at_a_time:
+            self.latencies.append((time.perf_counter() - sent) * 1000)
+        if self.answered == self.one_at_a_time:  # latency done: fill the window
+            self.started = time.perf_counter()
+            for _ in range(min(self.args.in_flight, self.total - self.sent)):
+                self._send()
+        elif self.sent < self.total:
+            self._send()
 
 
 # -- the stack --------------------------------------------------------------------------------
@@ -165,7 +263,7 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
         return result
     finally:
         for proc in procs:
-            proc.terminate()
+            _stop(proc)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -191,6 +289,12 @@ async def _measure(one, args: argparse.Namespace) -> dict[str, float]:  # type: 
     )
     elapsed = time.perf_counter() - started
     failures = sum(isinstance(r, BaseException) for r in results)
+    return _summary(latencies, args, elapsed, failures)
+
+
+def _summary(
+    latencies: list[float], args: argparse.Namespace, elapsed: float, failures: int
+) -> dict[str, float]:
     latencies.sort()
     return {
         "p50_ms": round(statistics.median(latencies), 3),
@@ -200,3 +304,12 @@ async def _measure(one, args: argparse.Namespace) -> dict[str, float]:  # type: 
         "failed": failures,
         "in_flight": args.in_flight,
     }
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait, so that a service leaves before the broker does."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
