@@ -145,12 +145,14 @@ async def test_stack_survives_a_broker_restart(mqtt, uid, spawn, broker):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
         assert (await ask(bus)).outcome == "edge"
         broker.stop()
-        await asyncio.sleep(0.5)
+        late = spawn("services.worker", "--agent-id", f"late-{uid}")  # starts before the broker
+        await asyncio.sleep(1.5)
+        assert late.poll() is None, "a service must wait for its broker, not exit"
         broker.start()
         await wait_for(lambda: bus.connected.is_set(), timeout=15)
-        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"), timeout=15)
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}", f"late-{uid}"), timeout=15)
         answer = await ask(bus)
-    assert answer.outcome == "edge" and answer.steps[0].agent == f"w-{uid}"
+    assert answer.outcome == "edge" and answer.steps[0].agent in (f"w-{uid}", f"late-{uid}")
 
 
 async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(mqtt, uid, spawn):

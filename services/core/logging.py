@@ -31,5 +31,3 @@ def configure_logging(service: str, *, level: str | None = None, json: bool | No
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
-    # aiomqtt warns on stdlib logging about queued publishes under load; the bus logs what matters
-    logging.getLogger("mqtt").setLevel(logging.ERROR)

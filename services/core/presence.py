@@ -11,11 +11,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import aiomqtt
 import structlog
 
 from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
+from services.core.connection import Connection
 from services.core.errors import BadInput
 from services.core.settings import MqttSettings
 from services.core.topics import AGENT_CARD, AGENT_STATUS
@@ -32,26 +32,29 @@ async def next_epoch(settings: MqttSettings, agent: str) -> int:
     Read over a short connection of its own before the service connects, because the Last
     Will, fixed at connect time, must carry the new epoch.
     """
-    topic = AGENT_CARD.format(agent=agent)
-    async with aiomqtt.Client(
-        settings.host,
-        settings.port,
-        identifier=agent,
+    topic, fence = AGENT_CARD.format(agent=agent), f"replies/{agent}/epoch"
+    epochs = [0]
+    fenced = asyncio.get_running_loop().create_future()
+
+    def collect(arrived: str, payload: bytes, _props: object) -> None:
+        if arrived == fence and not fenced.done():
+            fenced.set_result(None)
+        elif arrived == topic:
+            epochs.append(_epoch_of(payload))
+
+    async with Connection(
+        host=settings.host,
+        port=settings.port,
+        client_id=agent,
+        on_message=collect,
         username=settings.username,
         password=settings.password.get_secret_value() if settings.password else None,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        timeout=10,
-    ) as client:
-        await client.subscribe(topic, qos=1)
-        fence = f"replies/{agent}/epoch"
-        await client.subscribe(fence, qos=1)
-        await client.publish(fence, b"fence", qos=1)
-        previous = 0
-        async for message in client.messages:
-            if message.topic.value == fence:
-                break
-            previous = _epoch_of(message.payload)
-    return previous + 1
+    ) as connection:
+        await connection.subscribe([(topic, 1), (fence, 1)])
+        connection.publish(fence, b"fence", qos=1, retain=False, props=None)
+        async with asyncio.timeout(10):
+            await fenced  # retained messages of earlier SUBSCRIBEs arrive before the fence
+    return epochs[-1] + 1
 
 
 def _epoch_of(payload: object) -> int:

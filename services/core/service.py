@@ -12,6 +12,7 @@ import structlog
 
 from schemas import AgentCard
 from services.core.bus import Bus
+from services.core.connection import ConnectionLost
 from services.core.presence import Presence, next_epoch
 from services.core.settings import MqttSettings
 
@@ -32,10 +33,22 @@ async def run_agent(
 
     `setup` wires the service onto the bus and returns its background loops, if any.
     """
-    presence = Presence(card(await next_epoch(mqtt, agent)))
+    presence = Presence(card(await _next_epoch_when_reachable(mqtt, agent)))
     bus = Bus(settings=mqtt, client_id=agent, service=service, will=presence.will())
     loops = setup(bus, presence) or ()
     await run_until_stopped(bus, *loops, presence=presence)
+
+
+async def _next_epoch_when_reachable(mqtt: MqttSettings, agent: str) -> int:
+    """`next_epoch`, waiting for the broker as the bus does (e.g. compose starts us first)."""
+    backoff = 0.5
+    while True:
+        try:
+            return await next_epoch(mqtt, agent)
+        except ConnectionLost as exc:
+            log.warning("broker.unreachable", broker=mqtt.address, reason=str(exc), retry_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 async def run_until_stopped(
