@@ -36,6 +36,11 @@ class WorkerSettings(BaseSettings):
         "SmolLM2-135M-Instruct", description="onnx: model folder (name under EDGECOLLAB_MODELS_DIR)"
     )
     threads: int | None = Field(None, ge=1, description="onnx: intra-op threads (physical cores)")
+    spinning: bool = Field(
+        False,
+        description="onnx: onnxruntime's threads spin between the ops of a step: faster on a box"
+        " the worker has to itself, much slower next to a busy process",
+    )
     tokens_per_s: float = Field(
         50.0, gt=0, allow_inf_nan=False, description="emulated: batch-1 decode rate"
     )
@@ -55,7 +60,9 @@ class WorkerSettings(BaseSettings):
         from services.worker.engine import Engine  # onnxruntime only where it is used
         from services.worker.onnx_backend import OnnxBackend
 
-        engine = Engine.load(resolve_model_dir(self.model_dir), threads=self.threads)
+        engine = Engine.load(
+            resolve_model_dir(self.model_dir), threads=self.threads, spinning=self.spinning
+        )
         return OnnxBackend(engine, concurrency=self.concurrency)
 
 

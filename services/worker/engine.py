@@ -137,6 +137,8 @@ def _open_session(path: Path, *, threads: int, spinning: bool) -> ort.InferenceS
     # A spinning pool burns the cores it waits on; next to a broker and other services that
     # costs more than it saves.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning:  # spin only inside a run (between its ops), never between runs or requests
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=_providers())
