@@ -209,3 +209,14 @@ def test_publish_properties_pack_as_paho_does() -> None:
     )
     assert ours.pack() == paho_props.pack()
     assert PublishProperties().pack() == Properties(PacketTypes.PUBLISH).pack()
+
+
+async def test_connection_to_a_closed_port_fails_clearly() -> None:
+    from services.core.connection import Connection, ConnectionLost
+    from tools.broker import free_port
+
+    with pytest.raises(ConnectionLost, match="refused"):
+        async with Connection(
+            host="127.0.0.1", port=free_port(), client_id="nobody", on_message=print
+        ):
+            pass

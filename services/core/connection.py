@@ -68,7 +68,8 @@ class ConnectionLost(Exception):
 
 
 class Connection:
-    """`async with Connection(...) as conn:` connects; `await conn.closed()` returns never."""
+    """`async with Connection(...) as conn:` connects (or raises ConnectionLost);
+    `await conn.closed()` raises ConnectionLost once the connection drops."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class Connection:
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
         self._flush_scheduled = False
         self._writer_added = False
+        self._dropped = False  # set when we give up on the socket; late callbacks then no-op
         self._misc: asyncio.Task[None] | None = None
         self._paho = client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
@@ -154,6 +156,7 @@ class Connection:
 
     def _close_socket(self) -> None:
         """Drop the socket now (paho closes it itself once a DISCONNECT is written)."""
+        self._dropped = True
         sock = self._paho.socket()
         if sock is not None:
             self._loop.remove_reader(sock)
@@ -180,6 +183,8 @@ class Connection:
         try:
             async with asyncio.timeout(self._timeout):
                 codes = await future
+        except TimeoutError:
+            raise ConnectionLost(f"no SUBACK within {self._timeout:.0f} s") from None
         finally:
             self._subacks.pop(mid, None)
         refused = [
@@ -236,7 +241,9 @@ class Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else ~88 ms per round trip
 
         def watch() -> None:
-            if sock.fileno() >= 0:  # not already dropped by a failed connect
+            if self._dropped:  # a connect we gave up on finished late in its thread
+                sock.close()
+            elif sock.fileno() >= 0:
                 self._loop.add_reader(sock, self._paho.loop_read)
 
         self._call_in_loop(watch)
@@ -262,6 +269,8 @@ class Connection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._dropped:
+            return
         self._paho.loop_write()
         sock = self._paho.socket()
         if self._paho.want_write() and sock is not None and not self._writer_added:
