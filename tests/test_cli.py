@@ -148,3 +148,20 @@ def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
     assert up.returncode == 0
     assert "starting mosquitto" in out and "up: stopped" in out
     assert not broker_answers("127.0.0.1", port)
+
+
+def test_bench_bus_counts_every_request_on_all_three_paths():
+    args = ["--requests", "200", "--sequential", "20", "--in-flight", "16"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "bench", "bus", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    for path in ("bare_aiomqtt", "bare_paho", "stack"):
+        assert result[path]["failed"] == 0 and result[path]["req_per_s"] > 0
+    assert result["stack"]["lost"] == 0
+    assert set(result["ratio_to_paho"]) == {"p50", "throughput"}

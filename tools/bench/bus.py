@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 async def bench(args: argparse.Namespace) -> int:
     configure_logging("bench", level="warning")
+    logging.getLogger("mqtt").setLevel(logging.ERROR)  # aiomqtt's note on each queued publish
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         broker = start_mosquitto(port, Path(tmp))
