@@ -164,4 +164,5 @@ def test_bench_bus_counts_every_request_on_all_three_paths():
     for path in ("bare_aiomqtt", "bare_paho", "stack"):
         assert result[path]["failed"] == 0 and result[path]["req_per_s"] > 0
     assert result["stack"]["lost"] == 0
+    assert result["stack"]["cpu_ms_per_request"]["orchestrator"] > 0
     assert set(result["ratio_to_paho"]) == {"p50", "throughput"}

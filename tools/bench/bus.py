@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+import psutil
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -52,10 +55,10 @@ async def bench(args: argparse.Namespace) -> int:
         mqtt = MqttSettings(host="127.0.0.1", port=port)
         try:
             bare = {
-                "aiomqtt": await _measure_bare(mqtt, args),
-                "paho": await asyncio.to_thread(_measure_bare_paho, mqtt, args),
+                "aiomqtt": await _measure_bare(mqtt, args, broker.pid),
+                "paho": await asyncio.to_thread(_measure_bare_paho, mqtt, args, broker.pid),
             }
-            stack = await _measure_stack(mqtt, args)
+            stack = await _measure_stack(mqtt, args, broker.pid)
         finally:
             broker.terminate()
             broker.wait()
@@ -69,7 +72,7 @@ async def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ratio(stack: dict[str, float], bare: dict[str, float]) -> dict[str, float]:
+def _ratio(stack: dict[str, Any], bare: dict[str, Any]) -> dict[str, float]:
     return {
         "p50": round(stack["p50_ms"] / bare["p50_ms"], 2),
         "throughput": round(stack["req_per_s"] / bare["req_per_s"], 2),
@@ -97,7 +100,9 @@ def echo_server(port: int) -> None:
     asyncio.run(serve())
 
 
-async def _measure_bare(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, float]:
+async def _measure_bare(
+    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
+) -> dict[str, Any]:
     code = f"from tools.bench.bus import echo_server; echo_server({mqtt.port})"
     server = spawn([sys.executable, "-c", code], mqtt)
     try:
@@ -118,7 +123,8 @@ async def _measure_bare(mqtt: MqttSettings, args: argparse.Namespace) -> dict[st
                 await client.publish(PING, b'{"v":1}', qos=1, properties=props)
                 await asyncio.wait_for(future, 10)
 
-            result = await _measure(one, args)
+            meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=broker_pid)
+            result = await _measure(one, args, meter)
             reader.cancel()
         return result
     finally:
@@ -159,12 +165,15 @@ def paho_echo_server(port: int) -> None:
     client.loop_forever()
 
 
-def _measure_bare_paho(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, float]:
+def _measure_bare_paho(
+    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
+) -> dict[str, Any]:
     code = f"from tools.bench.bus import paho_echo_server; paho_echo_server({mqtt.port})"
     server = spawn([sys.executable, "-c", code], mqtt)
     try:
         time.sleep(1.0)  # the server subscribes
-        return _PahoPinger(mqtt.port, args).run()
+        meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=broker_pid)
+        return _PahoPinger(mqtt.port, args, meter).run()
     finally:
         _stop(server)
 
@@ -175,8 +184,8 @@ class _PahoPinger:
     Phases as in `_measure`: 50 warm-up and `sequential` requests one at a time (latency),
     then `requests` with `in_flight` outstanding (throughput)."""
 
-    def __init__(self, port: int, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, port: int, args: argparse.Namespace, meter: _CpuMeter) -> None:
+        self.args, self.meter = args, meter
         self.reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
         self.sent_at: dict[bytes, float] = {}
         self.latencies: list[float] = []
@@ -187,14 +196,15 @@ class _PahoPinger:
         self.client = _paho_client(port, self._on_reply)
         self.client.subscribe(self.reply_topic, qos=1)
 
-    def run(self) -> dict[str, float]:
+    def run(self) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         self._send()
         while self.answered < self.total and time.monotonic() < deadline:
             self.client.loop(timeout=0.1)
         elapsed = time.perf_counter() - self.started
         self.client.disconnect()
-        return _summary(self.latencies, self.args, elapsed, self.total - self.answered)
+        failed = self.total - self.answered
+        return _summary(self.latencies, self.args, elapsed, failed, self.meter)
 
     def _send(self) -> None:
         correlation = uuid.uuid4().bytes
@@ -213,6 +223,7 @@ class _PahoPinger:
             self.latencies.append((time.perf_counter() - sent) * 1000)
         if self.answered == self.one_at_a_time:  # latency done: fill the window
             self.started = time.perf_counter()
+            self.meter.start()
             for _ in range(min(self.args.in_flight, self.total - self.sent)):
                 self._send()
         elif self.sent < self.total:
@@ -222,7 +233,9 @@ class _PahoPinger:
 # -- the stack --------------------------------------------------------------------------------
 
 
-async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, float]:
+async def _measure_stack(
+    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
+) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:6]
     specs = [
         ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", f"bench-orch-{tag}")),
@@ -259,7 +272,11 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
             if not isinstance(answer, Answer) or answer.outcome != "edge":
                 lost += 1
 
-        result = await _measure(one, args)
+        orchestrator, worker = (proc.pid for proc in procs)
+        meter = _CpuMeter(
+            client=os.getpid(), orchestrator=orchestrator, worker=worker, broker=broker_pid
+        )
+        result = await _measure(one, args, meter)
         result["lost"] = lost
         runner.cancel()
         return result
@@ -271,7 +288,7 @@ async def _measure_stack(mqtt: MqttSettings, args: argparse.Namespace) -> dict[s
 # -- measuring ----------------------------------------------------------------------------------
 
 
-async def _measure(one, args: argparse.Namespace) -> dict[str, float]:  # type: ignore[no-untyped-def]
+async def _measure(one, args: argparse.Namespace, meter: _CpuMeter) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     for _ in range(50):  # warm-up
         await one()
     latencies = []
@@ -286,17 +303,43 @@ async def _measure(one, args: argparse.Namespace) -> dict[str, float]:  # type: 
             await one()
 
     started = time.perf_counter()
+    meter.start()
     results = await asyncio.gather(
         *(limited() for _ in range(args.requests)), return_exceptions=True
     )
     elapsed = time.perf_counter() - started
     failures = sum(isinstance(r, BaseException) for r in results)
-    return _summary(latencies, args, elapsed, failures)
+    return _summary(latencies, args, elapsed, failures, meter)
+
+
+class _CpuMeter:
+    """CPU time of named processes over the throughput phase, per request (the machine's
+    cores are shared, so the sum is what bounds the rate)."""
+
+    def __init__(self, **pids: int) -> None:
+        self.processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.start()
+
+    def start(self) -> None:
+        self.before = self._seconds()
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        spent = {n: s - self.before[n] for n, s in self._seconds().items()}
+        spent["total"] = sum(spent.values())
+        return {name: round(s * 1000 / max(requests, 1), 3) for name, s in spent.items()}
+
+    def _seconds(self) -> dict[str, float]:
+        return {n: sum(p.cpu_times()[:2]) for n, p in self.processes.items()}
 
 
 def _summary(
-    latencies: list[float], args: argparse.Namespace, elapsed: float, failures: int
-) -> dict[str, float]:
+    latencies: list[float],
+    args: argparse.Namespace,
+    elapsed: float,
+    failures: int,
+    meter: _CpuMeter,
+) -> dict[str, Any]:
+    cpu = meter.per_request(args.requests - failures)  # first: the phase has just ended
     latencies.sort()
     return {
         "p50_ms": round(statistics.median(latencies), 3),
@@ -305,6 +348,7 @@ def _summary(
         "requests": args.requests,
         "failed": failures,
         "in_flight": args.in_flight,
+        "cpu_ms_per_request": cpu,
     }
 
 
