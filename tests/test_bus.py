@@ -220,3 +220,36 @@ async def test_connection_to_a_closed_port_fails_clearly() -> None:
             host="127.0.0.1", port=free_port(), client_id="nobody", on_message=print
         ):
             pass
+
+
+async def test_a_stalled_broker_holds_publishers_back(tmp_path) -> None:
+    """A full socket makes publish wait (memory stays bounded); it resumes as the broker reads."""
+    import os
+    import signal
+
+    from services.core.settings import MqttSettings
+    from tests.broker import Broker
+
+    broker = Broker(tmp_path)
+    broker.start()
+    bus = Bus(
+        settings=MqttSettings(host=broker.host, port=broker.port), client_id="stall", service="t"
+    )
+    big = Error(code="internal", message="x" * 200_000, service="test", topic="t")
+
+    async def publish_many() -> None:
+        for _ in range(100):  # 20 MB, far more than the socket buffers hold
+            await bus.publish("bench/stall", big, qos=0)
+
+    try:
+        async with running(bus):
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            try:
+                publishing = asyncio.create_task(publish_many())
+                await asyncio.sleep(1.0)
+                assert not publishing.done()
+            finally:
+                os.kill(broker.proc.pid, signal.SIGCONT)
+            await asyncio.wait_for(publishing, 30)
+    finally:
+        broker.stop()

@@ -229,6 +229,7 @@ class Bus:
             try:
                 self._client.publish(topic, payload, qos=qos, retain=retain, props=props)
                 await asyncio.sleep(0)  # let the loop write it out, and never starve the loop
+                await self._client.drained()  # a full socket holds the publisher back
                 return
             except ConnectionLost as exc:
                 log.warning("bus.publish_retry", topic=topic, reason=str(exc))

@@ -97,6 +97,8 @@ class Connection:
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
         self._flush_scheduled = False
         self._writer_added = False
+        self._drained = asyncio.Event()  # clear while the socket is full and packets wait
+        self._drained.set()
         self._dropped = False  # set when we give up on the socket; late callbacks then no-op
         self._misc: asyncio.Task[None] | None = None
         self._paho = client = paho.Client(
@@ -200,6 +202,20 @@ class Connection:
         info = self._paho.publish(topic, payload, qos, retain, props)
         self._raise_for(info.rc, f"publish to {topic}")
 
+    async def drained(self) -> None:
+        """Return once the socket has taken every queued packet (backpressure on a slow
+        broker); raises ConnectionLost if the connection drops first."""
+        if self._drained.is_set():
+            return
+        waiter = asyncio.ensure_future(self._drained.wait())
+        either: set[asyncio.Future[Any]] = {waiter, self._lost}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not self._drained.is_set():
+            await self.closed()
+
     def _raise_for(self, rc: MQTTErrorCode, what: str) -> None:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectionLost(f"could not {what}: {paho.error_string(rc)}")
@@ -266,6 +282,7 @@ class Connection:
         if self._writer_added:
             self._writer_added = False
             self._call_in_loop(lambda: self._loop.remove_writer(sock))
+            self._call_in_loop(self._drained.set)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -275,4 +292,5 @@ class Connection:
         sock = self._paho.socket()
         if self._paho.want_write() and sock is not None and not self._writer_added:
             self._writer_added = True  # the socket is full: finish when it drains
+            self._drained.clear()
             self._loop.add_writer(sock, self._paho.loop_write)
