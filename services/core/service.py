@@ -45,7 +45,7 @@ async def _next_epoch_when_reachable(mqtt: MqttSettings, agent: str) -> int:
     while True:
         try:
             return await next_epoch(mqtt, agent)
-        except ConnectionLost as exc:
+        except (ConnectionLost, TimeoutError) as exc:
             log.warning("broker.unreachable", broker=mqtt.address, reason=str(exc), retry_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
