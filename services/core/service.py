@@ -46,7 +46,8 @@ async def _next_epoch_when_reachable(mqtt: MqttSettings, agent: str) -> int:
         try:
             return await next_epoch(mqtt, agent)
         except (ConnectionLost, TimeoutError) as exc:
-            log.warning("broker.unreachable", broker=mqtt.address, reason=str(exc), retry_s=backoff)
+            reason = str(exc) or "no answer in time"
+            log.warning("broker.unreachable", broker=mqtt.address, reason=reason, retry_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
