@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -73,6 +74,21 @@ def spawn(argv: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
         "EDGECOLLAB_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+
+def stop(*procs: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM every process, then wait for each (killing one that hangs), so that services
+    leave before the broker they talk to does."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"pid {proc.pid} ignored SIGTERM for {timeout:.0f} s; killed", file=sys.stderr)
+            proc.kill()
+            proc.wait()
 
 
 def print_json(value: object) -> None:

@@ -32,7 +32,7 @@ from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import QUERIES
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, spawn
+from tools.common import print_json, spawn, stop
 from tools.stack import ServiceSpec
 
 PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
@@ -82,6 +82,14 @@ def _ratio(stack: dict[str, Any], bare: dict[str, Any]) -> dict[str, float]:
 # -- bare ping-pong -------------------------------------------------------------------------
 
 
+def _start_echo_server(function: str, mqtt: MqttSettings) -> subprocess.Popen[bytes]:
+    """One of the echo servers below in a process of its own, given a second to subscribe."""
+    code = f"from tools.bench.bus import {function}; {function}({mqtt.port})"
+    server = spawn([sys.executable, "-c", code], mqtt)
+    time.sleep(1.0)
+    return server
+
+
 def echo_server(port: int) -> None:
     """A bare aiomqtt responder: echoes each request to its Response Topic."""
 
@@ -103,10 +111,8 @@ def echo_server(port: int) -> None:
 async def _measure_bare(
     mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
 ) -> dict[str, Any]:
-    code = f"from tools.bench.bus import echo_server; echo_server({mqtt.port})"
-    server = spawn([sys.executable, "-c", code], mqtt)
+    server = _start_echo_server("echo_server", mqtt)
     try:
-        await asyncio.sleep(1.0)  # the server subscribes
         reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
         pending: dict[bytes, asyncio.Future[None]] = {}
         async with aiomqtt.Client(
@@ -128,7 +134,7 @@ async def _measure_bare(
             reader.cancel()
         return result
     finally:
-        _stop(server)
+        stop(server)
 
 
 async def _resolve_replies(
@@ -168,14 +174,12 @@ def paho_echo_server(port: int) -> None:
 def _measure_bare_paho(
     mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
 ) -> dict[str, Any]:
-    code = f"from tools.bench.bus import paho_echo_server; paho_echo_server({mqtt.port})"
-    server = spawn([sys.executable, "-c", code], mqtt)
+    server = _start_echo_server("paho_echo_server", mqtt)
     try:
-        time.sleep(1.0)  # the server subscribes
         meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=broker_pid)
         return _PahoPinger(mqtt.port, args, meter).run()
     finally:
-        _stop(server)
+        stop(server)
 
 
 class _PahoPinger:
@@ -281,8 +285,7 @@ async def _measure_stack(
         runner.cancel()
         return result
     finally:
-        for proc in procs:
-            _stop(proc)
+        stop(*procs)
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -350,12 +353,3 @@ def _summary(
         "in_flight": args.in_flight,
         "cpu_ms_per_request": cpu,
     }
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM and wait, so that a service leaves before the broker does."""
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from services.sensor.consumer import DataCounters, DataView
 from services.sensor.features import Sample, embed
 from services.sensor.streams import PROFILES, STREAMS
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, spawn
+from tools.common import print_json, spawn, stop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,20 +82,7 @@ async def _measure(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, ob
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for a terminated sensor (before the broker goes); kill one that hangs."""
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        print(f"bench data: pid {proc.pid} ignored SIGTERM for 10 s; killed", file=sys.stderr)
-        proc.kill()
-        proc.wait()
+        stop(*procs)
 
 
 async def _ask_every_window(view: DataView, args: argparse.Namespace) -> int:

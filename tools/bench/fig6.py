@@ -38,7 +38,7 @@ from services.orchestrator.workload import (
     load_scenario,
 )
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, spawn
+from tools.common import print_json, spawn, stop
 from tools.fake_cloud import FakeCloud
 from tools.simulation.engine import simulate
 
@@ -104,8 +104,7 @@ async def bench(args: argparse.Namespace) -> int:
                 }
                 _progress(f"{name}: done")
         finally:
-            for proc in workers:
-                proc.terminate()
+            stop(*workers)
             broker.terminate()
     report["all_agree"] = all(
         p["agreement"]["all"]
@@ -186,8 +185,7 @@ async def _run_live(
         tally, busy, span = await _replay(bus, requests, args.speedup, name)
     finally:
         runner.cancel()
-        orchestrator.terminate()
-        await asyncio.to_thread(orchestrator.wait)
+        await asyncio.to_thread(stop, orchestrator)
     utilization = [busy.get(n.id, 0.0) / (n.concurrency * span) for n in nodes]
     return _columns(tally, utilization)
 
