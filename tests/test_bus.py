@@ -213,12 +213,12 @@ def test_publish_properties_pack_as_paho_does() -> None:
 
 async def test_connection_to_a_closed_port_fails_clearly() -> None:
     from services.core.connection import Connection, ConnectionLost
+    from services.core.settings import MqttSettings
     from tools.broker import free_port
 
+    closed = MqttSettings(host="127.0.0.1", port=free_port())
     with pytest.raises(ConnectionLost, match="refused"):
-        async with Connection(
-            host="127.0.0.1", port=free_port(), client_id="nobody", on_message=print
-        ):
+        async with Connection(closed, client_id="nobody", on_message=print):
             pass
 
 

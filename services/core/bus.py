@@ -172,21 +172,15 @@ class Bus:
         return 0.1
 
     def _connection(self, *, clean_start: bool) -> Connection:
-        s = self.settings
         will = None
         if self._will is not None:
             topic, body = self._will
             will = (topic, body.model_dump_json().encode())
         return Connection(
-            host=s.host,
-            port=s.port,
+            self.settings,
             client_id=self.client_id,
             on_message=self._dispatch,
-            username=s.username,
-            password=s.password.get_secret_value() if s.password else None,
-            keepalive=s.keepalive,
             clean_start=clean_start,
-            session_expiry_s=s.session_expiry_s,
             will=will,
         )
 

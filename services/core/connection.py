@@ -23,6 +23,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
+from services.core.settings import MqttSettings
+
 MessageCallback = Callable[[str, bytes, Any], None]  # topic, payload, paho Properties
 _MISC_PERIOD_S = 1.0  # paho's keepalive bookkeeping (PINGREQ, dead-broker detection)
 
@@ -73,22 +75,15 @@ class Connection:
 
     def __init__(
         self,
+        settings: MqttSettings,
         *,
-        host: str,
-        port: int,
         client_id: str,
         on_message: MessageCallback,
-        username: str | None = None,
-        password: str | None = None,
-        keepalive: int = 30,
         clean_start: bool = True,
-        session_expiry_s: int = 0,
         will: tuple[str, bytes] | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self._address = (host, port, keepalive)
-        self._clean_start, self._session_expiry_s = clean_start, session_expiry_s
-        self._timeout = timeout
+        self._settings, self._clean_start, self._timeout = settings, clean_start, timeout
         self._on_message = on_message
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -104,8 +99,9 @@ class Connection:
         self._paho = client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
         )
-        if username is not None:
-            client.username_pw_set(username, password)
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else None
+            client.username_pw_set(settings.username, password)
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         # paho keeps 20 QoS 1 publishes in flight and queues the rest: mosquitto's default
@@ -124,8 +120,8 @@ class Connection:
 
     async def __aenter__(self) -> Connection:
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry_s
-        host, port, keepalive = self._address
+        props.SessionExpiryInterval = self._settings.session_expiry_s
+        host, port, keepalive = self._settings.host, self._settings.port, self._settings.keepalive
         try:
             async with asyncio.timeout(self._timeout):
                 # paho's connect resolves and opens the socket blocking: keep it off the loop

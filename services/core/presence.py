@@ -42,14 +42,7 @@ async def next_epoch(settings: MqttSettings, agent: str) -> int:
         elif arrived == topic:
             epochs.append(_epoch_of(payload))
 
-    async with Connection(
-        host=settings.host,
-        port=settings.port,
-        client_id=agent,
-        on_message=collect,
-        username=settings.username,
-        password=settings.password.get_secret_value() if settings.password else None,
-    ) as connection:
+    async with Connection(settings, client_id=agent, on_message=collect) as connection:
         await connection.subscribe([(topic, 1), (fence, 1)])
         connection.publish(fence, b"fence", qos=1, retain=False, props=None)
         async with asyncio.timeout(10):
