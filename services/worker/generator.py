@@ -43,6 +43,9 @@ class Stats:
     finish_reason: FinishReason
 
 
+Item = str | Stats | BaseException  # what a stream carries: a piece, its end, or its failure
+
+
 class Stream:
     """Async iterator of the text pieces of one request; `stats` is set once it ends."""
 
@@ -50,7 +53,7 @@ class Stream:
         self.stats: Stats | None = None
         self._loop = loop
         self._wake = wake  # tells the decode thread to look at this stream again
-        self._queue: asyncio.Queue[str | Stats | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._cancelled = False
         self._done = False
 
@@ -81,10 +84,10 @@ class Stream:
         self._cancelled = True
         self._wake()
 
-    def _put(self, item: str | Stats | BaseException) -> None:
-        """Called from the decode thread; a closed event loop has nobody left to tell."""
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+def _hand_over(items: list[tuple[Stream, Item]]) -> None:
+    for stream, item in items:
+        stream._queue.put_nowait(item)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Generator:
         self._waiting: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._outbox: list[tuple[Stream, Item]] = []  # for the event loop, sent once per step
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
@@ -175,9 +179,22 @@ class Generator:
                 log.exception("decode_step_failed")
                 for request in [r for r in self._slots if r is not None]:
                     self._release(request)
-                    request.stream._put(exc)
+                    self._outbox.append((request.stream, exc))
+            self._deliver()
         for request in [*(r for r in self._slots if r is not None), *self._waiting]:
             self._finish(request, "cancelled")
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand this step's pieces to the event loop at once: each wake-up of the loop takes
+        a core from the decode threads for a moment."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Item]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream._loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to tell
+                loop.call_soon_threadsafe(_hand_over, items)
 
     def _next_batch(self) -> bool:
         """Wait for work, admit waiting requests to free slots; False once closed."""
@@ -202,6 +219,7 @@ class Generator:
         feeding = next((r for r in self._slots if r is not None and not r.decoding), None)
         if feeding is not None:
             self._prefill(feeding)
+            self._deliver()  # a first token goes out before the others' decode step
         if any(r is not None and r.decoding and r.generated for r in self._slots):
             self._decode()
 
@@ -242,7 +260,7 @@ class Generator:
             return self._finish(request, "stop")
         piece = request.text.push(token)
         if piece:
-            request.stream._put(piece)
+            self._outbox.append((request.stream, piece))
         if request.text.stopped:
             self._finish(request, "stop")
         elif len(request.generated) >= min(
@@ -254,8 +272,8 @@ class Generator:
         self._release(request)
         tail = request.text.flush()
         if tail:
-            request.stream._put(tail)
-        request.stream._put(_stats(request, reason))
+            self._outbox.append((request.stream, tail))
+        self._outbox.append((request.stream, _stats(request, reason)))
 
     def _release(self, request: _Request) -> None:
         with self._cond:
