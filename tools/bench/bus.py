@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import orjson
 import paho.mqtt.client as paho
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from schemas import Answer, Query
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
@@ -177,7 +177,7 @@ def _measure_bare_paho(
     server = _start_echo_server("paho_echo_server", mqtt)
     try:
         meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=broker_pid)
-        return _PahoPinger(mqtt.port, args, meter).run()
+        return _PahoPinger(mqtt.port, args, meter, PING, lambda: b'{"v":1}').run()
     finally:
         stop(server)
 
@@ -186,16 +186,26 @@ class _PahoPinger:
     """A bare paho requester on one thread: each reply's callback sends the next request.
 
     Phases as in `_measure`: 50 warm-up and `sequential` requests one at a time (latency),
-    then `requests` with `in_flight` outstanding (throughput)."""
+    then `requests` with `in_flight` outstanding (throughput). A reply that `accept` refuses
+    counts as lost."""
 
-    def __init__(self, port: int, args: argparse.Namespace, meter: _CpuMeter) -> None:
+    def __init__(
+        self,
+        port: int,
+        args: argparse.Namespace,
+        meter: _CpuMeter,
+        topic: str,
+        payload: Callable[[], bytes],
+        accept: Callable[[bytes], bool] = lambda _reply: True,
+    ) -> None:
         self.args, self.meter = args, meter
+        self.topic, self.payload, self.accept = topic, payload, accept
         self.reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
         self.sent_at: dict[bytes, float] = {}
         self.latencies: list[float] = []
         self.one_at_a_time = 50 + args.sequential
         self.total = self.one_at_a_time + args.requests
-        self.sent = self.answered = 0
+        self.sent = self.answered = self.lost = 0
         self.started = time.perf_counter()
         self.client = _paho_client(port, self._on_reply)
         self.client.subscribe(self.reply_topic, qos=1)
@@ -208,7 +218,9 @@ class _PahoPinger:
         elapsed = time.perf_counter() - self.started
         self.client.disconnect()
         failed = self.total - self.answered
-        return _summary(self.latencies, self.args, elapsed, failed, self.meter)
+        return _summary(self.latencies, self.args, elapsed, failed, self.meter) | {
+            "lost": self.lost
+        }
 
     def _send(self) -> None:
         correlation = uuid.uuid4().bytes
@@ -216,13 +228,14 @@ class _PahoPinger:
         props.ResponseTopic, props.CorrelationData = self.reply_topic, correlation
         self.sent_at[correlation] = time.perf_counter()
         self.sent += 1
-        self.client.publish(PING, b'{"v":1}', qos=1, properties=props)
+        self.client.publish(self.topic, self.payload(), qos=1, properties=props)
 
     def _on_reply(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
         sent = self.sent_at.pop(message.properties.CorrelationData, None)
         if sent is None:
             return
         self.answered += 1
+        self.lost += not self.accept(message.payload)
         if 50 < self.answered <= self.one_at_a_time:
             self.latencies.append((time.perf_counter() - sent) * 1000)
         if self.answered == self.one_at_a_time:  # latency done: fill the window
@@ -240,52 +253,50 @@ class _PahoPinger:
 async def _measure_stack(
     mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
 ) -> dict[str, Any]:
+    """The bare paho requester again, now sending Queries to the orchestrator: both paths
+    share one load generator, so the difference is the stack's."""
     tag = uuid.uuid4().hex[:6]
+    orchestrator, worker = f"bench-orch-{tag}", f"bench-worker-{tag}"
     specs = [
-        ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", f"bench-orch-{tag}")),
+        ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", orchestrator)),
         ServiceSpec(
             "worker",
             "services.worker",
-            (
-                "--agent-id",
-                f"bench-worker-{tag}",
-                "--tokens-per-s",
-                "1000000",
-                "--concurrency",
-                "100000",
-            ),
+            ("--agent-id", worker, "--tokens-per-s", "1000000", "--concurrency", "100000"),
         ),
     ]
     procs = [spawn(spec.local_command(), mqtt) for spec in specs]
     try:
-        bus = Bus(settings=mqtt, client_id=f"bench-client-{tag}", service="bench")
-        view = CmsView(bus)
-        runner = asyncio.create_task(bus.run())
-        if not await view.wait_online([f"bench-orch-{tag}", f"bench-worker-{tag}"]):
-            raise SystemExit("bench: the stack did not come online")
-        lost = 0
-
-        async def one() -> None:
-            nonlocal lost
-            query = Query(
-                request_id=uuid.uuid4().hex, text="ping", max_tokens=1, deadline=time.time() + 10
-            )
-            answer = await bus.request(
-                QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
-            )
-            if not isinstance(answer, Answer) or answer.outcome != "edge":
-                lost += 1
-
-        orchestrator, worker = (proc.pid for proc in procs)
+        await _wait_online(mqtt, [orchestrator, worker], tag)
         meter = _CpuMeter(
-            client=os.getpid(), orchestrator=orchestrator, worker=worker, broker=broker_pid
+            client=os.getpid(), orchestrator=procs[0].pid, worker=procs[1].pid, broker=broker_pid
         )
-        result = await _measure(one, args, meter)
-        result["lost"] = lost
-        runner.cancel()
-        return result
+        pinger = _PahoPinger(mqtt.port, args, meter, QUERIES.format(), _query, _answered_on_edge)
+        return await asyncio.to_thread(pinger.run)
     finally:
         stop(*procs)
+
+
+async def _wait_online(mqtt: MqttSettings, agents: list[str], tag: str) -> None:
+    bus = Bus(settings=mqtt, client_id=f"bench-client-{tag}", service="bench")
+    view = CmsView(bus)
+    runner = asyncio.create_task(bus.run())
+    try:
+        if not await view.wait_online(agents):
+            raise SystemExit("bench: the stack did not come online")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+def _query() -> bytes:
+    query = {"v": 1, "type": "query", "request_id": uuid.uuid4().hex, "text": "ping"}
+    return orjson.dumps(query | {"max_tokens": 1, "deadline": time.time() + 10})
+
+
+def _answered_on_edge(payload: bytes) -> bool:
+    reply = orjson.loads(payload)
+    return reply.get("type") == "answer" and reply.get("outcome") == "edge"
 
 
 # -- measuring ----------------------------------------------------------------------------------
