@@ -203,3 +203,23 @@ async def test_requests_share_the_model_concurrently(mqtt, uid, spawn, tiny_mode
         )
     assert together[0].text == alone.text  # batching does not change a greedy answer
     assert all(r.output_tokens >= 1 for r in together)
+
+
+@pytest.mark.parametrize("rate", [200.0, 1e6])
+async def test_the_emulated_device_is_never_faster_than_its_rate(uid, rate):
+    from schemas import SamplingOptions
+    from services.worker.emulated import EmulatedBackend
+
+    backend = EmulatedBackend(tokens_per_s=rate, concurrency=1)
+    pieces: list[str] = []
+
+    async def emit(text: str) -> None:
+        pieces.append(text)
+
+    started = time.perf_counter()
+    result = await backend.generate(task(uid, max_tokens=10), SamplingOptions(), emit)
+    elapsed = time.perf_counter() - started
+    assert result.output_tokens == 10 and result.finish_reason == "length"
+    assert len("".join(pieces).split()) == 10
+    # waits below the loop's 1 ms timer resolution are counted, not slept: at most that early
+    assert elapsed >= 10 / rate - 0.001

@@ -16,6 +16,7 @@ from services.worker.backend import Generation
 
 _WORDS = ("edge", "models", "cooperate", "over", "the", "bus", "and", "answer", "fast", "locally")
 _TICK_S = 0.02  # granularity of the emulated decode loop
+_TIMER_S = 0.001  # epoll's resolution: a shorter asyncio.sleep still waits this long
 
 
 class EmulatedBackend:
@@ -60,17 +61,19 @@ class EmulatedBackend:
         self, task: Task, emit: Callable[[str], Awaitable[None]] | None
     ) -> tuple[int, str]:
         """Tokens accrue with elapsed time at the stream rate of the moment, so a late wake-up
-        (a busy machine) delays a chunk but never slows the emulated device down."""
+        (a busy machine) delays a chunk but never slows the emulated device down. A wait
+        shorter than the loop's timers can time is yielded once and counted as waited."""
         progress, emitted = 0.0, 0
         last = time.monotonic()
         while emitted < task.max_tokens:
             if time.time() >= task.deadline:
                 return emitted, "deadline"
             rate = self.stream_rate()
-            left = task.max_tokens - progress
-            await asyncio.sleep(min(_TICK_S, left / rate))
+            wait = min(_TICK_S, (task.max_tokens - progress) / rate)
+            await asyncio.sleep(wait if wait >= _TIMER_S else 0)
             now = time.monotonic()
-            progress = min(float(task.max_tokens), progress + rate * (now - last))
+            elapsed = now - last if wait >= _TIMER_S else max(now - last, wait)
+            progress = min(float(task.max_tokens), progress + rate * elapsed)
             last = now
             ready = int(progress + 1e-9) - emitted
             if ready > 0 and emit is not None:
