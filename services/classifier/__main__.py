@@ -1,7 +1,5 @@
 """`python -m services.classifier`: the Classifier Engine service."""
 
-from __future__ import annotations
-
 import asyncio
 import sys
 

@@ -1,7 +1,5 @@
 """`python -m services.orchestrator`: the Task Orchestrator."""
 
-from __future__ import annotations
-
 import asyncio
 import random
 

@@ -1,7 +1,5 @@
 """`python -m services.sensor`: one simulated sensor device (a wearable or a city sensor)."""
 
-from __future__ import annotations
-
 import asyncio
 import zlib
 from typing import Literal, Self

@@ -1,7 +1,5 @@
 """`python -m services.worker`: one SLM worker (onnx or emulated backend)."""
 
-from __future__ import annotations
-
 import asyncio
 import re
 import sys
