@@ -72,8 +72,7 @@ class EmulatedBackend:
             wait = min(_TICK_S, (task.max_tokens - progress) / rate)
             await asyncio.sleep(wait if wait >= _TIMER_S else 0)
             now = time.monotonic()
-            elapsed = now - last if wait >= _TIMER_S else max(now - last, wait)
-            progress = min(float(task.max_tokens), progress + rate * elapsed)
+            progress = min(float(task.max_tokens), progress + rate * max(now - last, wait))
             last = now
             ready = int(progress + 1e-9) - emitted
             if ready > 0 and emit is not None:
