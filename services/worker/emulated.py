@@ -62,7 +62,7 @@ class EmulatedBackend:
     ) -> tuple[int, str]:
         """Tokens accrue with elapsed time at the stream rate of the moment, so a late wake-up
         (a busy machine) delays a chunk but never slows the emulated device down. A wait
-        shorter than the loop's timers can time is yielded once and counted as waited."""
+        shorter than the loop's timers can time is counted as waited, not slept."""
         progress, emitted = 0.0, 0
         last = time.monotonic()
         while emitted < task.max_tokens:
@@ -70,7 +70,8 @@ class EmulatedBackend:
                 return emitted, "deadline"
             rate = self.stream_rate()
             wait = min(_TICK_S, (task.max_tokens - progress) / rate)
-            await asyncio.sleep(wait if wait >= _TIMER_S else 0)
+            if wait >= _TIMER_S:
+                await asyncio.sleep(wait)
             now = time.monotonic()
             progress = min(float(task.max_tokens), progress + rate * max(now - last, wait))
             last = now
