@@ -1,6 +1,7 @@
 """`edgecollab bench bus`: Query → orchestrator → emulated worker → Answer, beside bare
 request/response ping-pongs on the same broker in the same run: aiomqtt on both ends, and
-paho-mqtt on both ends (the bus runs on paho). Prints JSON."""
+paho-mqtt on both ends (the bus runs on paho). The paho requester also drives the stack.
+Prints JSON."""
 
 from __future__ import annotations
 
