@@ -50,8 +50,7 @@ async def connected_bus(
     settings = mqtt_settings(args)
     bus = Bus(settings=settings, client_id=f"cli-{uuid.uuid4().hex[:10]}", service="cli")
     view = CmsView(bus, qos=0) if mirror_cms else None  # a read-only snapshot: no acks needed
-    task = asyncio.create_task(bus.run())
-    try:
+    async with running(bus):
         try:
             async with asyncio.timeout(5):
                 await bus.connected.wait()
@@ -60,6 +59,14 @@ async def connected_bus(
         if view is not None:
             await view.synced()
         yield bus, view
+
+
+@asynccontextmanager
+async def running(bus: Bus) -> AsyncIterator[Bus]:
+    """Run `bus` for the block (attach its views and handlers first), then stop it."""
+    task = asyncio.create_task(bus.run())
+    try:
+        yield bus
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

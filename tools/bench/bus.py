@@ -33,7 +33,7 @@ from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import QUERIES
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, spawn, stop
+from tools.common import print_json, running, spawn, stop
 from tools.stack import ServiceSpec
 
 PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
@@ -281,13 +281,9 @@ async def _measure_stack(
 async def _wait_online(mqtt: MqttSettings, agents: list[str], tag: str) -> None:
     bus = Bus(settings=mqtt, client_id=f"bench-client-{tag}", service="bench")
     view = CmsView(bus)
-    runner = asyncio.create_task(bus.run())
-    try:
+    async with running(bus):
         if not await view.wait_online(agents):
             raise SystemExit("bench: the stack did not come online")
-    finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
 
 
 def _query() -> bytes:

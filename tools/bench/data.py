@@ -23,7 +23,7 @@ from services.sensor.consumer import DataCounters, DataView
 from services.sensor.features import Sample, embed
 from services.sensor.streams import PROFILES, STREAMS
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, spawn, stop
+from tools.common import print_json, running, spawn, stop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,18 +70,16 @@ async def _measure(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, ob
     procs = [spawn(argv, mqtt) for argv in commands.values()]
     bus = Bus(settings=mqtt, client_id=f"bench-consumer-{tag}", service="bench")
     view, cms = DataView(bus, window_s=args.window_s), CmsView(bus)
-    runner = asyncio.create_task(bus.run())
     try:
-        if not await cms.wait_online(list(commands), timeout=30):
-            raise SystemExit("bench data: the sensors did not come online within 30 s")
-        await asyncio.sleep(args.window_s + 0.5)  # every stream has had a first window
-        before, cpu0, t0 = dataclasses.replace(view.counters), time.process_time(), time.time()
-        asks = await _ask_every_window(view, args)
-        elapsed, cpu = time.time() - t0, time.process_time() - cpu0
-        return _report(args, before, view.counters, asks, elapsed, cpu)
+        async with running(bus):
+            if not await cms.wait_online(list(commands), timeout=30):
+                raise SystemExit("bench data: the sensors did not come online within 30 s")
+            await asyncio.sleep(args.window_s + 0.5)  # every stream has had a first window
+            before, cpu0, t0 = dataclasses.replace(view.counters), time.process_time(), time.time()
+            asks = await _ask_every_window(view, args)
+            elapsed, cpu = time.time() - t0, time.process_time() - cpu0
+            return _report(args, before, view.counters, asks, elapsed, cpu)
     finally:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
         stop(*procs)
 
 

@@ -38,7 +38,7 @@ from services.orchestrator.workload import (
     load_scenario,
 )
 from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, spawn, stop
+from tools.common import print_json, running, spawn, stop
 from tools.fake_cloud import FakeCloud
 from tools.simulation.engine import simulate
 
@@ -178,13 +178,12 @@ async def _run_live(
     orchestrator = _start_orchestrator(name, agent, args.speedup, mqtt, cloud, args.seed)
     bus = Bus(settings=mqtt, client_id=f"fig6-client-{uuid.uuid4().hex[:6]}", service="bench")
     view = CmsView(bus)
-    runner = asyncio.create_task(bus.run())
     try:
-        if not await view.wait_online([agent, *(n.id for n in nodes)]):
-            raise SystemExit(f"fig6: the stack did not come online ({agent})")
-        tally, busy, span = await _replay(bus, requests, args.speedup, name)
+        async with running(bus):
+            if not await view.wait_online([agent, *(n.id for n in nodes)]):
+                raise SystemExit(f"fig6: the stack did not come online ({agent})")
+            tally, busy, span = await _replay(bus, requests, args.speedup, name)
     finally:
-        runner.cancel()
         await asyncio.to_thread(stop, orchestrator)
     utilization = [busy.get(n.id, 0.0) / (n.concurrency * span) for n in nodes]
     return _columns(tally, utilization)
