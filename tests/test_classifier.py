@@ -36,8 +36,8 @@ from tests.classifier_fixtures import (
     tiny_bert_dir,
     tiny_bert_export,
 )
-from tools.classify import classify_lines, parse_line
-from tools.export_bert import ExportError, export_bert
+from tools.cli.classify import classify_lines, parse_line
+from tools.export.bert import ExportError, export_bert
 
 __all__ = ["minilm_dir", "minilm_engine", "tiny_bert_dir", "tiny_bert_export"]  # fixtures
 
@@ -343,7 +343,7 @@ def test_cli_one_query(minilm_dir: Path) -> None:
         [
             sys.executable,
             "-m",
-            "tools.cli",
+            "tools.cli.main",
             "classify",
             "--model",
             str(minilm_dir),

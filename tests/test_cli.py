@@ -20,7 +20,7 @@ from tests.broker import ROOT
 
 def cli(mqtt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args, "--broker", f"{mqtt.host}:{mqtt.port}"],
+        [sys.executable, "-m", "tools.cli.main", *args, "--broker", f"{mqtt.host}:{mqtt.port}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -30,7 +30,7 @@ def cli(mqtt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 
 def test_help_lists_every_command():
     out = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "--help"],
+        [sys.executable, "-m", "tools.cli.main", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -59,7 +59,7 @@ def test_cms_watch_prints_changes(mqtt, uid):
         [
             sys.executable,
             "-m",
-            "tools.cli",
+            "tools.cli.main",
             "cms",
             "watch",
             f"parameters/m-{uid}",
@@ -96,7 +96,7 @@ def test_ask_streams_and_prints_provenance(mqtt, uid, spawn):
 
 def test_no_broker_is_a_clear_error():
     out = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "agents", "--broker", "127.0.0.1:1"],
+        [sys.executable, "-m", "tools.cli.main", "agents", "--broker", "127.0.0.1:1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -123,18 +123,18 @@ async def test_agents_lists_10000_agents(mqtt, uid):
 
 
 def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
-    from tools.broker import broker_answers, free_port
+    from tools.common.broker import broker_answers, free_port
 
     port = free_port()
     env = {**os.environ, "EDGECOLLAB_STATE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli", "up", "--only", "orchestrator",
+        [sys.executable, "-m", "tools.cli.main", "up", "--only", "orchestrator",
          "--broker", f"127.0.0.1:{port}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         ready = subprocess.run(
-            [sys.executable, "-m", "tools.cli", "agents", "--wait-for", "orchestrator-1",
+            [sys.executable, "-m", "tools.cli.main", "agents", "--wait-for", "orchestrator-1",
              "--timeout", "60", "--broker", f"127.0.0.1:{port}"],
             cwd=ROOT, capture_output=True, text=True, timeout=90,
         )  # fmt: skip
@@ -153,7 +153,7 @@ def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
 def test_bench_bus_counts_every_request_on_all_three_paths():
     args = ["--requests", "200", "--sequential", "20", "--in-flight", "16"]
     run = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "bench", "bus", *args],
+        [sys.executable, "-m", "tools.cli.main", "bench", "bus", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,8 +7,8 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from services.orchestrator.cloud import CloudClient, CloudError, CloudSettings
-from services.orchestrator.outcomes import Prices
-from tools.fake_cloud import FakeCloud
+from services.scheduling.outcomes import Prices
+from tools.bench.fake_cloud import FakeCloud
 
 
 def settings_for(cloud: FakeCloud, **overrides: object) -> CloudSettings:

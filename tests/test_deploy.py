@@ -10,9 +10,9 @@ import jsonschema
 import pytest
 import yaml
 
-from tools.broker import local_config
-from tools.schemas_cli import SCHEMA_DIR, rendered
-from tools.stack import STACK
+from tools.cli.contract import SCHEMA_DIR, rendered
+from tools.common.broker import local_config
+from tools.common.stack import STACK
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

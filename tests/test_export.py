@@ -13,10 +13,10 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 from services.worker.engine import DecoderRunner, Engine
-from tools import cli
-from tools.gguf_source import _q4_1_to_int4
-from tools.model_source import dequantize_int4, quantize_int4
-from tools.tiny_model import CHAT_TEMPLATE, SPECIALS, tiny_spec, tiny_tokenizer, tiny_weights
+from tools.cli import main as cli
+from tools.export.gguf import _q4_1_to_int4
+from tools.export.source import dequantize_int4, quantize_int4
+from tools.export.tiny import CHAT_TEMPLATE, SPECIALS, tiny_spec, tiny_tokenizer, tiny_weights
 
 CARD_KEYS = {
     "name",
@@ -402,11 +402,11 @@ def test_corrupt_gguf_fails_with_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_bert_folders_go_to_the_bert_exporter(tmp_path: Path, monkeypatch) -> None:
-    import tools.export_bert
+    import tools.export.bert
 
     calls = []
     monkeypatch.setattr(
-        tools.export_bert, "export_bert", lambda src, out, name=None: calls.append(src) or out
+        tools.export.bert, "export_bert", lambda src, out, name=None: calls.append(src) or out
     )
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')

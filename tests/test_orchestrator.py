@@ -16,7 +16,7 @@ from tests.broker import ROOT
 from tests.conftest import running
 from tests.test_cli import cli
 from tests.test_stack import ask, online, wait_for
-from tools.fake_cloud import FakeCloud
+from tools.bench.fake_cloud import FakeCloud
 
 
 def start(spawn, uid: str, *orchestrator_args: str, concurrency: str = "1"):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from services.orchestrator.policies import (
+from services.scheduling.policies import (
     CLOUD,
     POLICIES,
     Decision,

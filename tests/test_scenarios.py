@@ -29,16 +29,27 @@ def start(spawn, uid: str, tiny_model_dir, minilm_dir) -> dict[str, object]:  # 
     }  # fmt: skip
     for name, streams in CITY.items():
         agent = name.format(uid=uid)
-        procs[agent] = spawn("services.sensor", "--agent-id", agent, "--profile", "city",
-                             "--rate-hz", "5", "--streams", str(streams).replace("'", '"'))
+        procs[agent] = spawn(
+            "services.sensor",
+            "--agent-id",
+            agent,
+            "--profile",
+            "city",
+            "--rate-hz",
+            "5",
+            "--streams",
+            str(streams).replace("'", '"'),
+        )
     return procs
 
 
 async def ask(bus: Bus, text: str) -> Answer:
-    query = Query(request_id=f"q{time.time_ns()}", text=text, max_tokens=24,
-                  deadline=time.time() + 60)
-    answer = await bus.request(QUERIES.format(), query, replies=QUERIES.replies,
-                               deadline=query.deadline)
+    query = Query(
+        request_id=f"q{time.time_ns()}", text=text, max_tokens=24, deadline=time.time() + 60
+    )
+    answer = await bus.request(
+        QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
+    )
     assert isinstance(answer, Answer)
     return answer
 
@@ -87,12 +98,24 @@ async def test_health_and_city_scenarios(mqtt, uid, spawn, tiny_model_dir, minil
     assert partial.partial and partial.outcome == "edge" and partial.text
 
 
-async def test_a_repeated_question_is_served_from_the_knowledge_cache(mqtt, uid, spawn,
-                                                                     tiny_model_dir, minilm_dir):
+async def test_a_repeated_question_is_served_from_the_knowledge_cache(
+    mqtt, uid, spawn, tiny_model_dir, minilm_dir
+):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
-    spawn("services.worker", "--agent-id", f"slm-{uid}", "--backend", "onnx", "--model-dir",
-          str(tiny_model_dir), "--threads", "1", "--domains", '["math"]')
+    spawn(
+        "services.worker",
+        "--agent-id",
+        f"slm-{uid}",
+        "--backend",
+        "onnx",
+        "--model-dir",
+        str(tiny_model_dir),
+        "--threads",
+        "1",
+        "--domains",
+        '["math"]',
+    )
     bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     question = f"What is the derivative of x squared? ({uid})"

@@ -18,10 +18,11 @@ from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded
 from services.core.topics import EMBEDDING, ERRORS, KNOWLEDGE, READING, SENSOR_ASK
+from services.data.features import MODEL_DIMS, Sample, describe, describe_agent, embed
+from services.data.streams import PROFILES, STREAMS
+from services.data.view import DataView, embedding_problem, reading_problem
 from services.sensor.__main__ import SensorSettings, build
-from services.sensor.consumer import DataView, embedding_problem, reading_problem
-from services.sensor.features import MODEL_DIMS, Sample, describe, describe_agent, embed
-from services.sensor.streams import PROFILES, STREAMS, Simulator, event_intensity, expected
+from services.sensor.simulator import Simulator, event_intensity, expected
 from tests.conftest import running
 from tests.test_stack import online, wait_for
 

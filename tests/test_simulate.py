@@ -11,9 +11,12 @@ from typing import ClassVar
 
 import pytest
 
-from services.orchestrator.outcomes import CLOUD_SERVED, Outcome
-from services.orchestrator.policies import Decision, EarliestFinishPolicy, make_policy
-from services.orchestrator.workload import (
+from services.scheduling.outcomes import CLOUD_SERVED, Outcome
+from services.scheduling.policies import Decision, EarliestFinishPolicy, make_policy
+from tools.cli.main import main
+from tools.sim.bound import edf_lost_work, lower_bound_cost
+from tools.sim.engine import simulate
+from tools.sim.workload import (
     CloudModel,
     InputFileError,
     NodeSpec,
@@ -25,9 +28,6 @@ from services.orchestrator.workload import (
     write_nodes,
     write_trace,
 )
-from tools.cli import main
-from tools.simulation.bound import edf_lost_work, lower_bound_cost
-from tools.simulation.engine import simulate
 
 CLOUD = CloudModel(ttft_s=1.0, decode_tok_s=30.0)
 A = '{"id": "a", "tokens_per_s": 10, "concurrency": 2}'

@@ -14,14 +14,14 @@ from services.core.logging import configure_logging
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, service_settings
+from services.data.view import DataView
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudSettings
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.generation import Generator
-from services.orchestrator.outcomes import Prices
-from services.orchestrator.policies import POLICIES, make_policy
 from services.orchestrator.service import Orchestrator
-from services.sensor.consumer import DataView
+from services.scheduling.outcomes import Prices
+from services.scheduling.policies import POLICIES, make_policy
 
 
 class OrchestratorSettings(BaseSettings):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from schemas import CmsEntry
 from services.core.cms import CmsView
 from services.core.topics import AGENT_CARD, AGENT_STATUS
-from services.orchestrator.policies import Demand, Fleet, Policy
+from services.scheduling.policies import Demand, Fleet, Policy
 
 
 @dataclass(frozen=True, slots=True)

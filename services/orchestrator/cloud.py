@@ -20,7 +20,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from services.core.errors import EdgecollabError
-from services.orchestrator.outcomes import Prices
+from services.scheduling.outcomes import Prices
 
 log = structlog.get_logger(__name__)
 

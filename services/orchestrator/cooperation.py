@@ -18,9 +18,9 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import CACHE, KNOWLEDGE, READING
+from services.data.view import DataView
 from services.orchestrator.planner import PlanStep
 from services.orchestrator.provenance import record
-from services.sensor.consumer import DataView
 
 
 class Cooperation:

@@ -12,9 +12,9 @@ from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
 from services.core.topics import AGENT_STATUS, TASKS
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudError
-from services.orchestrator.outcomes import Outcome
-from services.orchestrator.policies import Demand
 from services.orchestrator.provenance import record
+from services.scheduling.outcomes import Outcome
+from services.scheduling.policies import Demand
 
 
 @dataclass(frozen=True, slots=True)

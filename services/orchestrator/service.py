@@ -21,9 +21,9 @@ from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.generation import Generated, Generator, Job
-from services.orchestrator.outcomes import Outcome, Tally
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
 from services.orchestrator.provenance import record
+from services.scheduling.outcomes import Outcome, Tally
 
 log = structlog.get_logger("edgecollab.orchestrator")
 

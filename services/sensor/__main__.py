@@ -14,8 +14,8 @@ from services.core.logging import configure_logging
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, service_settings
+from services.data.streams import EVENT_DOMAINS, PROFILES, STREAMS, Stream
 from services.sensor.agent import EventSchedule, SensorAgent, data_topics
-from services.sensor.streams import EVENT_DOMAINS, PROFILES, STREAMS, Stream
 
 
 class SensorSettings(BaseSettings):

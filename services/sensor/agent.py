@@ -20,7 +20,7 @@ import structlog
 from schemas import EmbeddingRecord, KnowledgeAnswer, KnowledgeQuery, Reading
 from services.core.bus import Bus, Request
 from services.core.topics import EMBEDDING, READING, SENSOR_ASK, Topic
-from services.sensor.features import (
+from services.data.features import (
     MODEL_DIMS,
     STATS_MODEL,
     Sample,
@@ -28,7 +28,8 @@ from services.sensor.features import (
     describe_agent,
     embed,
 )
-from services.sensor.streams import Simulator, Stream, event_intensity
+from services.data.streams import Stream
+from services.sensor.simulator import Simulator, event_intensity
 
 log = structlog.get_logger("edgecollab.sensor")
 

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from services.core.errors import ConfigError
 
-GRAPH_FORMAT = "edgecollab-decoder/1"  # written by tools.export_model
+GRAPH_FORMAT = "edgecollab-decoder/1"  # written by tools.export.model
 _CARD_KEYS = ("name", "graph", "context_length", "vocab_size", "num_layers", "num_kv_heads",
               "head_dim")  # fmt: skip
 

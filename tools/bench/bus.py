@@ -32,9 +32,9 @@ from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import QUERIES
-from tools.broker import free_port, start_mosquitto
 from tools.common import print_json, running, spawn, stop
-from tools.stack import ServiceSpec
+from tools.common.broker import free_port, start_mosquitto
+from tools.common.stack import ServiceSpec
 
 PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
 

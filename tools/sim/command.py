@@ -1,0 +1,129 @@
+"""`edgecollab simulate`: the paper's scheduling experiment (Fig. 6) in simulated time."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import orjson
+
+from services.scheduling.policies import POLICIES
+from tools.sim.experiment import Experiment, run_experiment
+from tools.sim.report import PlotUnavailable, plot, table
+from tools.sim.workload import (
+    DEFAULT_SCENARIO,
+    InputFileError,
+    NodeSpec,
+    Request,
+    Scenario,
+    generate_workload,
+    load_nodes,
+    load_scenario,
+    load_trace,
+    write_nodes,
+    write_trace,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="replay the paper's scheduling experiment in simulated time",
+        description="Discrete-event simulation of a fleet under bursty load, per policy.",
+    )
+    p.add_argument("--scenario", type=Path, default=DEFAULT_SCENARIO, help="experiment file")
+    p.add_argument(
+        "--nodes", type=Path, help="node file: JSON list of {id, tokens_per_s, concurrency}"
+    )
+    p.add_argument("--fleet", type=_mix, help="node types and counts, e.g. agx_orin=1,orin_nano=7")
+    p.add_argument(
+        "--trace", type=Path, help="trace file: JSON Lines of {t, prompt_tokens, output_tokens}"
+    )
+    p.add_argument("--load-scale", type=_positive, default=1.0, help="multiply arrival rates")
+    p.add_argument(
+        "--horizon", type=_positive, help="seconds of generated load (default: scenario)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
+    p.add_argument("--policy", action="append", help=f"repeatable, or 'all': {', '.join(POLICIES)}")
+    p.add_argument("--no-cloud", action="store_true", help="no cloud: over-capacity is rejected")
+    p.add_argument("--bound-latency", type=_positive, help="Δ for the lower bound (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw Fig. 6 (needs matplotlib)")
+    p.add_argument("--write-trace", type=Path, metavar="FILE", help="write the workload and exit")
+    p.add_argument("--write-nodes", type=Path, metavar="FILE", help="write the fleet and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        policies = _policies(args.policy)
+        scenario = load_scenario(args.scenario)
+        nodes = load_nodes(args.nodes) if args.nodes else scenario.nodes(args.fleet)
+        seeds = range(args.seed, args.seed + max(args.seeds, 1))
+        workloads = {seed: _workload(args, scenario, seed) for seed in seeds}
+    except (InputFileError, ValueError) as e:
+        print(f"edgecollab simulate: error: {e}", file=sys.stderr)
+        return 2
+    if args.write_trace or args.write_nodes:
+        return _write_examples(args, nodes, workloads[args.seed])
+    exp = Experiment(
+        nodes, workloads, policies, None if args.no_cloud else scenario.cloud, args.bound_latency
+    )
+    report = run_experiment(exp)
+    print(
+        orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+        if args.json
+        else table(report)
+    )
+    if args.plot:
+        try:
+            plot(report, args.plot)
+        except PlotUnavailable as e:
+            print(f"edgecollab simulate: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _workload(args: argparse.Namespace, scenario: Scenario, seed: int) -> list[Request]:
+    if args.trace:
+        return load_trace(args.trace)
+    horizon = args.horizon or scenario.horizon_s
+    return generate_workload(
+        scenario.workload, horizon_s=horizon, seed=seed, load_scale=args.load_scale
+    )
+
+
+def _write_examples(args: argparse.Namespace, nodes: list[NodeSpec], trace: list[Request]) -> int:
+    if args.write_nodes:
+        write_nodes(args.write_nodes, nodes)
+        print(f"wrote {len(nodes)} nodes to {args.write_nodes}", file=sys.stderr)
+    if args.write_trace:
+        write_trace(args.write_trace, trace)
+        print(f"wrote {len(trace)} requests to {args.write_trace}", file=sys.stderr)
+    return 0
+
+
+def _policies(names: list[str] | None) -> list[str]:
+    if not names or "all" in names:
+        return list(POLICIES)
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policy {unknown[0]!r}; valid: {', '.join(POLICIES)}, all")
+    return list(dict.fromkeys(names))
+
+
+def _mix(value: str) -> dict[str, int]:
+    try:
+        pairs = (item.split("=") for item in value.split(","))
+        return {kind.strip(): int(count) for kind, count in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want TYPE=N,TYPE=N, got {value!r}") from None
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number

@@ -1,0 +1,208 @@
+"""Discrete-event simulation of a fleet under a workload, in simulated time.
+
+Node model: with k requests in flight a node decodes `tokens_per_s * k**beta` tokens/s in total,
+shared equally (processor sharing). Each node keeps a per-stream "attained service" clock `vs`;
+a request that starts at service mark s ends when `vs` reaches s + its output tokens, so a join
+or a leave only changes the node's stream rate and its next completion time. Requests told to
+wait queue FIFO at their node and start when a slot frees, or go to the cloud when their wait
+expires. The cloud has no capacity limit. The policy sees only a `Fleet`, kept up to date with
+the same calls the live orchestrator makes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.scheduling.outcomes import Outcome, Tally
+from services.scheduling.policies import Demand, Fleet, Policy
+from tools.sim.workload import CloudModel, NodeSpec, Request
+
+_EPS = 1e-9
+
+
+@dataclass(slots=True)
+class _Node:
+    """Ground truth of one simulated node."""
+
+    spec: NodeSpec
+    k: int = 0
+    vs: float = 0.0
+    last: float = 0.0
+    slot_seconds: float = 0.0
+    version: int = 0
+    streams: list[tuple[float, int]] = field(default_factory=list)  # heap of (end mark, request)
+    waiting: deque[int] = field(default_factory=deque)
+
+    def stream_rate(self) -> float:
+        return self.spec.tokens_per_s * self.k ** (self.spec.batching_beta - 1.0)
+
+    def advance(self, now: float) -> None:
+        if self.k:
+            self.vs += (now - self.last) * self.stream_rate()
+            self.slot_seconds += (now - self.last) * self.k
+        self.last = now
+
+    def next_end(self) -> float:
+        return self.last + (self.streams[0][0] - self.vs) / self.stream_rate()
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """What one run produced: counts, per-node slot utilization, and each request's end."""
+
+    tally: Tally
+    utilization: list[float]
+    max_edge_latency_s: float
+    end_s: float
+    outcomes: list[Outcome]  # per request, in workload order
+    latencies_s: list[float | None]
+
+
+class Simulation:
+    """One policy over one workload on one fleet; `run()` once."""
+
+    def __init__(
+        self,
+        requests: list[Request],
+        nodes: list[NodeSpec],
+        policy: Policy,
+        *,
+        seed: int,
+        cloud: CloudModel | None,
+    ) -> None:
+        self.requests, self.policy, self.cloud = requests, policy, cloud
+        self.prices = cloud.prices if cloud else None
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.nodes = [_Node(spec) for spec in nodes]
+        self.by_id: dict[str, int] = {n.spec.id: i for i, n in enumerate(self.nodes)}
+        self.fleet = Fleet(clock=lambda: self.now)
+        for n in nodes:
+            self.fleet.upsert(
+                n.id, tokens_per_s=n.tokens_per_s, concurrency=n.concurrency, beta=n.batching_beta
+            )
+        self.events: list[tuple[float, int, int, int]] = []  # (time, seq, node or -1, payload)
+        self.seq = 0
+        self.waiting_at: dict[int, int] = {}  # request -> node it waits at
+        self.tally = Tally()
+        self.max_edge_latency = 0.0
+        self.outcomes: list[Outcome] = [Outcome.FAILED] * len(requests)
+        self.latencies: list[float | None] = [None] * len(requests)
+
+    def run(self) -> SimResult:
+        """Replay every request, then drain; returns the counts."""
+        for r, request in enumerate(self.requests):
+            self._drain(until=request.t)
+            self.now = request.t
+            self._arrive(r)
+        self._drain(until=float("inf"))
+        end = max(self.now, self.requests[-1].t if self.requests else 0.0, _EPS)
+        for node in self.nodes:
+            node.advance(end)
+        util = [n.slot_seconds / (n.spec.concurrency * end) for n in self.nodes]
+        return SimResult(
+            self.tally, util, self.max_edge_latency, end, self.outcomes, self.latencies
+        )
+
+    def _push(self, t: float, node: int, payload: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, node, payload))
+
+    def _drain(self, until: float) -> None:
+        while self.events and self.events[0][0] <= until:
+            t, _, node, payload = heapq.heappop(self.events)
+            self.now = t
+            if node < 0:
+                self._expire(payload)
+            elif payload == self.nodes[node].version:
+                self._complete(node)
+
+    def _arrive(self, r: int) -> None:
+        req = self.requests[r]
+        decision = self.policy.choose(
+            Demand(req.prompt_tokens, req.output_tokens), self.fleet, self.rng
+        )
+        if decision.agent is None:
+            self._to_cloud(r, Outcome.CLOUD)
+            return
+        i = self.by_id[decision.agent]
+        node = self.nodes[i]
+        if node.k < node.spec.concurrency and not node.waiting:
+            self._start(i, r)
+        elif decision.max_wait_s > 0:
+            node.waiting.append(r)
+            self.waiting_at[r] = i
+            self.fleet.enqueued(node.spec.id, req.output_tokens)
+            self._push(self.now + decision.max_wait_s, -1, r)
+        else:
+            self._to_cloud(r, Outcome.REJECTED_TO_CLOUD)
+
+    def _start(self, i: int, r: int) -> None:
+        node = self.nodes[i]
+        node.advance(self.now)
+        heapq.heappush(node.streams, (node.vs + self.requests[r].output_tokens, r))
+        node.k += 1
+        self.fleet.started(node.spec.id, self.requests[r].output_tokens)
+        self._reschedule(i)
+
+    def _reschedule(self, i: int) -> None:
+        node = self.nodes[i]
+        node.version += 1
+        if node.k:
+            self._push(node.next_end(), i, node.version)
+
+    def _complete(self, i: int) -> None:
+        node = self.nodes[i]
+        node.advance(self.now)
+        while node.streams and node.streams[0][0] <= node.vs + _EPS * max(1.0, node.vs):
+            _, r = heapq.heappop(node.streams)
+            node.k -= 1
+            self.fleet.finished(node.spec.id, self.requests[r].output_tokens)
+            latency = self.now - self.requests[r].t
+            self.max_edge_latency = max(self.max_edge_latency, latency)
+            self._record(r, Outcome.EDGE, latency)
+        if not node.k:
+            node.vs = 0.0
+        while node.waiting and node.k < node.spec.concurrency:
+            r = node.waiting.popleft()
+            del self.waiting_at[r]
+            self.fleet.dequeued(node.spec.id, self.requests[r].output_tokens)
+            self._start(i, r)
+        self._reschedule(i)
+
+    def _expire(self, r: int) -> None:
+        i = self.waiting_at.pop(r, None)
+        if i is None:
+            return  # it got a slot in time
+        node = self.nodes[i]
+        node.waiting.remove(r)
+        self.fleet.dequeued(node.spec.id, self.requests[r].output_tokens)
+        self._to_cloud(r, Outcome.REJECTED_TO_CLOUD)
+
+    def _to_cloud(self, r: int, outcome: Outcome) -> None:
+        req = self.requests[r]
+        if self.cloud is None or self.prices is None:
+            self._record(r, Outcome.REJECTED, None)
+            return
+        waited = self.now - req.t
+        cost = self.prices.cost(req.prompt_tokens, req.output_tokens)
+        self._record(r, outcome, waited + self.cloud.latency_s(req.output_tokens), cost)
+
+    def _record(self, r: int, outcome: Outcome, latency: float | None, cost: float = 0.0) -> None:
+        self.outcomes[r], self.latencies[r] = outcome, latency
+        self.tally.record(outcome, latency_s=latency, cost_usd=cost)
+
+
+def simulate(
+    requests: list[Request],
+    nodes: list[NodeSpec],
+    policy: Policy,
+    *,
+    seed: int = 0,
+    cloud: CloudModel | None = None,
+) -> SimResult:
+    """Run `policy` over `requests` on `nodes`; `cloud` None means no cloud (rejections stay)."""
+    return Simulation(requests, nodes, policy, seed=seed, cloud=cloud).run()

@@ -1,1 +1,0 @@
-"""The scheduling simulator behind `edgecollab simulate`: engine, lower bound, reports."""
