@@ -25,9 +25,7 @@ async def test_classifier_service_answers_with_domain_gap_and_matches(mqtt, uid,
 
         async def classify(text: str) -> Classification:
             request = ClassifyRequest(request_id=f"r{time.time_ns()}", text=text)
-            reply = await bus.request(
-                CLASSIFY.format(), request, replies=CLASSIFY.replies, deadline=time.time() + 20
-            )
+            reply = await bus.request(CLASSIFY.format(), request, deadline=time.time() + 20)
             assert isinstance(reply, Classification)
             return reply
 

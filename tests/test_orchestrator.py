@@ -67,10 +67,7 @@ async def test_worker_at_its_limit_rejects_at_once(mqtt, uid, spawn):
         await wait_for(online(view, f"w-{uid}"))
         topic = TASKS.format(agent=f"w-{uid}")
         replies = await asyncio.gather(
-            *(
-                bus.request(topic, task(n), replies=TASKS.replies, deadline=time.time() + 10)
-                for n in range(2)
-            )
+            *(bus.request(topic, task(n), deadline=time.time() + 10) for n in range(2))
         )
     rejected = [r for r in replies if isinstance(r, Rejected)]
     assert len(rejected) == 1 and any(isinstance(r, TaskResult) for r in replies)

@@ -47,9 +47,7 @@ async def ask(bus: Bus, text: str) -> Answer:
     query = Query(
         request_id=f"q{time.time_ns()}", text=text, max_tokens=24, deadline=time.time() + 60
     )
-    answer = await bus.request(
-        QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
-    )
+    answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
     assert isinstance(answer, Answer)
     return answer
 

@@ -161,7 +161,6 @@ async def test_wearable_process_publishes_readings_embeddings_and_answers_with_a
                 asker=f"c-{uid}",
                 deadline=time.time() + 5,
             ),
-            replies=SENSOR_ASK.replies,
             deadline=time.time() + 5,
         )
     card = cms.agent(agent).card
@@ -226,7 +225,6 @@ async def test_city_sensor_shows_a_crowd_in_values_summary_and_answer(mqtt, uid)
                     asker=f"c-{uid}",
                     deadline=time.time() + 5,
                 ),
-                replies=SENSOR_ASK.replies,
                 deadline=time.time() + 5,
             )
         finally:
@@ -248,7 +246,7 @@ async def test_view_computes_a_window_embedding_when_none_was_published(mqtt, ui
     async with running(bus):
         for i, value in enumerate((60.0, 70.0, 110.0)):
             body = Reading.model_validate(reading(agent, value=value, ts=t0 + i))
-            await bus.publish(topic, body, qos=0)
+            await bus.publish(topic, body)
         await wait_for(lambda: len(view.window(agent, "heart_rate")) == 3)
     assert view.last_seen(agent) >= t0 + 10 and view.last_seen(f"none-{uid}") is None
     record = view.embedding(agent, "heart_rate")
@@ -374,6 +372,5 @@ async def test_a_sensor_leaves_the_experts_questions_to_the_experts(mqtt, uid):
                     asker=f"c-{uid}",
                     deadline=time.time() + 0.5,
                 ),
-                replies=KNOWLEDGE.replies,
                 deadline=time.time() + 0.5,
             )

@@ -49,9 +49,7 @@ async def ask(bus: Bus, text: str = "hello", *, max_tokens: int = 8, timeout: fl
         max_tokens=max_tokens,
         deadline=time.time() + timeout,
     )
-    answer = await bus.request(
-        QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
-    )
+    answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
     assert isinstance(answer, Answer)
     return answer
 
@@ -189,8 +187,6 @@ async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spa
         from services.core.errors import RemoteError
 
         with pytest.raises(RemoteError) as raised:
-            await bus.request_raw(
-                QUERIES.format(), payload, replies=QUERIES.replies, deadline=time.time() + 5
-            )
+            await bus.request_raw(QUERIES.format(), payload, deadline=time.time() + 5)
         assert raised.value.error.service == "orchestrator"
         assert (await ask(bus)).outcome == "edge"

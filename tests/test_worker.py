@@ -61,7 +61,6 @@ async def generate(bus: Bus, uid: str, **kwargs) -> TaskResult:  # type: ignore[
     reply = await bus.request(
         TASKS.format(agent=f"w-{uid}"),
         task(uid, **kwargs),
-        replies=TASKS.replies,
         deadline=time.time() + 20,
     )
     assert isinstance(reply, TaskResult)
@@ -77,9 +76,7 @@ async def test_onnx_worker_serves_streams_and_advertises_its_model(
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         first = task(uid, max_tokens=12, stream=True)
         await bus.follow(STREAM, lambda r: chunks.append(r.body.text), request=first.request_id)
-        result = await bus.request(
-            TASKS.format(agent=f"w-{uid}"), first, replies=TASKS.replies, deadline=first.deadline
-        )
+        result = await bus.request(TASKS.format(agent=f"w-{uid}"), first, deadline=first.deadline)
         await bus.barrier()
         card = view.agent(f"w-{uid}").card
         name = model_name(tiny_model_dir)
@@ -133,9 +130,7 @@ async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         for name, (payload, code, words) in cases.items():
             with pytest.raises(RemoteError) as raised:
-                await bus.request_raw(
-                    topic, orjson.dumps(payload), replies=TASKS.replies, deadline=time.time() + 5
-                )
+                await bus.request_raw(topic, orjson.dumps(payload), deadline=time.time() + 5)
             assert raised.value.error.code == code, name
             assert words in raised.value.error.message, (name, raised.value.error.message)
         assert (await generate(bus, uid)).output_tokens >= 1
@@ -157,7 +152,6 @@ async def test_worker_answers_its_knowledge_domain(mqtt, uid, spawn, tiny_model_
         answer = await bus.request(
             KNOWLEDGE.format(domain=domain),
             query,
-            replies=KNOWLEDGE.replies,
             deadline=query.deadline,
         )
     assert isinstance(answer, KnowledgeAnswer) and answer.agent == f"w-{uid}"

@@ -27,7 +27,7 @@ from schemas.messages import ErrorCode
 from services.core.connection import Connection, ConnectionLost, PublishProperties
 from services.core.errors import BadInput, DeadlineExceeded, PeerGone, RemoteError
 from services.core.settings import MqttSettings
-from services.core.topics import ERRORS, REPLIES, Topic
+from services.core.topics import ERRORS, REPLIES, Address, Topic
 from services.core.wire import parse_payload, request_id_of
 
 M = TypeVar("M", bound=Message)
@@ -187,26 +187,24 @@ class Bus:
     # -- publishing --------------------------------------------------------------------------
 
     async def publish(
-        self,
-        topic: str,
-        body: Message | None,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        expiry_s: float | None = None,
-        response_topic: str | None = None,
-        correlation: bytes | None = None,
+        self, address: Address[M], body: M | None, *, expiry_s: float | None = None
     ) -> None:
-        """Publish a model (None: an empty payload, which deletes a retained entry)."""
-        props = None
-        if expiry_s is not None or response_topic or correlation:
-            props = PublishProperties(
-                expiry_s=None if expiry_s is None else max(1, math.ceil(expiry_s)),
-                response_topic=response_topic or None,
-                correlation=correlation or None,
-            )
+        """Publish a model with its topic's QoS and retain flag; None (an empty payload)
+        deletes a retained entry."""
+        topic = address.topic
+        if body is None and not topic.retained:
+            raise ValueError(f"{address}: only a retained topic's entry can be deleted")
+        props = None if expiry_s is None else PublishProperties(expiry_s=_expiry(expiry_s))
         payload = b"" if body is None else body.model_dump_json().encode()
-        await self._publish_bytes(topic, payload, qos=qos, retain=retain, props=props)
+        await self._publish_bytes(
+            address, payload, qos=topic.qos, retain=topic.retained, props=props
+        )
+
+    async def _answer(self, reply_to: str, body: Message, correlation: bytes | None) -> None:
+        """A reply on the requester's own response topic (MQTT 5 Response Topic)."""
+        props = PublishProperties(correlation=correlation) if correlation else None
+        payload = body.model_dump_json().encode()
+        await self._publish_bytes(reply_to, payload, qos=1, retain=False, props=props)
 
     async def _publish_bytes(
         self,
@@ -231,46 +229,33 @@ class Bus:
         raise ConnectionLost(f"could not publish to {topic}")
 
     async def request(
-        self,
-        topic: str,
-        body: Message,
-        *,
-        replies: tuple[type[Message], ...],
-        deadline: float,
-        peer: str | None = None,
+        self, address: Address[M], body: M, *, deadline: float, peer: str | None = None
     ) -> Message:
-        """Send a request and await its reply; an `Error` reply raises RemoteError, and
-        `abandon(peer)` raises PeerGone in the requests sent to that agent."""
+        """Send a request and await one of its topic's replies; an `Error` reply raises
+        RemoteError, and `abandon(peer)` raises PeerGone in the requests sent to that agent."""
         payload = body.model_dump_json().encode()
-        return await self.request_raw(topic, payload, replies=replies, deadline=deadline, peer=peer)
+        return await self.request_raw(address, payload, deadline=deadline, peer=peer)
 
     async def request_raw(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        replies: tuple[type[Message], ...],
-        deadline: float,
-        peer: str | None = None,
+        self, address: Address[Any], payload: bytes, *, deadline: float, peer: str | None = None
     ) -> Message:
         """`request` with the payload as bytes, as a device of any make might send it."""
         timeout = deadline - time.time()
         if timeout <= 0:
-            raise DeadlineExceeded(f"deadline already passed for {topic}")
+            raise DeadlineExceeded(f"deadline already passed for {address}")
         correlation = uuid.uuid4().bytes
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = _Pending(future, self._adapter((*replies, Error)), peer)
+        replies = self._adapter((*address.topic.replies, Error))
+        self._pending[correlation] = _Pending(future, replies, peer)
         props = PublishProperties(
-            expiry_s=max(1, math.ceil(timeout)),
-            response_topic=self.reply_topic,
-            correlation=correlation,
+            expiry_s=_expiry(timeout), response_topic=self.reply_topic, correlation=correlation
         )
         try:
-            await self._publish_bytes(topic, payload, qos=1, retain=False, props=props)
+            await self._publish_bytes(address, payload, qos=1, retain=False, props=props)
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 return await future
         except TimeoutError:
-            raise DeadlineExceeded(f"no answer on {topic} within {timeout:.1f} s") from None
+            raise DeadlineExceeded(f"no answer on {address} within {timeout:.1f} s") from None
         finally:
             self._pending.pop(correlation, None)
 
@@ -365,7 +350,7 @@ class Bus:
             bound.exception("request.failed")
             reply = self._error("internal", f"{type(exc).__name__}: {exc}", topic, request_id)
         if reply is not None and request.reply_to:
-            await self.publish(request.reply_to, reply, correlation=request.correlation)
+            await self._answer(request.reply_to, reply, request.correlation)
         bound.debug("request.done", ms=round((time.perf_counter() - started) * 1000, 2))
 
     def _is_duplicate(self, correlation: bytes | None) -> bool:
@@ -396,7 +381,7 @@ class Bus:
 
     async def _publish_error(self, target: str, error: Error, correlation: bytes | None) -> None:
         with contextlib.suppress(ConnectionLost):
-            await self.publish(target, error, correlation=correlation)
+            await self._answer(target, error, correlation)
 
     def _error(self, code: ErrorCode, message: str, topic: str, request_id: str | None) -> Error:
         return Error(
@@ -425,3 +410,8 @@ class Bus:
             pending.future.set_exception(RemoteError(reply))
         else:
             pending.future.set_result(reply)
+
+
+def _expiry(seconds: float) -> int:
+    """MQTT 5 Message Expiry Interval: whole seconds, at least 1 (0 would mean none)."""
+    return max(1, math.ceil(seconds))

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
 from services.core.errors import BadInput
-from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_ROOT
+from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_KEY, CMS_ROOT
 from services.core.wire import parse_payload
 
 log = structlog.get_logger("edgecollab.cms")
@@ -142,9 +142,9 @@ async def put(
 ) -> None:
     """Write one retained CMS entry (origin: this client)."""
     body = entry(value, version=version, origin=bus.client_id)
-    await bus.publish(cms_key(key), body, retain=True, expiry_s=expiry_s)
+    await bus.publish(CMS_KEY.at(cms_key(key)), body, expiry_s=expiry_s)
 
 
 async def delete(bus: Bus, key: str) -> None:
     """Delete a CMS key: an empty retained payload."""
-    await bus.publish(cms_key(key), None, retain=True)
+    await bus.publish(CMS_KEY.at(cms_key(key)), None)

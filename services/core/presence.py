@@ -18,7 +18,7 @@ from services.core.bus import Bus
 from services.core.connection import Connection
 from services.core.errors import BadInput
 from services.core.settings import MqttSettings
-from services.core.topics import AGENT_CARD, AGENT_STATUS
+from services.core.topics import AGENT_CARD, AGENT_STATUS, REPLIES, Address
 from services.core.wire import parse_payload
 
 log = structlog.get_logger("edgecollab.presence")
@@ -32,7 +32,7 @@ async def next_epoch(settings: MqttSettings, agent: str) -> int:
     Read over a short connection of its own before the service connects, because the Last
     Will, fixed at connect time, must carry the new epoch.
     """
-    topic, fence = AGENT_CARD.format(agent=agent), f"replies/{agent}/epoch"
+    topic, fence = AGENT_CARD.format(agent=agent), REPLIES.format(client=agent)
     epochs = [0]
     fenced = asyncio.get_running_loop().create_future()
 
@@ -93,7 +93,7 @@ class Presence:
     def base_version(self) -> int:
         return self.card.epoch * EPOCH_SPAN
 
-    def will(self) -> tuple[str, CmsEntry]:
+    def will(self) -> tuple[Address[CmsEntry], CmsEntry]:
         """The Last Will: this epoch's final status, offline."""
         status = AgentStatus(
             agent=self.card.agent, epoch=self.card.epoch, online=False, updated_at=now()
@@ -105,7 +105,7 @@ class Presence:
 
     async def announce(self, bus: Bus) -> None:
         """The birth: card, then status."""
-        await bus.publish(self.card_topic, card_entry(self.card), retain=True)
+        await bus.publish(self.card_topic, card_entry(self.card))
         await self.publish_status(bus)
 
     def changed(self) -> None:
@@ -137,12 +137,12 @@ class Presence:
             updated_at=now(),
         )
         self._sequence = min(self._sequence + 1, EPOCH_SPAN - 2)
-        await bus.publish(self.status_topic, self._entry(status, self._sequence), retain=True)
+        await bus.publish(self.status_topic, self._entry(status, self._sequence))
 
     async def retire(self, bus: Bus) -> None:
         """A clean shutdown says what the Last Will would have said."""
         topic, will = self.will()
-        await bus.publish(topic, will, retain=True)
+        await bus.publish(topic, will)
 
     def _entry(self, value: AgentStatus, sequence: int) -> CmsEntry:
         return _entry(value, self.card.agent, self.base_version + sequence)

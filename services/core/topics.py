@@ -1,13 +1,17 @@
-"""Every topic of the bus, declared once and bound to its payload model.
+"""Every topic of the bus, declared once and bound to its payload model, QoS and retain flag.
 
-Templates name whole levels in braces (`computation/tasks/{agent}`); they compile to `+`
-filters and are checked when declared. No other module writes topic strings by hand.
+Templates name whole levels in braces (`computation/tasks/{agent}`); a last level `{name*}`
+stands for one or more levels (a CMS key). They compile to `+`/`#` filters and are checked when
+declared. `format` and `at` give an `Address`: the concrete topic, still bound to its `Topic`, so
+`Bus.publish` and `Bus.request` take their payload type, QoS, retain flag and reply models from
+this table and nowhere else. No other module writes topic strings by hand.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
 
 from schemas import (
     Answer,
@@ -27,49 +31,86 @@ from schemas import (
     TokenChunk,
 )
 
-_PLACEHOLDER = re.compile(r"^\{([a-z_]+)\}$")
+M = TypeVar("M", bound=Message)
+
+_PLACEHOLDER = re.compile(r"^\{([a-z_]+)(\*?)\}$")
 _BAD_LEVEL_CHARS = re.compile(r"[+#/\x00]")
+MAX_TOPIC_CHARS = 1024  # far below MQTT's 65,535 bytes; a longer key is a mistake or an attack
+
+
+class BadTopic(ValueError):
+    """A concrete topic that is not an instance of its template (or not a topic at all)."""
+
+
+class Address(str, Generic[M]):
+    """A concrete topic name that remembers the `Topic` it is an instance of."""
+
+    topic: Topic[M]
+
+    def __new__(cls, name: str, topic: Topic[M]) -> Address[M]:
+        address = super().__new__(cls, name)
+        address.topic = topic
+        return address
 
 
 @dataclass(frozen=True)
-class Topic:
+class Topic(Generic[M]):
     """A topic template bound to the model published there (and the models of its replies)."""
 
     template: str
-    payload: type[Message]
+    payload: type[M]
     replies: tuple[type[Message], ...] = ()
     retained: bool = False
-    qos: int = 1
+    qos: Literal[0, 1] = 1
     params: tuple[str, ...] = field(init=False)
+    _rest: str | None = field(init=False, default=None)  # the `{name*}` level's name
 
     def __post_init__(self) -> None:
-        names = []
-        for level in self.template.split("/"):
+        names, levels = [], self.template.split("/")
+        for i, level in enumerate(levels):
             match = _PLACEHOLDER.match(level)
+            if match and match.group(2) and i != len(levels) - 1:
+                raise ValueError(f"bad topic template {self.template!r}: {level!r} must be last")
             if match:
                 names.append(match.group(1))
+                if match.group(2):
+                    object.__setattr__(self, "_rest", match.group(1))
             elif not level or "{" in level or _BAD_LEVEL_CHARS.search(level):
                 raise ValueError(f"bad topic template {self.template!r}: level {level!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"repeated placeholder in {self.template!r}")
         object.__setattr__(self, "params", tuple(names))
 
-    def format(self, **values: str) -> str:
-        """The concrete topic; each value must be one non-empty level."""
+    def format(self, **values: str) -> Address[M]:
+        """The concrete topic; each value must be one non-empty level (the `*` one: levels)."""
         if set(values) != set(self.params):
-            raise ValueError(f"{self.template!r} needs {self.params}, got {sorted(values)}")
+            raise BadTopic(f"{self.template!r} needs {self.params}, got {sorted(values)}")
         for name, value in values.items():
-            if not value or _BAD_LEVEL_CHARS.search(value):
-                raise ValueError(f"{name}={value!r} is not a topic level")
-        return self.template.format(**values)
+            levels = value.split("/") if name == self._rest else [value]
+            if not all(levels) or any(_BAD_LEVEL_CHARS.search(v) or v == ".." for v in levels):
+                raise BadTopic(f"{name}={value!r} is not a topic level")
+        name = self.template.replace("*}", "}").format(**values)
+        if len(name) > MAX_TOPIC_CHARS:
+            raise BadTopic(f"topic of {len(name)} characters (at most {MAX_TOPIC_CHARS})")
+        return Address(name, self)
+
+    def at(self, name: str) -> Address[M]:
+        """A concrete topic name checked against this template."""
+        values = self.match(name)
+        if values is None:
+            raise BadTopic(f"{name!r} is not a topic of {self.template!r}")
+        return self.format(**values)
 
     def filter(self, **fixed: str) -> str:
-        """A subscription filter: given params fixed, the others `+`."""
-        return self.template.format(**{name: fixed.get(name, "+") for name in self.params})
+        """A subscription filter: given params fixed, the others `+` (the `*` one: `#`)."""
+        wild = {name: "#" if name == self._rest else "+" for name in self.params}
+        return self.template.replace("*}", "}").format(**{**wild, **fixed})
 
     def match(self, topic: str) -> dict[str, str] | None:
         """The params of a concrete topic, or None when it is not an instance of this one."""
         levels, parts = self.template.split("/"), topic.split("/")
+        if self._rest is not None and len(parts) > len(levels):
+            parts = [*parts[: len(levels) - 1], "/".join(parts[len(levels) - 1 :])]
         if len(levels) != len(parts):
             return None
         values = {}
@@ -87,6 +128,9 @@ class Topic:
 CMS_ROOT = "cms"
 CMS_ALL = "cms/#"
 
+# Any CMS key (the CLI, operators); the families below are its typed instances.
+CMS_KEY = Topic("cms/{key*}", CmsEntry, retained=True)
+
 # Capability Metadata Store: every retained value is a CmsEntry.
 AGENT_CARD = Topic("cms/agents/{agent}", CmsEntry, retained=True)
 AGENT_STATUS = Topic("cms/agents/{agent}/status", CmsEntry, retained=True)
@@ -97,7 +141,8 @@ INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
 
 # Data cooperation.
-READING = Topic("data/{domain}/{stream}/{agent}", Reading, qos=0)
+# A reading is retained as its stream's last value, so a new consumer starts with one.
+READING = Topic("data/{domain}/{stream}/{agent}", Reading, retained=True, qos=0)
 EMBEDDING = Topic("data/{domain}/{stream}/embeddings/{agent}", EmbeddingRecord, qos=0)
 
 # Computation cooperation.
@@ -114,4 +159,4 @@ SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies
 ERRORS = Topic("errors/{service}", Error)
 
 # Each client's response topic (MQTT 5 Response Topic); Correlation Data tells requests apart.
-REPLIES = Topic("replies/{client}", Message)
+REPLIES: Topic[Any] = Topic("replies/{client}", Message)

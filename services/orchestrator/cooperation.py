@@ -73,7 +73,7 @@ class Cooperation:
         )
         try:
             reply = await self.bus.request(
-                topic, query, replies=KNOWLEDGE.replies, deadline=deadline
+                topic, query, deadline=deadline
             )
         except (DeadlineExceeded, RemoteError) as exc:
             return None, record(step.name, topic, None, started, "failed", detail=str(exc))

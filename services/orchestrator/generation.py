@@ -89,7 +89,7 @@ class Generator:
         started = time.perf_counter()
         try:
             reply = await self.bus.request(
-                topic, task, replies=TASKS.replies, deadline=task.deadline, peer=agent
+                topic, task, deadline=task.deadline, peer=agent
             )
         except (DeadlineExceeded, RemoteError, PeerGone) as exc:
             return record(job.name, topic, agent, started, "failed", detail=str(exc)), None

@@ -122,7 +122,7 @@ class Orchestrator:
         deadline = min(query.deadline, time.time() + CLASSIFY_TIMEOUT_S)
         try:
             reply = await self.bus.request(
-                CLASSIFY.format(), request, replies=CLASSIFY.replies, deadline=deadline
+                CLASSIFY.format(), request, deadline=deadline
             )
         except (DeadlineExceeded, RemoteError) as exc:
             steps.append(

@@ -34,7 +34,6 @@ class SensorSettings(BaseSettings):
     event_for_s: float = Field(0.0, ge=0, description="how long it lasts; 0: until stopped")
     event_every_s: float = Field(0.0, ge=0, description="repeat period; 0: once")
     event_ramp_s: float = Field(10.0, ge=0, description="seconds to reach full strength")
-    retain: bool = Field(True, description="retain each stream's latest reading (last value)")
     seed: int | None = Field(None, description="noise seed (default: from the agent id)")
 
     @model_validator(mode="after")
@@ -76,7 +75,6 @@ def build(settings: SensorSettings, bus: Bus) -> SensorAgent:
         window_s=settings.window_s,
         history_s=settings.history_s,
         schedule=settings.schedule(),
-        retain=settings.retain,
         seed=settings.seed if settings.seed is not None else zlib.crc32(settings.agent_id.encode()),
     )
 

@@ -19,7 +19,7 @@ import structlog
 
 from schemas import EmbeddingRecord, KnowledgeAnswer, KnowledgeQuery, Reading
 from services.core.bus import Bus, Request
-from services.core.topics import EMBEDDING, READING, SENSOR_ASK, Topic
+from services.core.topics import EMBEDDING, READING, SENSOR_ASK, Address, M, Topic
 from services.data.features import (
     MODEL_DIMS,
     STATS_MODEL,
@@ -74,14 +74,13 @@ class SensorAgent:
         window_s: float = 30.0,
         history_s: float = 60.0,
         schedule: EventSchedule | None = None,
-        retain: bool = True,
         seed: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus, self.agent, self.domain, self.streams = bus, agent, domain, streams
         self.period_s = 1.0 / rate_hz
         self.window_s, self.history_s = window_s, history_s
-        self.schedule, self.retain, self.clock = schedule, retain, clock
+        self.schedule, self.clock = schedule, clock
         self.simulator = Simulator(streams, seed=seed)
         self.history: dict[str, deque[Sample]] = {s.name: deque() for s in streams}
         self._window_end: dict[str, float] = {s.name: 0.0 for s in streams}
@@ -93,7 +92,7 @@ class SensorAgent:
         """The data topics this agent publishes (its card's `streams`)."""
         return data_topics(self.agent, self.domain, self.streams, embeddings=self.window_s > 0)
 
-    def _topic(self, template: Topic, stream: Stream) -> str:
+    def _topic(self, template: Topic[M], stream: Stream) -> Address[M]:
         return template.format(domain=self.domain, stream=stream.name, agent=self.agent)
 
     def intensity(self) -> float:
@@ -137,7 +136,7 @@ class SensorAgent:
             ts=t,
         )
         self._remember(stream.name, Sample(t, value, text))
-        await self.bus.publish(self._topic(READING, stream), reading, qos=0, retain=self.retain)
+        await self.bus.publish(self._topic(READING, stream), reading)
         self.readings_sent += 1
 
     def _remember(self, name: str, sample: Sample) -> None:
@@ -154,7 +153,7 @@ class SensorAgent:
             if record is None:
                 continue
             self._window_end[stream.name] = record.window_end
-            await self.bus.publish(self._topic(EMBEDDING, stream), record, qos=0)
+            await self.bus.publish(self._topic(EMBEDDING, stream), record)
             self.embeddings_sent += 1
 
     def window_record(self, stream: Stream) -> EmbeddingRecord | None:

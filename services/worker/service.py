@@ -158,6 +158,6 @@ class Worker:
             nonlocal seq
             chunk = TokenChunk(request_id=task.request_id, agent=self.agent, seq=seq, text=text)
             seq += 1
-            await self.bus.publish(topic, chunk, qos=0)
+            await self.bus.publish(topic, chunk)
 
         return emit

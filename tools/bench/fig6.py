@@ -207,7 +207,7 @@ async def _replay(
         sent = loop.time()
         try:
             answer = await bus.request(
-                QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
+                QUERIES.format(), query, deadline=query.deadline
             )
         except EdgecollabError:
             tally.record(Outcome.FAILED, latency_s=None)

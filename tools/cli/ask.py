@@ -43,7 +43,7 @@ async def ask(args: argparse.Namespace) -> int:
             await bus.follow(STREAM, _print_chunk, request=query.request_id)
         try:
             answer = await bus.request(
-                QUERIES.format(), query, replies=QUERIES.replies, deadline=query.deadline
+                QUERIES.format(), query, deadline=query.deadline
             )
         except (DeadlineExceeded, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
