@@ -41,10 +41,16 @@ def now() -> float:
     return time.time()
 
 
+def _version_required(schema: dict[str, Any]) -> None:
+    """A sender must write `"v": 1` (the services refuse a message without it), so the JSON
+    Schema says so, though the Python models fill it in themselves."""
+    schema["required"] = ["v", *schema.get("required", [])]
+
+
 class Message(BaseModel):
     """Base of every payload: versioned, immutable, strict about unknown fields."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_version_required)
 
     v: Literal[1] = SCHEMA_VERSION
 
@@ -88,6 +94,7 @@ class AgentStatus(Message):
     active: int = Field(0, ge=0)
     queued: int = Field(0, ge=0)
     tokens_per_s: float = Field(0.0, ge=0, description="recent decode rate, all requests")
+    exceptions: int = Field(0, ge=0, description="exceptions caught and logged since start")
     updated_at: float
 
 

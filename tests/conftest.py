@@ -7,17 +7,40 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import structlog
 
 from services.core.bus import Bus
+from services.core.logging import EXCEPTIONS
 from services.core.settings import MqttSettings
 from tests.broker import ROOT, Broker
 
 pytest_plugins = ["tests.classifier_fixtures", "tests.model_fixtures"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "logged_exceptions(n): the test provokes n logged exceptions on purpose"
+    )
+    # Count exceptions in this process whatever else configures structlog later.
+    processors = structlog.get_config()["processors"]
+    if EXCEPTIONS not in processors:
+        structlog.configure(processors=[EXCEPTIONS, *processors])
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_exception(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A service survives a bug in a handler or callback by logging it; a test must not."""
+    before = EXCEPTIONS.count
+    yield
+    marker = request.node.get_closest_marker("logged_exceptions")
+    expected = marker.args[0] if marker else 0
+    logged = EXCEPTIONS.count - before
+    assert logged == expected, f"{logged} exception(s) logged (see the captured log)"
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +73,13 @@ async def running(bus: Bus) -> AsyncIterator[Bus]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Wait, as long as a slow machine needs, until `predicate()` holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
 
 
 def service_env(mqtt: MqttSettings) -> dict[str, str]:
@@ -85,3 +115,6 @@ def spawn(mqtt: MqttSettings, tmp_path: Path) -> Iterator:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+    for proc in procs:
+        text = Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+        assert "Traceback (most recent call last)" not in text, f"{proc.args}: {text[-3000:]}"

@@ -16,7 +16,7 @@ from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.presence import card_entry
 from services.core.topics import AGENT_CARD, ERRORS, TASKS, Address
-from tests.conftest import running
+from tests.conftest import running, wait_for
 
 
 def _task(uid: str, deadline_s: float = 5.0) -> Task:
@@ -76,6 +76,7 @@ async def test_request_to_silent_agent_fails_at_its_deadline(mqtt, uid):
         assert 0.4 < time.monotonic() - started < 2.0
 
 
+@pytest.mark.logged_exceptions(1)
 async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, uid):
     calls = 0
 
@@ -97,6 +98,35 @@ async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, 
             await client.request(topic, _task(uid), deadline=time.time() + 5)
         reply = await client.request(topic, _task(uid + "b"), deadline=time.time() + 5)
     assert isinstance(reply, Rejected) and reply.reason == "full"
+
+
+@pytest.mark.logged_exceptions(1)
+async def test_listener_bug_is_counted_in_the_status_and_reading_goes_on(mqtt, uid):
+    from services.core.logging import EXCEPTIONS
+    from services.core.presence import Presence
+
+    seen: list[str] = []
+
+    def listener(request: Request[Error]) -> None:
+        seen.append(request.body.message)
+        if len(seen) == 1:
+            raise KeyError("a bug in a callback")
+
+    card = AgentCard(agent=f"l-{uid}", kind="worker", epoch=1, started_at=now())
+    presence = Presence(card)
+    bus = Bus(settings=mqtt, client_id=f"l-{uid}", service="t")
+    bus.listen(ERRORS, listener, service=f"s-{uid}")
+    view = CmsView(bus)
+    before = EXCEPTIONS.count
+    async with running(bus):
+        for text in ("first", "second"):
+            error = Error(code="internal", message=text, service="t", topic="t")
+            await bus.publish(ERRORS.format(service=f"s-{uid}"), error)
+        await wait_for(lambda: len(seen) == 2)
+        await presence.publish_status(bus)
+        await wait_for(lambda: f"l-{uid}" in view.statuses)
+    assert seen == ["first", "second"] and EXCEPTIONS.count == before + 1
+    assert view.statuses[f"l-{uid}"].exceptions == EXCEPTIONS.count
 
 
 BAD_INPUTS = {

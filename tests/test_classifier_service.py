@@ -11,8 +11,8 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import RemoteError
 from services.core.topics import CLASSIFY
-from tests.conftest import running
-from tests.test_stack import online, wait_for
+from tests.conftest import running, wait_for
+from tests.test_stack import online
 
 
 async def test_classifier_service_answers_with_domain_gap_and_matches(mqtt, uid, spawn, minilm_dir):

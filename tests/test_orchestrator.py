@@ -13,9 +13,9 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import METRIC, TASKS
 from tests.broker import ROOT
-from tests.conftest import running
+from tests.conftest import running, wait_for
 from tests.test_cli import cli
-from tests.test_stack import ask, online, wait_for
+from tests.test_stack import ask, online
 from tools.bench.fake_cloud import FakeCloud
 
 

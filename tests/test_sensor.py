@@ -23,8 +23,8 @@ from services.data.streams import PROFILES, STREAMS
 from services.data.view import DataView, embedding_problem, reading_problem
 from services.sensor.__main__ import SensorSettings, build
 from services.sensor.simulator import Simulator, event_intensity, expected
-from tests.conftest import running
-from tests.test_stack import online, wait_for
+from tests.conftest import running, wait_for
+from tests.test_stack import online
 
 HR = STREAMS[("health", "heart_rate")]
 TEMP = STREAMS[("health", "body_temp")]

@@ -15,13 +15,7 @@ from schemas import Answer, CmsEntry, Query
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import QUERIES
-from tests.conftest import running
-
-
-async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.05)
+from tests.conftest import running, wait_for
 
 
 def online(view: CmsView, *agents: str):  # type: ignore[no-untyped-def]

@@ -20,8 +20,8 @@ from services.core.cms import CmsView
 from services.core.errors import RemoteError
 from services.core.topics import ERRORS, KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
 from tests.broker import ROOT
-from tests.conftest import running
-from tests.test_stack import online, wait_for
+from tests.conftest import running, wait_for
+from tests.test_stack import online
 
 
 def model_name(folder) -> str:  # type: ignore[no-untyped-def]

@@ -7,6 +7,23 @@ import os
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+
+class ExceptionTally:
+    """Counts the events logged with an exception. The service survives them (its status
+    shows the count); the test suite fails on them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+        if event.get("exc_info"):
+            self.count += 1
+        return event
+
+
+EXCEPTIONS = ExceptionTally()  # one per process, like the logging configuration itself
 
 
 def configure_logging(service: str, *, level: str | None = None, json: bool | None = None) -> None:
@@ -22,6 +39,7 @@ def configure_logging(service: str, *, level: str | None = None, json: bool | No
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            EXCEPTIONS,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

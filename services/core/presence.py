@@ -17,6 +17,7 @@ from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
 from services.core.connection import Connection
 from services.core.errors import BadInput
+from services.core.logging import EXCEPTIONS
 from services.core.settings import MqttSettings
 from services.core.topics import AGENT_CARD, AGENT_STATUS, REPLIES, Address
 from services.core.wire import parse_payload
@@ -134,6 +135,7 @@ class Presence:
             active=active,
             queued=queued,
             tokens_per_s=round(rate, 2),
+            exceptions=EXCEPTIONS.count,
             updated_at=now(),
         )
         self._sequence = min(self._sequence + 1, EPOCH_SPAN - 2)
