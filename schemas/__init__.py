@@ -1,6 +1,5 @@
 """The edgecollab message contract (see schemas/json/ for the exported JSON Schemas)."""
 
-from schemas.ids import AgentId, RequestId, TaskId
 from schemas.messages import (
     ALL_MESSAGES,
     SCHEMA_VERSION,
@@ -15,6 +14,8 @@ from schemas.messages import (
     Complexity,
     EmbeddingRecord,
     Error,
+    FinishReason,
+    GenerationStats,
     KnowledgeAnswer,
     KnowledgeQuery,
     Message,
@@ -35,7 +36,6 @@ __all__ = [
     "ALL_MESSAGES",
     "SCHEMA_VERSION",
     "AgentCard",
-    "AgentId",
     "AgentMatch",
     "AgentStatus",
     "Answer",
@@ -46,6 +46,8 @@ __all__ = [
     "Complexity",
     "EmbeddingRecord",
     "Error",
+    "FinishReason",
+    "GenerationStats",
     "KnowledgeAnswer",
     "KnowledgeQuery",
     "Message",
@@ -54,11 +56,9 @@ __all__ = [
     "Query",
     "Reading",
     "Rejected",
-    "RequestId",
     "SamplingOptions",
     "Step",
     "Task",
-    "TaskId",
     "TaskResult",
     "TokenChunk",
     "now",

@@ -1,8 +1,8 @@
-"""Identifier types: distinct names so an agent id is never passed where a request id belongs."""
+"""Identifier fields: the patterns an agent id, a request or task id, and a domain must match."""
 
 from __future__ import annotations
 
-from typing import Annotated, NewType
+from typing import Annotated
 
 from pydantic import StringConstraints
 
@@ -11,11 +11,7 @@ AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 TOKEN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 DOMAIN_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 
-AgentId = NewType("AgentId", str)
-RequestId = NewType("RequestId", str)
-TaskId = NewType("TaskId", str)
-
-AgentIdField = Annotated[AgentId, StringConstraints(pattern=AGENT_ID_PATTERN)]
-RequestIdField = Annotated[RequestId, StringConstraints(pattern=TOKEN_ID_PATTERN)]
-TaskIdField = Annotated[TaskId, StringConstraints(pattern=TOKEN_ID_PATTERN)]
+AgentIdField = Annotated[str, StringConstraints(pattern=AGENT_ID_PATTERN)]
+RequestIdField = Annotated[str, StringConstraints(pattern=TOKEN_ID_PATTERN)]
+TaskIdField = Annotated[str, StringConstraints(pattern=TOKEN_ID_PATTERN)]
 Domain = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]

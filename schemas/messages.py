@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -17,11 +18,21 @@ from schemas.ids import AgentIdField, Domain, RequestIdField, TaskIdField
 SCHEMA_VERSION = 1
 
 AgentKind = Literal["worker", "sensor", "orchestrator", "classifier", "replicator", "client"]
-# How a request ended; counted the same way by the live orchestrator and the simulator.
-#   edge: processed at the edge; cloud: sent to the cloud directly (not a rejection);
-#   rejected_to_cloud: rejected at the edge, then served by the cloud;
-#   rejected: rejected at the edge and no cloud configured; failed: error or deadline.
-Outcome = Literal["edge", "cloud", "rejected_to_cloud", "rejected", "failed"]
+
+
+class Outcome(StrEnum):
+    """How one request ended; counted the same way by the live orchestrator and the simulator."""
+
+    EDGE = "edge"  # processed at the edge
+    CLOUD = "cloud"  # sent to the cloud directly (not a rejection)
+    REJECTED_TO_CLOUD = "rejected_to_cloud"  # rejected at the edge, then served by the cloud
+    REJECTED = "rejected"  # rejected at the edge and no cloud configured
+    FAILED = "failed"  # error or deadline
+
+
+# Why a generation ended: an end-of-sequence token or stop string, max_tokens, the deadline,
+# or the requester went away.
+FinishReason = Literal["stop", "length", "deadline", "cancelled"]
 ErrorCode = Literal[
     "bad_json",
     "bad_schema",
@@ -260,19 +271,27 @@ class Task(Message):
     sampling: SamplingOptions = SamplingOptions()
 
 
-class TaskResult(Message):
-    """A worker's finished generation."""
+class GenerationStats(BaseModel):
+    """What one generation cost, and why it ended."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    prefill_ms: float = Field(ge=0)
+    ttft_ms: float = Field(0.0, ge=0, description="time to the first token")
+    decode_tok_s: float = Field(ge=0)
+    finish_reason: FinishReason
+
+
+class TaskResult(GenerationStats, Message):
+    """A worker's finished generation: its text, its stats, and the worker's time on it."""
 
     type: Literal["task_result"] = "task_result"
     task_id: TaskIdField
     agent: AgentIdField
     text: str
-    prompt_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=0)
-    prefill_ms: float = Field(ge=0)
-    decode_tok_s: float = Field(ge=0)
     ms: float = Field(ge=0)
-    finish_reason: Literal["stop", "length", "deadline", "cancelled"]
 
 
 class Rejected(Message):

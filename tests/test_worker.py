@@ -211,9 +211,9 @@ async def test_the_emulated_device_is_never_faster_than_its_rate(uid, rate):
         pieces.append(text)
 
     started = time.perf_counter()
-    result = await backend.generate(task(uid, max_tokens=10), SamplingOptions(), emit)
+    text, result = await backend.generate(task(uid, max_tokens=10), SamplingOptions(), emit)
     elapsed = time.perf_counter() - started
     assert result.output_tokens == 10 and result.finish_reason == "length"
-    assert len("".join(pieces).split()) == 10
+    assert len("".join(pieces).split()) == 10 == len(text.split())
     # waits below the loop's 1 ms timer resolution are counted, not slept: at most that early
     assert elapsed >= 10 / rate - 0.001

@@ -72,9 +72,7 @@ class Cooperation:
             deadline=deadline,
         )
         try:
-            reply = await self.bus.request(
-                topic, query, deadline=deadline
-            )
+            reply = await self.bus.request(topic, query, deadline=deadline)
         except (DeadlineExceeded, RemoteError) as exc:
             return None, record(step.name, topic, None, started, "failed", detail=str(exc))
         assert isinstance(reply, KnowledgeAnswer)

@@ -88,9 +88,7 @@ class Generator:
         )
         started = time.perf_counter()
         try:
-            reply = await self.bus.request(
-                topic, task, deadline=task.deadline, peer=agent
-            )
+            reply = await self.bus.request(topic, task, deadline=task.deadline, peer=agent)
         except (DeadlineExceeded, RemoteError, PeerGone) as exc:
             return record(job.name, topic, agent, started, "failed", detail=str(exc)), None
         if isinstance(reply, Rejected):

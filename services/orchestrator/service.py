@@ -121,9 +121,7 @@ class Orchestrator:
         request = ClassifyRequest(request_id=query.request_id, text=query.text)
         deadline = min(query.deadline, time.time() + CLASSIFY_TIMEOUT_S)
         try:
-            reply = await self.bus.request(
-                CLASSIFY.format(), request, deadline=deadline
-            )
+            reply = await self.bus.request(CLASSIFY.format(), request, deadline=deadline)
         except (DeadlineExceeded, RemoteError) as exc:
             steps.append(
                 record("classify", CLASSIFY.format(), None, started, "failed", detail=str(exc))

@@ -19,21 +19,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class Outcome(StrEnum):
-    """How one request ended."""
-
-    EDGE = "edge"
-    CLOUD = "cloud"
-    REJECTED_TO_CLOUD = "rejected_to_cloud"
-    REJECTED = "rejected"
-    FAILED = "failed"
-
+from schemas import Outcome
 
 CLOUD_SERVED = frozenset({Outcome.CLOUD, Outcome.REJECTED_TO_CLOUD})
 

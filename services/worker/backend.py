@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
-from schemas import ModelInfo, SamplingOptions, Task
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """The outcome of one generation."""
-
-    text: str
-    prompt_tokens: int
-    output_tokens: int
-    prefill_ms: float
-    decode_tok_s: float
-    finish_reason: Literal["stop", "length", "deadline", "cancelled"]
+from schemas import GenerationStats, ModelInfo, SamplingOptions, Task
 
 
 class Backend(Protocol):
@@ -32,7 +19,7 @@ class Backend(Protocol):
         task: Task,
         sampling: SamplingOptions,
         emit: Callable[[str], Awaitable[None]] | None,
-    ) -> Generation:
+    ) -> tuple[str, GenerationStats]:
         """Generate for `task` with `sampling` (resolved); stream text pieces to `emit`."""
         ...
 

@@ -11,8 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from schemas import SamplingOptions, Task
-from services.worker.backend import Generation
+from schemas import FinishReason, GenerationStats, SamplingOptions, Task
 
 _WORDS = ("edge", "models", "cooperate", "over", "the", "bus", "and", "answer", "fast", "locally")
 _TICK_S = 0.02  # granularity of the emulated decode loop
@@ -40,7 +39,7 @@ class EmulatedBackend:
         task: Task,
         sampling: SamplingOptions,
         emit: Callable[[str], Awaitable[None]] | None,
-    ) -> Generation:
+    ) -> tuple[str, GenerationStats]:
         started = time.perf_counter()
         self.active += 1
         try:
@@ -48,18 +47,18 @@ class EmulatedBackend:
         finally:
             self.active -= 1
         seconds = time.perf_counter() - started
-        return Generation(
-            text=_text(produced),
+        stats = GenerationStats(
             prompt_tokens=len(task.prompt.split()),
             output_tokens=produced,
             prefill_ms=0.0,
             decode_tok_s=produced / seconds if seconds > 0 else 0.0,
             finish_reason=reason,
         )
+        return _text(produced), stats
 
     async def _decode(
         self, task: Task, emit: Callable[[str], Awaitable[None]] | None
-    ) -> tuple[int, str]:
+    ) -> tuple[int, FinishReason]:
         """Tokens accrue with elapsed time at the stream rate of the moment, so a late wake-up
         (a busy machine) delays a chunk but never slows the emulated device down. A wait
         shorter than the loop's timers can time is counted as waited, not slept."""

@@ -3,8 +3,8 @@
 A `Generator` owns one decode thread. Each request gets a KV-cache slot; the thread feeds new
 prompts in chunks and runs one decode step for every request that is generating, so requests
 join and leave the batch as they start and finish. Results reach the event loop through
-`Stream`s (async iterators of text pieces); onnxruntime runs outside the GIL, so the event loop
-is never blocked.
+`OutputStream`s (async iterators of text pieces); onnxruntime runs outside the GIL, so the event
+loop is never blocked.
 """
 
 from __future__ import annotations
@@ -16,48 +16,37 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import structlog
 
+from schemas import FinishReason, GenerationStats
 from services.worker.chat import TextAssembler, render_prompt
 from services.worker.engine import DecoderRunner, Engine
 from services.worker.sampling import Sampler, SamplingParams
 
-FinishReason = Literal["stop", "length", "deadline", "cancelled"]
 PREFILL_CHUNK = 256  # prompt tokens per step, so one long prompt does not stall the others
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
-class Stats:
-    """What one finished request cost."""
-
-    prompt_tokens: int
-    output_tokens: int
-    prefill_ms: float
-    ttft_ms: float
-    decode_tok_s: float
-    finish_reason: FinishReason
+Item = (
+    str | GenerationStats | BaseException
+)  # what a stream carries: a piece, its end, or its failure
 
 
-Item = str | Stats | BaseException  # what a stream carries: a piece, its end, or its failure
-
-
-class Stream:
+class OutputStream:
     """Async iterator of the text pieces of one request; `stats` is set once it ends."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
-        self.stats: Stats | None = None
+        self.stats: GenerationStats | None = None
         self._loop = loop
         self._wake = wake  # tells the decode thread to look at this stream again
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._cancelled = False
         self._done = False
 
-    def __aiter__(self) -> Stream:
+    def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> str:
@@ -67,12 +56,12 @@ class Stream:
         if isinstance(item, str):
             return item
         self._done = True
-        if isinstance(item, Stats):
+        if isinstance(item, GenerationStats):
             self.stats = item
             raise StopAsyncIteration
         raise item
 
-    async def result(self) -> tuple[str, Stats]:
+    async def result(self) -> tuple[str, GenerationStats]:
         """The whole text and the stats, once the request ends."""
         text = "".join([piece async for piece in self])
         if self.stats is None:  # iterated elsewhere already, or ended by an error
@@ -85,7 +74,7 @@ class Stream:
         self._wake()
 
 
-def _hand_over(items: list[tuple[Stream, Item]]) -> None:
+def _hand_over(items: list[tuple[OutputStream, Item]]) -> None:
     for stream, item in items:
         stream._queue.put_nowait(item)
 
@@ -95,7 +84,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     deadline: float | None
-    stream: Stream
+    stream: OutputStream
     sampler: Sampler
     text: TextAssembler
     submitted: float = field(default_factory=time.perf_counter)
@@ -121,7 +110,7 @@ class Generator:
         self._waiting: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._outbox: list[tuple[Stream, Item]] = []  # for the event loop, sent once per step
+        self._outbox: list[tuple[OutputStream, Item]] = []  # for the event loop, sent once per step
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
@@ -137,7 +126,7 @@ class Generator:
 
     def submit(
         self, messages: list[dict] | str, params: SamplingParams, *, deadline: float | None = None
-    ) -> Stream:
+    ) -> OutputStream:
         """Start a request; `deadline` is a time.time() instant. Raises ValueError on bad input."""
         if self._closed:
             raise RuntimeError("generator is closed")
@@ -146,7 +135,7 @@ class Generator:
             raise ValueError(f"prompt has {len(prompt)} tokens; the context holds {self.context}")
         if params.max_tokens > self.context:
             raise ValueError(f"max_tokens must be between 1 and the context length {self.context}")
-        stream = Stream(asyncio.get_running_loop(), self._notify)
+        stream = OutputStream(asyncio.get_running_loop(), self._notify)
         request = _Request(
             prompt,
             params,
@@ -188,7 +177,7 @@ class Generator:
     def _deliver(self) -> None:
         """Hand this step's pieces to the event loop at once: each wake-up of the loop takes
         a core from the decode threads for a moment."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Item]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, Item]]] = {}
         for stream, item in self._outbox:
             by_loop.setdefault(stream._loop, []).append((stream, item))
         self._outbox = []
@@ -284,12 +273,12 @@ class Generator:
                 self._waiting.remove(request)
 
 
-def _stats(request: _Request, reason: FinishReason) -> Stats:
+def _stats(request: _Request, reason: FinishReason) -> GenerationStats:
     now = time.perf_counter()
     produced = len(request.generated)
     ttft = (request.first_token_at - request.submitted) * 1e3 if produced else 0.0
     decode_s = now - request.first_token_at if produced > 1 else 0.0
-    return Stats(
+    return GenerationStats(
         prompt_tokens=len(request.prompt),
         output_tokens=produced,
         prefill_ms=round(request.prefill_ms, 2),

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from schemas import ModelInfo, SamplingOptions, Task
+from schemas import GenerationStats, ModelInfo, SamplingOptions, Task
 from services.core.errors import BadInput
-from services.worker.backend import Generation
 from services.worker.engine import Engine, measure_tokens_per_s
 from services.worker.generator import Generator
 from services.worker.sampling import SamplingParams
@@ -36,15 +35,14 @@ class OnnxBackend:
         task: Task,
         sampling: SamplingOptions,
         emit: Callable[[str], Awaitable[None]] | None,
-    ) -> Generation:
+    ) -> tuple[str, GenerationStats]:
         if self._generator is None:  # made on the event loop that serves the requests
             self._generator = Generator(self.engine, max_batch=self.concurrency)
         messages = [{"role": "system", "content": task.system}] if task.system else []
         messages.append({"role": "user", "content": task.prompt})
         try:
-            stream = self._generator.submit(
-                messages, _params(task, sampling), deadline=task.deadline
-            )
+            params = SamplingParams.resolve(sampling, max_tokens=task.max_tokens)
+            stream = self._generator.submit(messages, params, deadline=task.deadline)
         except ValueError as exc:
             raise BadInput("bad_request", str(exc)) from None
         pieces = []
@@ -56,32 +54,9 @@ class OnnxBackend:
         finally:
             if stream.stats is None:  # we were cancelled: free the slot
                 stream.cancel()
-        stats = stream.stats
-        assert stats is not None
-        return Generation(
-            text="".join(pieces),
-            prompt_tokens=stats.prompt_tokens,
-            output_tokens=stats.output_tokens,
-            prefill_ms=stats.prefill_ms,
-            decode_tok_s=stats.decode_tok_s,
-            finish_reason=stats.finish_reason,
-        )
+        assert stream.stats is not None
+        return "".join(pieces), stream.stats
 
     async def close(self) -> None:
         if self._generator is not None:
             await self._generator.close()
-
-
-def _params(task: Task, sampling: SamplingOptions) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=task.max_tokens,
-            temperature=sampling.temperature or 0.0,
-            top_k=sampling.top_k or 0,
-            top_p=sampling.top_p or 1.0,
-            repetition_penalty=sampling.repetition_penalty or 1.0,
-            seed=sampling.seed,
-            stop=tuple(sampling.stop),
-        )
-    except ValueError as exc:
-        raise BadInput("bad_request", f"sampling: {exc}") from None

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
+
+from schemas import SamplingOptions
 
 _CANDIDATES = 256  # top-p looks at this many best tokens first and sorts everything only if needed
 
@@ -23,17 +26,32 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_tokens through end-of-sequence tokens (benchmarks)
 
     def __post_init__(self) -> None:
-        checks = (
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+        """The bounds are the wire's (SamplingOptions); a ValueError names the one broken."""
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError("max_tokens must be an integer >= 1")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        SamplingOptions(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=list(self.stop),
         )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+
+    @classmethod
+    def resolve(cls, options: SamplingOptions, *, max_tokens: int) -> Self:
+        """A request's resolved options as parameters (unset: greedy, no penalty)."""
+        return cls(
+            max_tokens=max_tokens,
+            temperature=options.temperature or 0.0,
+            top_k=options.top_k or 0,
+            top_p=options.top_p or 1.0,
+            repetition_penalty=options.repetition_penalty or 1.0,
+            seed=options.seed,
+            stop=tuple(options.stop),
+        )
 
 
 class Sampler:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from schemas import (
+    GenerationStats,
     KnowledgeAnswer,
     KnowledgeQuery,
     Rejected,
@@ -27,7 +28,7 @@ from services.core.cms import CmsView
 from services.core.errors import BadInput
 from services.core.presence import Presence
 from services.core.topics import KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
-from services.worker.backend import Backend, Generation
+from services.worker.backend import Backend
 from services.worker.parameters import LiveParameters
 
 log = structlog.get_logger("edgecollab.worker")
@@ -88,17 +89,13 @@ class Worker:
                 limit=self.backend.concurrency,
             )
         started = time.perf_counter()
-        result = await self._generate(task, self._streamer(task) if task.stream else None)
+        text, stats = await self._generate(task, self._streamer(task) if task.stream else None)
         return TaskResult(
             task_id=task.task_id,
             agent=self.agent,
-            text=result.text,
-            prompt_tokens=result.prompt_tokens,
-            output_tokens=result.output_tokens,
-            prefill_ms=round(result.prefill_ms, 3),
-            decode_tok_s=round(result.decode_tok_s, 2),
+            text=text,
             ms=round((time.perf_counter() - started) * 1000, 3),
-            finish_reason=result.finish_reason,
+            **stats.model_dump(),
         )
 
     async def handle_knowledge(self, request: Request[KnowledgeQuery]) -> KnowledgeAnswer:
@@ -114,13 +111,13 @@ class Worker:
             max_tokens=query.max_tokens,
             deadline=query.deadline,
         )
-        result = await self._generate(task, None)
+        text, stats = await self._generate(task, None)
         return KnowledgeAnswer(
             request_id=query.request_id,
             agent=self.agent,
             domain=query.domain,
-            answer=result.text.strip(),
-            output_tokens=result.output_tokens,
+            answer=text.strip(),
+            output_tokens=stats.output_tokens,
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
@@ -134,17 +131,17 @@ class Worker:
 
     async def _generate(
         self, task: Task, emit: Callable[[str], Awaitable[None]] | None
-    ) -> Generation:
+    ) -> tuple[str, GenerationStats]:
         sampling: SamplingOptions = self.parameters.resolve(task.sampling)
         self.active += 1
         self._changed()
         try:
-            result = await self.backend.generate(task, sampling, emit)
+            text, stats = await self.backend.generate(task, sampling, emit)
         finally:
             self.active -= 1
             self._changed()
-        self._recent.append((time.monotonic(), result.output_tokens))
-        return result
+        self._recent.append((time.monotonic(), stats.output_tokens))
+        return text, stats
 
     def _changed(self) -> None:
         if self.presence is not None:

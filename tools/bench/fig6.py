@@ -206,9 +206,7 @@ async def _replay(
         )
         sent = loop.time()
         try:
-            answer = await bus.request(
-                QUERIES.format(), query, deadline=query.deadline
-            )
+            answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
         except EdgecollabError:
             tally.record(Outcome.FAILED, latency_s=None)
             return

@@ -42,9 +42,7 @@ async def ask(args: argparse.Namespace) -> int:
         if stream:
             await bus.follow(STREAM, _print_chunk, request=query.request_id)
         try:
-            answer = await bus.request(
-                QUERIES.format(), query, deadline=query.deadline
-            )
+            answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
         except (DeadlineExceeded, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
             return 1
