@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from services.classifier.complexity import TOKEN_BINS, estimate_complexity, expected_tokens
-from services.classifier.embedder import CPU, CUDA, Embedder, choose_provider
+from services.classifier.embedder import Embedder
 from services.classifier.engine import ClassifierEngine, Prediction, decide
 from services.classifier.head import ClassifierHeads, fit_softmax
 from services.classifier.inputs import MAX_QUERY_CHARS, ClassifierInputError, check_text
@@ -28,6 +28,7 @@ from services.classifier.training import (
     read_examples,
     report,
 )
+from services.core.onnx import CPU, CUDA, ModelError, choose_provider
 from tests.classifier_fixtures import (
     bert_reference,
     make_tiny_bert,
@@ -99,7 +100,7 @@ def test_provider_choice_is_explicit() -> None:
     assert choose_provider([CUDA, CPU]) == CUDA
     assert choose_provider([CPU]) == CPU
     assert choose_provider([CUDA, CPU], CPU) == CPU
-    with pytest.raises(ValueError, match="not available"):
+    with pytest.raises(ModelError, match="not available"):
         choose_provider([CPU], CUDA)
 
 

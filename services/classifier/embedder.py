@@ -9,39 +9,14 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 import structlog
 from tokenizers import Tokenizer
 
+from services.core.onnx import default_threads, open_session
+
 log = structlog.get_logger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 GROUP = 8  # rows per onnxruntime call; measured ~1.5x faster than 32 at batch 32 on 1 core
-
-
-def physical_cores() -> int:
-    """Physical CPU cores (hyper-threads slow small matmuls down rather than up)."""
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-
-
-def choose_provider(available: list[str], wanted: str | None = None) -> str:
-    """CUDA when present (or `wanted` when given and available), else CPU."""
-    if wanted is not None:
-        if wanted not in available:
-            raise ValueError(f"provider {wanted} not available (have {available})")
-        return wanted
-    return CUDA if CUDA in available else CPU
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """Fixed intra-op threads, no spinning: the box is shared with SLM workers."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 @dataclass(frozen=True)
@@ -83,18 +58,17 @@ class Embedder:
         """Open model.onnx, tokenizer.json and model.json from an exported folder."""
         folder = Path(folder)
         card = EmbedderCard.read(folder)
-        chosen = choose_provider(ort.get_available_providers(), provider)
-        if chosen == CPU:
-            log.debug("cuda_unavailable", provider=chosen, model=card.name)
-        opts = session_options(threads or physical_cores())
-        session = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=[chosen])
+        session = open_session(folder / "model.onnx", threads=threads, provider=provider)
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         # Whatever tokenizer.json says (MiniLM's pads every text to 128): pad to the longest.
         pad_id = tokenizer.token_to_id("[PAD]") or 0
         tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")
         tokenizer.enable_truncation(max_length=card.max_length)
         log.info(
-            "embedder_loaded", model=card.name, provider=chosen, threads=opts.intra_op_num_threads
+            "embedder_loaded",
+            model=card.name,
+            provider=session.get_providers()[0],
+            threads=threads or default_threads(),
         )
         return cls(session, tokenizer, card)
 

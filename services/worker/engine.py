@@ -8,29 +8,22 @@ bound to the same preallocated buffers, one row per request slot).
 from __future__ import annotations
 
 import json
-import math
 import mmap
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 import structlog
 from tokenizers import Tokenizer
 
-from services.core.errors import ConfigError
+from services.core.onnx import ModelError, default_threads, open_session
 
 GRAPH_FORMAT = "edgecollab-decoder/1"  # written by tools.export.model
 _CARD_KEYS = ("name", "graph", "context_length", "vocab_size", "num_layers", "num_kv_heads",
               "head_dim")  # fmt: skip
 
 log = structlog.get_logger(__name__)
-
-
-class ModelError(ConfigError):
-    """A model folder that cannot be loaded; the message names the file at fault."""
 
 
 class Engine:
@@ -47,7 +40,14 @@ class Engine:
         self.stop_ids = frozenset(card.get("stop_token_ids") or [])
 
     @classmethod
-    def load(cls, folder: Path, *, threads: int | None = None, spinning: bool = False) -> Engine:
+    def load(
+        cls,
+        folder: Path,
+        *,
+        threads: int | None = None,
+        provider: str | None = None,
+        spinning: bool = False,
+    ) -> Engine:
         """Open `folder`; threads default to the physical cores, spinning thread pools off."""
         folder = Path(folder)
         card = _read_card(folder / "model.json")
@@ -56,10 +56,8 @@ class Engine:
         )
         threads = threads or default_threads()
         onnx_path = folder / card.get("files", {}).get("onnx", "model.onnx")
-        session = _open_session(onnx_path, threads=threads, spinning=spinning)
+        session = open_session(onnx_path, threads=threads, provider=provider, spinning=spinning)
         engine = cls(session, tokenizer, card, threads=threads)
-        if engine.provider != "CUDAExecutionProvider":
-            log.info("cuda_unavailable", available=ort.get_available_providers())
         log.info("model_loaded", model=card["name"], provider=engine.provider, threads=threads)
         return engine
 
@@ -76,22 +74,6 @@ class Engine:
         bos = self.card.get("bos_token_id")
         prefix = [bos] if self.card.get("add_bos_token") and bos is not None else []
         return prefix + self.encode(text)
-
-
-def default_threads() -> int:
-    """Physical cores, bounded by the CPUs this process may use (affinity, cgroup quota)."""
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    return max(1, min(cores, allowed, _cgroup_cpus() or cores))
-
-
-def _cgroup_cpus() -> int | None:
-    """CPUs granted by a cgroup v2 quota (docker --cpus), rounded up; None when unlimited."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        return None
-    return None if quota == "max" else math.ceil(int(quota) / int(period))
 
 
 def _read_card(path: Path) -> dict:
@@ -118,33 +100,6 @@ def _read_tokenizer(path: Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception
         raise ModelError(f"{path}: not a tokenizers JSON file ({exc})") from exc
-
-
-def _providers() -> list[str]:
-    """CUDA first when onnxruntime-gpu offers it, then CPU."""
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    return [p for p in wanted if p in ort.get_available_providers()]
-
-
-def _open_session(path: Path, *, threads: int, spinning: bool) -> ort.InferenceSession:
-    if not path.is_file():
-        raise ModelError(f"{path}: missing")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # A spinning pool burns the cores it waits on; next to a broker and other services that
-    # costs more than it saves.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if spinning:  # spin only inside a run (between its ops), never between runs or requests
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=_providers())
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: onnxruntime cannot load it ({first_line})") from exc
 
 
 class DecoderRunner:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from services.classifier.embedder import physical_cores
 from services.classifier.engine import ClassifierEngine
 from services.classifier.matching import AgentInfo
 from services.classifier.training import TEST_PATH, read_examples
 from services.core.logging import configure_logging
+from services.core.onnx import default_threads
 from tools.common import print_json
 from tools.export.packages import ensure_minilm
 
@@ -56,7 +56,7 @@ def bench(args: argparse.Namespace) -> int:
     texts = [e.text for e in read_examples(TEST_PATH)]
     texts = (texts * (args.queries // len(texts) + 1))[: args.queries]
     runs = []
-    for threads in args.threads or sorted({1, physical_cores()}):
+    for threads in args.threads or sorted({1, default_threads()}):
         engine = ClassifierEngine.load(model_dir, threads=threads)
         engine.classify_batch(texts[:32], AGENTS)  # warm-up: allocations, kernels
         runs.append({"threads": threads, "batch": 1, **_batch1(engine, texts)})
@@ -69,7 +69,7 @@ def bench(args: argparse.Namespace) -> int:
             "model": engine.embedder.card.name,
             "provider": engine.embedder.session.get_providers()[0],
             "cpu": platform.processor() or platform.machine(),
-            "physical_cores": physical_cores(),
+            "default_threads": default_threads(),
             "queries": len(texts),
             "mean_tokens": round(statistics.fmean(tokens), 1),
             "agents": len(AGENTS),
