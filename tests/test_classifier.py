@@ -26,7 +26,6 @@ from services.classifier.training import (
     Example,
     probes_match,
     read_examples,
-    report,
 )
 from tests.classifier_fixtures import (
     bert_reference,
@@ -38,6 +37,7 @@ from tests.classifier_fixtures import (
 )
 from tools.cli.classify import classify_lines, parse_line
 from tools.export.bert import ExportError, export_bert
+from tools.train.evaluation import report
 
 __all__ = ["minilm_dir", "minilm_engine", "tiny_bert_dir", "tiny_bert_export"]  # fixtures
 

@@ -1,4 +1,4 @@
-"""Labelled examples, head training and evaluation for the Classifier Engine."""
+"""Labelled examples and head training for the Classifier Engine."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -94,59 +93,6 @@ def probes_match(heads: ClassifierHeads, embed: Embed, tolerance: float = 1e-3) 
     )
 
 
-def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    """Counts [true label, predicted label] in `labels` order."""
-    index = {label: i for i, label in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    for t, p in zip(truth, predicted, strict=True):
-        matrix[index[t], index[p]] += 1
-    return matrix
-
-
-def report(
-    truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str] = DOMAINS
-) -> dict[str, Any]:
-    """Accuracy, per-label recall and precision, and the confusion matrix as lists."""
-    matrix = confusion(truth, predicted, labels)
-    diag = np.diag(matrix)
-    recall = diag / np.maximum(matrix.sum(axis=1), 1)
-    precision = diag / np.maximum(matrix.sum(axis=0), 1)
-    return {
-        "n": int(matrix.sum()),
-        "accuracy": round(float(diag.sum() / max(matrix.sum(), 1)), 4),
-        "labels": list(labels),
-        "recall": {label: round(float(r), 4) for label, r in zip(labels, recall, strict=True)},
-        "precision": {
-            label: round(float(p), 4) for label, p in zip(labels, precision, strict=True)
-        },
-        "confusion": matrix.tolist(),
-    }
-
-
-def cross_validate(
-    vectors: np.ndarray, examples: Sequence[Example], *, folds: int = 5, seed: int = 0
-) -> dict[str, float]:
-    """Mean held-out domain and difficulty accuracy over k folds of the given examples."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    domain_acc, difficulty_acc = [], []
-    for fold in range(folds):
-        held = order[fold::folds]
-        kept = np.setdiff1d(order, held)
-        heads = fit_heads(
-            vectors[kept], [examples[i] for i in kept], model="cv", probes=vectors[:1]
-        )
-        held_ex = [examples[i] for i in held]
-        pred = predict_labels(heads, vectors[held], [e.text for e in held_ex])
-        domain_acc.append(np.mean([p[0] == e.domain for p, e in zip(pred, held_ex, strict=True)]))
-        difficulty_acc.append(
-            np.mean([p[1] == e.difficulty for p, e in zip(pred, held_ex, strict=True)])
-        )
-    return {
-        "domain": round(float(np.mean(domain_acc)), 4),
-        "difficulty": round(float(np.mean(difficulty_acc)), 4),
-    }
-
-
 def domain_probs(heads: ClassifierHeads, vectors: np.ndarray) -> np.ndarray:
     """P(domain) [n, len(DOMAINS)]: the topic head's probabilities summed over sub-labels."""
     fine = heads.topic.proba(vectors)
@@ -154,12 +100,3 @@ def domain_probs(heads: ClassifierHeads, vectors: np.ndarray) -> np.ndarray:
     out = np.zeros((fine.shape[0], len(DOMAINS)))
     np.add.at(out.T, owner, fine.T)
     return out
-
-
-def predict_labels(
-    heads: ClassifierHeads, vectors: np.ndarray, texts: Sequence[str]
-) -> list[tuple[str, str]]:
-    """(domain, difficulty) per row: the batch path used for evaluation."""
-    domains = [DOMAINS[i] for i in domain_probs(heads, vectors).argmax(axis=1)]
-    difficulty = heads.difficulty.predict(np.hstack([vectors, length_features(texts)]))
-    return list(zip(domains, difficulty, strict=True))

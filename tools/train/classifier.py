@@ -19,21 +19,18 @@ import orjson
 from services.classifier.embedder import Embedder
 from services.classifier.engine import ClassifierEngine
 from services.classifier.head import ClassifierHeads
-from services.classifier.labels import DIFFICULTIES, DOMAINS
 from services.classifier.training import (
     HEADS_PATH,
     PROBE_TEXTS,
     TEST_PATH,
     TRAIN_PATH,
-    Example,
-    cross_validate,
     embed_batched,
     fit_heads,
     read_examples,
-    report,
 )
 from services.core.logging import configure_logging
 from tools.export.packages import ensure_minilm
+from tools.train.evaluation import cross_validate, evaluate
 
 
 def train(embedder: Embedder, train_path: Path) -> tuple[ClassifierHeads, dict[str, Any]]:
@@ -52,27 +49,6 @@ def train(embedder: Embedder, train_path: Path) -> tuple[ClassifierHeads, dict[s
         "cv5": cross_validate(vectors, examples),
     }
     return heads, info
-
-
-def evaluate(engine: ClassifierEngine, examples: list[Example]) -> dict[str, Any]:
-    """Domain report with confusion matrix, plus sub-label and difficulty accuracy."""
-    predictions = [
-        r
-        for i in range(0, len(examples), 32)
-        for r in engine.classify_batch([e.text for e in examples[i : i + 32]])
-    ]
-    domain = report([e.domain for e in examples], [p.domain for p in predictions], DOMAINS)
-    difficulty = report(
-        [e.difficulty for e in examples],
-        [p.complexity.difficulty for p in predictions],
-        DIFFICULTIES,
-    )
-    subs = [e.sub == p.sub_labels[0] for e, p in zip(examples, predictions, strict=True)]
-    return {
-        "domain": domain,
-        "sub_label_accuracy": round(sum(subs) / len(subs), 4),
-        "difficulty": difficulty,
-    }
 
 
 def run(args: argparse.Namespace) -> int:
