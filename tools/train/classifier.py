@@ -65,27 +65,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options, shared by `python -m` and the edgecollab sub-command."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.train.classifier`."""
+    parser = argparse.ArgumentParser(prog="python -m tools.train.classifier")
     parser.add_argument("--model", type=Path, default=None, help="exported MiniLM folder")
     parser.add_argument("--train", type=Path, default=TRAIN_PATH)
     parser.add_argument("--test", type=Path, default=TEST_PATH)
     parser.add_argument("--out", type=Path, default=HEADS_PATH, help="heads file to write")
     parser.add_argument("--threads", type=int, default=None)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `train-classifier` to the edgecollab command."""
-    build_parser(sub.add_parser("train-classifier", help="train and evaluate the classifier heads"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tools.train.classifier`."""
-    parser = build_parser(argparse.ArgumentParser(prog="python -m tools.train.classifier"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
