@@ -9,9 +9,9 @@ import numpy as np
 
 from services.classifier.complexity import length_features
 from services.classifier.engine import ClassifierEngine
-from services.classifier.head import ClassifierHeads
+from services.classifier.head import ClassifierHeads, domain_probs
 from services.classifier.labels import DIFFICULTIES, DOMAINS
-from services.classifier.training import Example, domain_probs, fit_heads
+from tools.train.heads import Example, fit_heads
 
 
 def confusion(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -62,7 +62,11 @@ def cross_validate(
         held = order[fold::folds]
         kept = np.setdiff1d(order, held)
         heads = fit_heads(
-            vectors[kept], [examples[i] for i in kept], model="cv", probes=vectors[:1]
+            vectors[kept],
+            [examples[i] for i in kept],
+            model="cv",
+            train_sha256="",
+            probes=vectors[:1],
         )
         held_ex = [examples[i] for i in held]
         pred = predict_labels(heads, vectors[held], [e.text for e in held_ex])
