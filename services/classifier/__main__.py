@@ -2,6 +2,7 @@
 
 import asyncio
 import sys
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -9,6 +10,7 @@ from pydantic_settings import BaseSettings
 from schemas import AgentCard, now
 from schemas.ids import AGENT_ID_PATTERN
 from services.classifier.engine import ClassifierEngine
+from services.classifier.head import HEADS_PATH, TRAIN_PATH, HeadsError
 from services.classifier.service import Classifier
 from services.core.bus import Bus
 from services.core.cms import CmsView
@@ -32,14 +34,22 @@ class ClassifierSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="onnxruntime threads (physical cores)")
 
 
-def load_engine(settings: ClassifierSettings) -> ClassifierEngine:
+def load_engine(
+    settings: ClassifierSettings, *, heads_path: Path = HEADS_PATH, train_path: Path = TRAIN_PATH
+) -> ClassifierEngine:
+    """The engine, or exit with one line saying what is missing or stale and how to make it."""
     folder = resolve_model_dir(settings.model_dir)
     if not (folder / "model.onnx").is_file():
         sys.exit(
             f"classifier: no embedder at {folder}/model.onnx; "
             f"make it with: edgecollab export-model minilm {folder}"
         )
-    return ClassifierEngine.load(folder, threads=settings.threads)
+    try:
+        return ClassifierEngine.load(
+            folder, heads_path=heads_path, train_path=train_path, threads=settings.threads
+        )
+    except HeadsError as exc:
+        sys.exit(f"classifier: {exc}")
 
 
 async def serve(settings: ClassifierSettings, mqtt: MqttSettings, engine: ClassifierEngine) -> None:

@@ -7,7 +7,6 @@ agent cards it is given, so the service, the CLI and the tests share it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,18 +17,20 @@ import structlog
 
 from services.classifier.complexity import Complexity, estimate_complexity, length_features
 from services.classifier.embedder import Embedder
-from services.classifier.head import ClassifierHeads
+from services.classifier.head import (
+    HEADS_PATH,
+    PROBE_TOLERANCE,
+    TRAIN_PATH,
+    ClassifierHeads,
+    HeadsError,
+    check_embedder,
+    domain_probs,
+    load_heads,
+    probe_drift,
+)
 from services.classifier.inputs import MAX_QUERY_CHARS, ClassifierInputError, check_text
 from services.classifier.labels import DOMAINS, SUB_LABELS
 from services.classifier.matching import AgentLike, Match, Scores, knowledge_gap, match_agents
-from services.classifier.training import (
-    HEADS_PATH,
-    TRAIN_PATH,
-    domain_probs,
-    probes_match,
-    read_examples,
-    train_heads,
-)
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +39,7 @@ __all__ = [
     "ClassificationResult",
     "ClassifierEngine",
     "ClassifierInputError",
+    "HeadsError",
     "Prediction",
     "check_text",
     "decide",
@@ -119,18 +121,33 @@ class ClassifierEngine:
         threads: int | None = None,
         provider: str | None = None,
     ) -> ClassifierEngine:
-        """Load the embedder and the shipped heads; retrain from train_path if they do not fit."""
+        """Load the heads file and the embedder; never trains.
+
+        HeadsError (one line, naming the command that remakes them) when the heads are missing,
+        were trained on other data than train_path's or on another embedder. Probe vectors that
+        drift beyond PROBE_TOLERANCE (other numerics) are only logged.
+        """
+        heads = load_heads(heads_path, train_path=train_path)  # before the 90 MB model
         embedder = Embedder.load(model_dir, threads=threads, provider=provider)
-        heads = ClassifierHeads.load(heads_path) if Path(heads_path).is_file() else None
-        if heads is None or not probes_match(heads, embedder.embed):
-            started = time.perf_counter()
-            heads = train_heads(embedder.embed, read_examples(train_path), model=embedder.card.name)
+        check_embedder(
+            heads,
+            embedder.card.name,
+            embedder.dims,
+            heads_path=heads_path,
+            train_path=train_path,
+            model_dir=Path(model_dir),
+        )
+        drift = probe_drift(heads, embedder.embed)
+        if drift > PROBE_TOLERANCE:
             log.warning(
-                "classifier_heads_retrained",
-                reason="missing" if not Path(heads_path).is_file() else "embedder differs",
+                "classifier_probe_drift",
                 heads=str(heads_path),
-                seconds=round(time.perf_counter() - started, 2),
+                max_abs_diff=drift,
+                tolerance=PROBE_TOLERANCE,
+                note="the embedder's numerics differ from training time; heads used as they are",
             )
+        else:
+            log.debug("classifier_heads_loaded", heads=str(heads_path), probe_drift=drift)
         return cls(embedder, heads)
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:

@@ -19,11 +19,11 @@ import numpy as np
 
 from services.classifier.engine import ClassifierEngine
 from services.classifier.matching import AgentInfo
-from services.classifier.training import TEST_PATH, read_examples
 from services.core.logging import configure_logging
 from services.core.onnx import default_threads
 from tools.common import print_json
 from tools.export.packages import ensure_minilm
+from tools.train.heads import TEST_PATH, read_examples
 
 TARGET_P50_MS = 15.0  # per query, batch 1, one core (issue 5)
 AGENTS = (

@@ -105,14 +105,17 @@ def _flush(
 
 def run(args: argparse.Namespace) -> int:
     """Classify `text` or the lines of `--in`, writing JSON Lines to `--out` or stdout."""
-    from services.classifier.engine import ClassifierEngine  # onnxruntime: only when used
+    from services.classifier.engine import ClassifierEngine, HeadsError  # onnxruntime: when used
 
     configure_logging("classify")
     if (args.text is None) == (args.input is None):
         print("give either TEXT or --in FILE", file=sys.stderr)
         return 2
     agents = read_agents(args.agents) if args.agents else []
-    engine = ClassifierEngine.load(ensure_minilm(args.model), threads=args.threads)
+    try:
+        engine = ClassifierEngine.load(ensure_minilm(args.model), threads=args.threads)
+    except HeadsError as exc:
+        raise SystemExit(f"classify: {exc}") from None
     if args.text is not None:
         lines: Iterator[bytes] = iter([orjson.dumps({"text": args.text})])
         return _write(classify_lines(engine, lines, agents), args.out)

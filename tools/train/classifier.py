@@ -1,14 +1,16 @@
 """Train the Classifier Engine's heads on the shipped train split and evaluate on the test split.
 
-`python -m tools.train.classifier [--model DIR] [--out FILE]` writes the heads (default
-services/classifier/data/head.npz) and prints one JSON report: 5-fold cross-validation on the
-train split, then domain, sub-label and difficulty accuracy and the domain confusion matrix on
-the test split, which training never sees.
+`python -m tools.train.classifier [--model DIR] [--out FILE]` writes the heads file (default
+services/classifier/data/head.npz, the one the service loads) with the SHA-256 of the train
+split and the embedder's name, and prints one JSON report: 5-fold cross-validation on the train
+split, then domain, sub-label and difficulty accuracy and the domain confusion matrix on the
+test split, which training never sees.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,61 +20,31 @@ import orjson
 
 from services.classifier.embedder import Embedder
 from services.classifier.engine import ClassifierEngine
-from services.classifier.head import ClassifierHeads
-from services.classifier.labels import DIFFICULTIES, DOMAINS
-from services.classifier.training import (
-    HEADS_PATH,
-    PROBE_TEXTS,
-    TEST_PATH,
-    TRAIN_PATH,
-    Example,
-    cross_validate,
-    embed_batched,
-    fit_heads,
-    read_examples,
-    report,
-)
+from services.classifier.head import HEADS_PATH, TRAIN_PATH, ClassifierHeads
 from services.core.logging import configure_logging
 from tools.export.packages import ensure_minilm
+from tools.train.evaluation import cross_validate, evaluate
+from tools.train.heads import TEST_PATH, read_examples, train_heads
 
 
 def train(embedder: Embedder, train_path: Path) -> tuple[ClassifierHeads, dict[str, Any]]:
     """Fit the heads on every train example; also cross-validate them."""
-    examples = read_examples(train_path)
     started = time.perf_counter()
-    vectors = embed_batched(embedder.embed, [e.text for e in examples])
-    embedded = time.perf_counter()
-    heads = fit_heads(
-        vectors, examples, model=embedder.card.name, probes=embedder.embed(list(PROBE_TEXTS))
-    )
+    heads, examples, vectors = train_heads(embedder.embed, train_path, model=embedder.card.name)
     info = {
         "examples": len(examples),
-        "embed_s": round(embedded - started, 2),
-        "fit_s": round(time.perf_counter() - embedded, 2),
+        "sha256": heads.train_sha256,
+        "train_s": round(time.perf_counter() - started, 2),
         "cv5": cross_validate(vectors, examples),
     }
     return heads, info
 
 
-def evaluate(engine: ClassifierEngine, examples: list[Example]) -> dict[str, Any]:
-    """Domain report with confusion matrix, plus sub-label and difficulty accuracy."""
-    predictions = [
-        r
-        for i in range(0, len(examples), 32)
-        for r in engine.classify_batch([e.text for e in examples[i : i + 32]])
-    ]
-    domain = report([e.domain for e in examples], [p.domain for p in predictions], DOMAINS)
-    difficulty = report(
-        [e.difficulty for e in examples],
-        [p.complexity.difficulty for p in predictions],
-        DIFFICULTIES,
-    )
-    subs = [e.sub == p.sub_labels[0] for e, p in zip(examples, predictions, strict=True)]
-    return {
-        "domain": domain,
-        "sub_label_accuracy": round(sum(subs) / len(subs), 4),
-        "difficulty": difficulty,
-    }
+def save(heads: ClassifierHeads, out: Path) -> None:
+    """Write the heads file whole or not at all (the service may be reading the old one)."""
+    partial = out.with_name(out.name + ".partial")
+    heads.save(partial)
+    os.replace(partial, out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = ensure_minilm(args.model)
     embedder = Embedder.load(model_dir, threads=args.threads)
     heads, info = train(embedder, args.train)
-    heads.save(args.out)
+    save(heads, args.out)
     engine = ClassifierEngine(embedder, heads)
     result = {"model": embedder.card.name, "heads": str(args.out), "train": info}
     result["test"] = evaluate(engine, read_examples(args.test))
@@ -89,27 +61,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options, shared by `python -m` and the edgecollab sub-command."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tools.train.classifier`."""
+    parser = argparse.ArgumentParser(prog="python -m tools.train.classifier")
     parser.add_argument("--model", type=Path, default=None, help="exported MiniLM folder")
     parser.add_argument("--train", type=Path, default=TRAIN_PATH)
     parser.add_argument("--test", type=Path, default=TEST_PATH)
     parser.add_argument("--out", type=Path, default=HEADS_PATH, help="heads file to write")
     parser.add_argument("--threads", type=int, default=None)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `train-classifier` to the edgecollab command."""
-    build_parser(sub.add_parser("train-classifier", help="train and evaluate the classifier heads"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tools.train.classifier`."""
-    parser = build_parser(argparse.ArgumentParser(prog="python -m tools.train.classifier"))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
