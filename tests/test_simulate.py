@@ -17,10 +17,10 @@ from tools.cli.main import main
 from tools.sim.bound import edf_lost_work, lower_bound_cost
 from tools.sim.engine import simulate
 from tools.sim.workload import (
+    Arrival,
     CloudModel,
     InputFileError,
     NodeSpec,
-    Request,
     generate_workload,
     load_nodes,
     load_scenario,
@@ -52,7 +52,7 @@ class Always:
 def test_processor_sharing_by_hand() -> None:
     # k=2 streams share 10 * 2**0.5 tok/s: 7.07 tok/s each; the 50-token one ends at 50/7.07 s,
     # then the other decodes its last 50 tokens alone at 10 tok/s.
-    requests = [Request(0.0, 10, 100), Request(0.0, 10, 50)]
+    requests = [Arrival(0.0, 10, 100), Arrival(0.0, 10, 50)]
     result = simulate(requests, [node()], make_policy("load_aware"), cloud=CLOUD)
     short = 50 / (10 * 2**-0.5)
     assert result.latencies_s == pytest.approx([short + 5.0, short])
@@ -61,7 +61,7 @@ def test_processor_sharing_by_hand() -> None:
 
 
 def test_full_node_rejects_to_cloud_at_the_cloud_price() -> None:
-    requests = [Request(0.0, 10, 100), Request(1.0, 1000, 50)]
+    requests = [Arrival(0.0, 10, 100), Arrival(1.0, 1000, 50)]
     result = simulate(requests, [node(limit=1)], make_policy("load_aware"), cloud=CLOUD)
     assert result.outcomes == [Outcome.EDGE, Outcome.REJECTED_TO_CLOUD]
     assert result.latencies_s == pytest.approx([10.0, 1.0 + 50 / 30])
@@ -71,7 +71,7 @@ def test_full_node_rejects_to_cloud_at_the_cloud_price() -> None:
 
 
 def test_waiting_for_a_slot_keeps_the_request_at_the_edge() -> None:
-    requests = [Request(0.0, 10, 100), Request(1.0, 10, 50)]
+    requests = [Arrival(0.0, 10, 100), Arrival(1.0, 10, 50)]
     result = simulate(requests, [node(limit=1)], EarliestFinishPolicy(), cloud=CLOUD)
     assert result.outcomes == [Outcome.EDGE, Outcome.EDGE]
     assert result.latencies_s == pytest.approx([10.0, 14.0])  # waits 9 s, then 5 s alone
@@ -79,14 +79,14 @@ def test_waiting_for_a_slot_keeps_the_request_at_the_edge() -> None:
 
 
 def test_an_expired_wait_is_a_rejection_served_by_the_cloud() -> None:
-    requests = [Request(0.0, 10, 100), Request(1.0, 10, 30)]
+    requests = [Arrival(0.0, 10, 100), Arrival(1.0, 10, 30)]
     result = simulate(requests, [node(limit=1)], Always("n1", wait=2.0), cloud=CLOUD)
     assert result.outcomes == [Outcome.EDGE, Outcome.REJECTED_TO_CLOUD]
     assert result.latencies_s[1] == pytest.approx(2.0 + 1.0 + 30 / 30)
 
 
 def test_without_a_cloud_over_capacity_is_rejected() -> None:
-    requests = [Request(0.0, 10, 100), Request(1.0, 10, 50)]
+    requests = [Arrival(0.0, 10, 100), Arrival(1.0, 10, 50)]
     result = simulate(requests, [node(limit=1)], make_policy("random"), cloud=None)
     assert result.outcomes == [Outcome.EDGE, Outcome.REJECTED]
     summary = result.tally.summary()
@@ -95,7 +95,7 @@ def test_without_a_cloud_over_capacity_is_rejected() -> None:
 
 
 @pytest.fixture(scope="module")
-def short_runs() -> dict[str, tuple[list[Request], object]]:
+def short_runs() -> dict[str, tuple[list[Arrival], object]]:
     """Each policy over 20 simulated minutes (two surges) of the default experiment."""
     scenario = load_scenario()
     requests = generate_workload(scenario.workload, horizon_s=1200, seed=3)
@@ -140,7 +140,7 @@ def test_paper_ordering_and_our_policy_on_a_short_horizon(short_runs: dict) -> N
 def test_lower_bound_by_hand_and_below_every_policy(short_runs: dict) -> None:
     # one 10 tok/s fluid server, two 100-token requests due within 10 s: 100 tokens are lost;
     # the bound drops the cheaper one (no prompt): 100 * $60/1M.
-    cheap, dear = Request(0.0, 0, 100), Request(0.0, 1000, 100)
+    cheap, dear = Arrival(0.0, 0, 100), Arrival(0.0, 1000, 100)
     bound = lower_bound_cost(
         [cheap, dear], [node(rate=10, beta=0.0)], CLOUD.prices, max_latency_s=10.0
     )
@@ -182,7 +182,7 @@ def test_node_and_trace_files_round_trip(tmp_path: Path) -> None:
     nodes = load_scenario().nodes({"agx_orin": 1, "orin_nano": 2})
     write_nodes(tmp_path / "nodes.json", nodes)
     assert load_nodes(tmp_path / "nodes.json") == nodes
-    requests = [Request(0.5, 10, 50), Request(1.25, 20, 100)]
+    requests = [Arrival(0.5, 10, 50), Arrival(1.25, 20, 100)]
     write_trace(tmp_path / "trace.jsonl", requests)
     assert load_trace(tmp_path / "trace.jsonl") == requests
 
@@ -289,7 +289,7 @@ def _has_matplotlib() -> bool:
 
 
 def test_bound_handles_per_size_limits() -> None:
-    requests = [Request(0.0, 0, 100), Request(0.0, 0, 50)]
+    requests = [Arrival(0.0, 0, 100), Arrival(0.0, 0, 50)]
     nodes = [node(rate=10, beta=0.0)]
     # the 50-token request may take 5 s, the 100-token one 0 s: only 50 tokens can be served
     bound = lower_bound_cost(requests, nodes, CLOUD.prices, max_latency_s={50: 5.0, 100: 0.0})

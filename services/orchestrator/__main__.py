@@ -18,7 +18,7 @@ from services.data.view import DataView
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudSettings
 from services.orchestrator.cooperation import Cooperation
-from services.orchestrator.generation import Generator
+from services.orchestrator.dispatch import Dispatcher
 from services.orchestrator.service import Orchestrator
 from services.scheduling.outcomes import Prices
 from services.scheduling.policies import POLICIES, make_policy
@@ -71,10 +71,10 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
         view = CmsView(bus)
         allocator = Allocator(view, policy, rng=random.Random(settings.seed))
-        generator = Generator(bus=bus, view=view, allocator=allocator, cloud=cloud)
+        dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=cloud)
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
         orchestrator = Orchestrator(
-            bus=bus, view=view, generator=generator, cooperation=cooperation
+            bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation
         )
         return [lambda: orchestrator.publish_metrics(interval_s=settings.metrics_interval_s)]
 

@@ -20,7 +20,7 @@ from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
 from services.orchestrator.cooperation import Cooperation
-from services.orchestrator.generation import Generated, Generator, Job
+from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
 from services.orchestrator.provenance import record
 from services.scheduling.outcomes import Outcome, Tally
@@ -37,11 +37,11 @@ class Orchestrator:
     """Plans each query over the CMS view and runs it on edge agents (else the cloud)."""
 
     def __init__(
-        self, *, bus: Bus, view: CmsView, generator: Generator, cooperation: Cooperation
+        self, *, bus: Bus, view: CmsView, dispatcher: Dispatcher, cooperation: Cooperation
     ) -> None:
         self.bus = bus
         self.view = view
-        self.generator = generator
+        self.dispatcher = dispatcher
         self.cooperation = cooperation
         self.tally = Tally(latencies_s=deque(maxlen=LATENCY_WINDOW))  # type: ignore[arg-type]
         bus.serve(QUERIES, self.handle_query, shared="orchestrators")
@@ -109,7 +109,7 @@ class Orchestrator:
             stream=query.stream and step.name == "answer",
             sampling=query.sampling,
         )
-        generated = await self.generator.run(job)
+        generated = await self.dispatcher.run(job)
         return generated.text, generated.steps, generated
 
     async def _classify(self, query: Query, steps: list[Step]) -> Classification | None:
@@ -169,7 +169,7 @@ class Orchestrator:
             if self.tally.requests != last and self.bus.connected.is_set():
                 version, last = version + 1, self.tally.requests
                 summary = self.tally.summary() | {
-                    "policy": self.generator.allocator.policy.name,
+                    "policy": self.dispatcher.allocator.policy.name,
                     "knowledge_cache_hits": self.cooperation.cache_hits,
                     "knowledge_cache_misses": self.cooperation.cache_misses,
                 }

@@ -35,8 +35,8 @@ from tools.common import print_json, running, spawn, stop
 from tools.common.broker import free_port, start_mosquitto
 from tools.sim.engine import simulate
 from tools.sim.workload import (
+    Arrival,
     NodeSpec,
-    Request,
     Scenario,
     generate_workload,
     load_scenario,
@@ -167,7 +167,7 @@ def _start_orchestrator(
 
 async def _run_live(
     name: str,
-    requests: list[Request],
+    requests: list[Arrival],
     nodes: list[NodeSpec],
     mqtt: MqttSettings,
     cloud: FakeCloud,
@@ -189,7 +189,7 @@ async def _run_live(
 
 
 async def _replay(
-    bus: Bus, requests: list[Request], speedup: float, name: str
+    bus: Bus, requests: list[Arrival], speedup: float, name: str
 ) -> tuple[Tally, dict[str, float], float]:
     """Send each request at its (compressed) time; latency and busy time in real seconds."""
     loop = asyncio.get_running_loop()
@@ -197,7 +197,7 @@ async def _replay(
     start = loop.time()
     last_end = start
 
-    async def one(r: Request) -> None:
+    async def one(r: Arrival) -> None:
         nonlocal last_end
         deadline = time.time() + 600 / speedup + 30
         text = "w " * r.prompt_tokens  # the fake cloud counts words as prompt tokens

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from services.scheduling.outcomes import Prices
-from tools.sim.workload import NodeSpec, Request
+from tools.sim.workload import Arrival, NodeSpec
 
 
 def fleet_capacity(nodes: list[NodeSpec]) -> float:
@@ -64,7 +64,7 @@ def edf_lost_work(
 
 
 def lower_bound_cost(
-    requests: list[Request],
+    requests: list[Arrival],
     nodes: list[NodeSpec],
     prices: Prices,
     *,

@@ -13,9 +13,9 @@ from tools.sim.experiment import Experiment, run_experiment
 from tools.sim.report import PlotUnavailable, plot, table
 from tools.sim.workload import (
     DEFAULT_SCENARIO,
+    Arrival,
     InputFileError,
     NodeSpec,
-    Request,
     Scenario,
     generate_workload,
     load_nodes,
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workload(args: argparse.Namespace, scenario: Scenario, seed: int) -> list[Request]:
+def _workload(args: argparse.Namespace, scenario: Scenario, seed: int) -> list[Arrival]:
     if args.trace:
         return load_trace(args.trace)
     horizon = args.horizon or scenario.horizon_s
@@ -95,7 +95,7 @@ def _workload(args: argparse.Namespace, scenario: Scenario, seed: int) -> list[R
     )
 
 
-def _write_examples(args: argparse.Namespace, nodes: list[NodeSpec], trace: list[Request]) -> int:
+def _write_examples(args: argparse.Namespace, nodes: list[NodeSpec], trace: list[Arrival]) -> int:
     if args.write_nodes:
         write_nodes(args.write_nodes, nodes)
         print(f"wrote {len(nodes)} nodes to {args.write_nodes}", file=sys.stderr)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import Demand, Fleet, Policy
-from tools.sim.workload import CloudModel, NodeSpec, Request
+from tools.sim.workload import Arrival, CloudModel, NodeSpec
 
 _EPS = 1e-9
 
@@ -66,7 +66,7 @@ class Simulation:
 
     def __init__(
         self,
-        requests: list[Request],
+        requests: list[Arrival],
         nodes: list[NodeSpec],
         policy: Policy,
         *,
@@ -197,7 +197,7 @@ class Simulation:
 
 
 def simulate(
-    requests: list[Request],
+    requests: list[Arrival],
     nodes: list[NodeSpec],
     policy: Policy,
     *,

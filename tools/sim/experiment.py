@@ -8,7 +8,7 @@ from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import make_policy
 from tools.sim.bound import lower_bound_cost
 from tools.sim.engine import SimResult, simulate
-from tools.sim.workload import CloudModel, NodeSpec, Request
+from tools.sim.workload import Arrival, CloudModel, NodeSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,7 @@ class Experiment:
     """What to run: the fleet, one workload per seed, the policies, the cloud (None: no cloud)."""
 
     nodes: list[NodeSpec]
-    workloads: dict[int, list[Request]]  # seed -> requests
+    workloads: dict[int, list[Arrival]]  # seed -> requests
     policies: list[str]
     cloud: CloudModel | None
     bound_latency_s: float | None = None  # None: the longest edge latency any policy had
@@ -81,7 +81,7 @@ def _bound_report(exp: Experiment, results: dict[str, dict[int, SimResult]]) -> 
     return {"cloud_cost_usd": round(total, 6), "max_latency_s": limits, "ratio": ratios}
 
 
-def _edge_latency_limits(workload: list[Request], runs: list[SimResult]) -> dict[int, float]:
+def _edge_latency_limits(workload: list[Arrival], runs: list[SimResult]) -> dict[int, float]:
     """Per output size, the longest edge latency any of the runs had (0 if none at the edge)."""
     limits = dict.fromkeys(sorted({r.output_tokens for r in workload}), 0.0)
     for run in runs:

@@ -50,7 +50,7 @@ class TraceLine(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class Arrival:
     """One request of a workload: arrival time (s), prompt and output tokens."""
 
     t: float
@@ -178,13 +178,13 @@ def load_scenario(path: Path = DEFAULT_SCENARIO) -> Scenario:
 
 def generate_workload(
     spec: WorkloadSpec, *, horizon_s: float, seed: int, load_scale: float = 1.0
-) -> list[Request]:
+) -> list[Arrival]:
     """The bursty workload: requests sorted by arrival time, reproducible from `seed`."""
     rng = random.Random(seed)
     p = spec.prompt_tokens
     mu = math.log(p.median)
     cum_weights = list(itertools.accumulate(spec.output_weights))
-    requests: list[Request] = []
+    requests: list[Arrival] = []
     for start, end, rate in spec.rate_pieces(horizon_s):
         t, scaled = start, rate * load_scale
         while scaled > 0:
@@ -193,7 +193,7 @@ def generate_workload(
                 break
             prompt = min(max(round(rng.lognormvariate(mu, p.sigma)), p.min), p.max)
             output = rng.choices(spec.output_tokens, cum_weights=cum_weights)[0]
-            requests.append(Request(t, prompt, output))
+            requests.append(Arrival(t, prompt, output))
     return requests
 
 
@@ -216,9 +216,9 @@ def load_nodes(path: Path) -> list[NodeSpec]:
     return nodes
 
 
-def load_trace(path: Path) -> list[Request]:
+def load_trace(path: Path) -> list[Arrival]:
     """Read a trace (JSON Lines); errors name the line and field, including unsorted times."""
-    requests: list[Request] = []
+    requests: list[Arrival] = []
     for number, raw in enumerate(_read(path).splitlines(), start=1):
         if not raw.strip():
             continue
@@ -231,7 +231,7 @@ def load_trace(path: Path) -> list[Request]:
                 f"{path}: line {number}: field 't': {line.t} is earlier than the line before "
                 f"({requests[-1].t}); times must be sorted"
             )
-        requests.append(Request(line.t, line.prompt_tokens, line.output_tokens))
+        requests.append(Arrival(line.t, line.prompt_tokens, line.output_tokens))
     return requests
 
 
@@ -241,7 +241,7 @@ def write_nodes(path: Path, nodes: list[NodeSpec]) -> None:
     Path(path).write_text("[\n" + lines + "\n]\n")
 
 
-def write_trace(path: Path, requests: list[Request]) -> None:
+def write_trace(path: Path, requests: list[Arrival]) -> None:
     """Write a trace file (JSON Lines)."""
     with Path(path).open("wb") as f:
         for r in requests:

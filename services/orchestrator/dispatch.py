@@ -44,7 +44,7 @@ def estimate_tokens(text: str) -> int:
     return max(1, round(len(text) / 4))
 
 
-class Generator:
+class Dispatcher:
     """Edge first, by policy; the cloud for what the edge does not serve."""
 
     def __init__(
