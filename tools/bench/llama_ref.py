@@ -118,7 +118,8 @@ def _measure(request: dict) -> dict:
 
     def params_without_extra_bufts():  # type: ignore[no-untyped-def]
         params = default_params()
-        params.use_extra_bufts = False  # no repacked weights: the AMX path that segfaults
+        if hasattr(type(params), "use_extra_bufts"):  # a ctypes field (llama-cpp-python 0.3.15+)
+            params.use_extra_bufts = False  # no repacked weights: the AMX path that segfaults
         return params
 
     low_level.llama_model_default_params = params_without_extra_bufts
@@ -144,7 +145,11 @@ def _measure(request: dict) -> dict:
         runs.append((prefill * 1e3, tokens / (time.perf_counter() - started)))
     return {
         "llama_cpp_version": llama_cpp.__version__,
-        "extra_bufts": bool(llm.model_params.use_extra_bufts),
+        "extra_bufts": (  # as loaded; null where the binding has no such field
+            bool(llm.model_params.use_extra_bufts)
+            if hasattr(type(llm.model_params), "use_extra_bufts")
+            else None
+        ),
         "threads": threads,
         "prompt_tokens": len(prompt),
         "prefill_ms": round(statistics.median(r[0] for r in runs), 1),
