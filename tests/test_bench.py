@@ -139,6 +139,7 @@ def test_bench_worker_loads_llama_cpp_without_extra_buffer_types(
     assert reference["status"] == "ok", reference
     assert reference["extra_bufts"] is False and reference["llama_cpp_version"] == "0.0+fake"
     assert reference["prompt_tokens"] > 0 and reference["decode_tok_s"] > 0
+    assert 0 < reference["peak_rss_mb"] < result["peak_rss_mb"]  # the child's own, not inherited
     assert result["vs_llama_cpp"]["decode"] is not None
 
 
