@@ -2,14 +2,16 @@
 
 Measures prefill, time to first token, batch-1 decode tokens/s, aggregate tokens/s with several
 concurrent requests (batched decoding) and the process's memory; when llama-cpp-python is
-installed, the same on the model's GGUF with the same threads in the same run. Prints JSON.
+installed, the same on the model's GGUF with the same threads in the same run, in a child
+process: if llama.cpp crashes there, `"llama_cpp"` says how (`"status": "crashed"`, the signal,
+the end of its stderr) and the ratios are null; the worker's own numbers are printed either way.
+Prints JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import resource
 import statistics
 import time
@@ -41,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--concurrency", default="2,4,8", help="comma-separated request counts")
     parser.add_argument("--repeats", type=int, default=3, help="batch-1 runs; the median is kept")
     parser.add_argument("--spinning", action="store_true", help="let onnxruntime threads spin")
+    parser.add_argument(
+        "--reference-timeout",
+        type=float,
+        default=600,
+        help="seconds the llama.cpp child may take before it is recorded as timed out",
+    )
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
 
 
@@ -69,11 +77,12 @@ async def bench(args: argparse.Namespace) -> int:
     result["rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["llama_cpp"] = _llama_cpp(args, engine, QUESTIONS[0], engine.threads)
-    if "decode_tok_s" in result["llama_cpp"]:
-        result["vs_llama_cpp"] = {
-            "decode": round(result["decode_tok_s"] / result["llama_cpp"]["decode_tok_s"], 2),
-            "prefill": round(result["llama_cpp"]["prefill_ms"] / result["prefill_ms"], 2),
-        }
+    reference = result["llama_cpp"]
+    ok = reference["status"] == "ok"
+    result["vs_llama_cpp"] = {  # null unless the reference ran to the end
+        "decode": round(result["decode_tok_s"] / reference["decode_tok_s"], 2) if ok else None,
+        "prefill": round(reference["prefill_ms"] / result["prefill_ms"], 2) if ok else None,
+    }
     print_json(result)
     return 0
 
@@ -146,49 +155,20 @@ async def _concurrent(engine, tokens: int, counts: list[int]) -> dict:
 
 
 def _llama_cpp(args: argparse.Namespace, engine, question: str, threads: int) -> dict:
-    """llama-cpp-python on the same GGUF and threads: prefill and batch-1 greedy decode."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return {"skipped": "llama-cpp-python is not installed (it compiles from source, ~13 min)"}
-    from llama_cpp import Llama
-
+    """llama-cpp-python on the same GGUF, prompt and threads, in a child process whose crash
+    is recorded, not fatal (see tools.bench.llama_ref)."""
     from services.worker.chat import render_prompt
+    from tools.bench.llama_ref import llama_cpp_arm
     from tools.export.packages import packaged_smollm2
 
-    gguf = args.gguf or packaged_smollm2()
-    if gguf is None:
-        return {"skipped": "no GGUF: pass --gguf"}
-    llm = Llama(
-        model_path=str(gguf),
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_ctx=1024,
-        n_batch=512,
-        verbose=False,
+    return llama_cpp_arm(
+        args.gguf or packaged_smollm2(),
+        render_prompt(engine.card, question),
+        threads,
+        args.tokens,
+        args.repeats,
+        args.reference_timeout,
     )
-    prompt = llm.tokenize(
-        render_prompt(engine.card, question).encode(), add_bos=False, special=True
-    )
-    runs = []
-    for _ in range(args.repeats):
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(prompt)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(args.tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        runs.append(
-            {
-                "prefill_ms": prefill * 1e3,
-                "decode_tok_s": args.tokens / (time.perf_counter() - started),
-            }
-        )
-    return {
-        "gguf": str(gguf),
-        "prompt_tokens": len(prompt),
-        "prefill_ms": _median(runs, "prefill_ms"),
-        "decode_tok_s": _median(runs, "decode_tok_s"),
-    }
 
 
 def _median(runs: list[dict], key: str) -> float:
