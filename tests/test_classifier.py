@@ -29,6 +29,7 @@ from services.classifier.inputs import MAX_QUERY_CHARS, ClassifierInputError, ch
 from services.classifier.labels import DOMAINS, SUB_LABELS, resolve
 from services.classifier.matching import AgentInfo, Scores, knowledge_gap, match_agents
 from services.core.onnx import CPU, CUDA, ModelError, choose_provider
+from services.core.settings import RuntimeSettings
 from tests.classifier_fixtures import (
     bert_reference,
     make_tiny_bert,
@@ -340,7 +341,7 @@ def test_heads_trained_on_other_data_are_refused(
     assert f"--train {train} --out {heads_path}" in str(raised.value)
     settings = ClassifierSettings.model_construct(model_dir=str(tiny_bert_export), threads=1)
     with pytest.raises(SystemExit) as exited:  # the service: one line on stderr, no traceback
-        load_engine(settings, heads_path=heads_path, train_path=train)
+        load_engine(settings, RuntimeSettings(), heads_path=heads_path, train_path=train)
     assert str(exited.value.code).startswith("classifier: heads file ")
     _one_line_naming_the_tool(str(exited.value.code))
 

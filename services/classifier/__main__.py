@@ -15,10 +15,9 @@ from services.classifier.service import Classifier
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
-from services.core.models import resolve_model_dir
 from services.core.presence import Presence
 from services.core.service import run_agent
-from services.core.settings import MqttSettings, service_settings
+from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 
 
 class ClassifierSettings(BaseSettings):
@@ -35,10 +34,14 @@ class ClassifierSettings(BaseSettings):
 
 
 def load_engine(
-    settings: ClassifierSettings, *, heads_path: Path = HEADS_PATH, train_path: Path = TRAIN_PATH
+    settings: ClassifierSettings,
+    runtime: RuntimeSettings,
+    *,
+    heads_path: Path = HEADS_PATH,
+    train_path: Path = TRAIN_PATH,
 ) -> ClassifierEngine:
     """The engine, or exit with one line saying what is missing or stale and how to make it."""
-    folder = resolve_model_dir(settings.model_dir)
+    folder = runtime.model_dir(settings.model_dir)
     if not (folder / "model.onnx").is_file():
         sys.exit(
             f"classifier: no embedder at {folder}/model.onnx; "
@@ -63,9 +66,9 @@ async def serve(settings: ClassifierSettings, mqtt: MqttSettings, engine: Classi
 
 
 def main() -> None:
-    settings = ClassifierSettings()
-    configure_logging("classifier")
-    engine = load_engine(settings)
+    settings, runtime = ClassifierSettings(), RuntimeSettings()
+    configure_logging("classifier", level=runtime.log_level)
+    engine = load_engine(settings, runtime)
     asyncio.run(serve(settings, MqttSettings(), engine))
 
 

@@ -26,6 +26,7 @@ from schemas import Error, Message
 from schemas.messages import ErrorCode
 from services.core.connection import Connection, ConnectionLost, PublishProperties
 from services.core.errors import BadInput, DeadlineExceeded, PeerGone, RemoteError
+from services.core.retry import until_reachable
 from services.core.settings import MqttSettings
 from services.core.topics import ERRORS, REPLIES, Address, Topic
 from services.core.wire import parse_payload, request_id_of
@@ -144,23 +145,33 @@ class Bus:
 
     async def run(self) -> None:
         """Stay connected until cancelled: connect, subscribe, birth, dispatch; on loss, retry."""
-        backoff, first = 0.1, True
+        first = True
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
-            while True:
-                try:
-                    async with self._connection(clean_start=first) as connection:
-                        backoff = await self._session(connection)
-                except ConnectionLost as exc:
-                    log.warning("bus.disconnected", broker=self.settings.address, reason=str(exc))
-                finally:
-                    self._client = None
-                    self.connected.clear()
-                first = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            while True:  # each session that was up starts the backoff afresh
+                retrying = until_reachable(
+                    "bus.disconnected", first_s=0.1, broker=self.settings.address
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        clean_start, first = first, False
+                        await self._connect_once(clean_start)
 
-    async def _session(self, connection: Connection) -> float:
+    async def _connect_once(self, clean_start: bool) -> None:
+        """One connection: raises ConnectionLost if it never came up, returns once it was up
+        and then dropped."""
+        try:
+            async with self._connection(clean_start=clean_start) as connection:
+                await self._session(connection)
+        except ConnectionLost as exc:
+            if not self.connected.is_set():
+                raise
+            log.warning("bus.disconnected", broker=self.settings.address, reason=str(exc))
+        finally:
+            self._client = None
+            self.connected.clear()
+
+    async def _session(self, connection: Connection) -> None:
         subscriptions = [(self.reply_topic, 1)] + [(r.subscription, r.qos) for r in self._routes]
         await connection.subscribe(subscriptions)
         self._client = connection
@@ -169,7 +180,6 @@ class Bus:
         for callback in self._on_connect:
             await callback()
         await connection.closed()
-        return 0.1
 
     def _connection(self, *, clean_start: bool) -> Connection:
         will = None

@@ -6,7 +6,6 @@ payload deletes the key; MQTT 5 Message Expiry bounds entries that must not outl
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 
 from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
+from services.core.changes import Changes
 from services.core.errors import BadInput
 from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_KEY, CMS_ROOT
 from services.core.wire import parse_payload
@@ -55,6 +55,7 @@ class CmsView:
         self.cards: dict[str, AgentCard] = {}
         self.statuses: dict[str, AgentStatus] = {}
         self._callbacks: list[ChangeCallback] = []
+        self.changes = Changes()
         bus.listen_raw(topic_filter, self._on_message, qos=qos)
 
     def on_change(self, callback: ChangeCallback) -> None:
@@ -91,13 +92,7 @@ class CmsView:
     async def wait_online(self, agents: Iterable[str], *, timeout: float = 60.0) -> bool:
         """Wait until all of `agents` are online; False when `timeout` passes first."""
         names = list(agents)
-        try:
-            async with asyncio.timeout(timeout):
-                while not self.online(*names):
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            return False
-        return True
+        return await self.changes.until(lambda: self.online(*names), timeout=timeout)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -113,6 +108,7 @@ class CmsView:
         self._index(topic, entry)
         for callback in self._callbacks:
             callback(topic, entry)
+        self.changes.notify()
 
     def _index(self, topic: str, entry: CmsEntry | None) -> None:
         """Keep the typed agent tables in step with their entries."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import structlog
@@ -26,9 +25,9 @@ class ExceptionTally:
 EXCEPTIONS = ExceptionTally()  # one per process, like the logging configuration itself
 
 
-def configure_logging(service: str, *, level: str | None = None, json: bool | None = None) -> None:
+def configure_logging(service: str, *, level: str = "info", json: bool | None = None) -> None:
     """Configure structlog once per process; every event carries `service`."""
-    level_name = (level or os.environ.get("EDGECOLLAB_LOG_LEVEL", "info")).upper()
+    level_name = level.upper()
     use_json = (not sys.stderr.isatty()) if json is None else json
     renderer = (
         structlog.processors.JSONRenderer()

@@ -12,8 +12,8 @@ import structlog
 
 from schemas import AgentCard
 from services.core.bus import Bus
-from services.core.connection import ConnectionLost
 from services.core.presence import Presence, next_epoch
+from services.core.retry import until_reachable
 from services.core.settings import MqttSettings
 
 log = structlog.get_logger("edgecollab.service")
@@ -41,15 +41,10 @@ async def run_agent(
 
 async def _next_epoch_when_reachable(mqtt: MqttSettings, agent: str) -> int:
     """`next_epoch`, waiting for the broker as the bus does (e.g. compose starts us first)."""
-    backoff = 0.5
-    while True:
-        try:
+    async for attempt in until_reachable("broker.unreachable", first_s=0.5, broker=mqtt.address):
+        with attempt:
             return await next_epoch(mqtt, agent)
-        except (ConnectionLost, TimeoutError) as exc:
-            reason = str(exc) or "no answer in time"
-            log.warning("broker.unreachable", broker=mqtt.address, reason=reason, retry_s=backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    raise AssertionError("unreachable: the retrying never stops")
 
 
 async def run_until_stopped(

@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    """What every process shares: EDGECOLLAB_MODELS_DIR, EDGECOLLAB_LOG_LEVEL, ...
+
+    Read once at an entry point and passed down; library code never reads the environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EDGECOLLAB_", extra="ignore")
+
+    models_dir: Path = Field(Path("models"), description="where model folder names resolve")
+    log_level: str = Field("info", pattern="(?i)^(debug|info|warning|error|critical)$")
+    state_dir: Path = Field(
+        Path.home() / ".local/state/edgecollab",
+        description="where `edgecollab up` keeps its broker, credentials and keys",
+    )
+
+    def model_dir(self, name_or_path: str | Path) -> Path:
+        """A path as given when it exists or is absolute, else a name under `models_dir`."""
+        path = Path(name_or_path)
+        return path if path.is_absolute() or path.exists() else self.models_dir / path
 
 
 class MqttSettings(BaseSettings):

@@ -33,6 +33,7 @@ from typing import TypeVar
 from schemas import EmbeddingRecord, Reading
 from schemas.messages import ErrorCode
 from services.core.bus import Bus
+from services.core.changes import Changes
 from services.core.errors import BadInput
 from services.core.topics import EMBEDDING, READING
 from services.core.wire import parse_payload
@@ -152,6 +153,7 @@ class DataView:
         self._series: dict[tuple[str, str], _Series] = {}
         self._last_seen: dict[str, float] = {}
         self.counters = DataCounters()
+        self.changes = Changes()  # notified at each accepted reading
         # One subscription per domain covers readings and embeddings: two overlapping ones
         # (READING's and EMBEDDING's filters) make mosquitto deliver every embedding twice.
         # ('#' also matches the parent level, so data/<domain>/+/+/# takes readings too.)
@@ -290,6 +292,7 @@ class DataView:
             series.samples.popleft()
         self.counters.readings += 1
         self.counters.bytes_received_readings += size
+        self.changes.notify()
 
     def _on_embedding(
         self, topic: str, params: dict[str, str], body: EmbeddingRecord, size: int

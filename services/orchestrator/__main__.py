@@ -13,7 +13,7 @@ from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
-from services.core.settings import MqttSettings, service_settings
+from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.data.view import DataView
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudSettings
@@ -89,7 +89,7 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
 
 def main() -> None:
     settings = OrchestratorSettings()
-    configure_logging("orchestrator")
+    configure_logging("orchestrator", level=RuntimeSettings().log_level)
     try:
         make_policy(settings.policy, **settings.policy_params)
     except ValueError as exc:

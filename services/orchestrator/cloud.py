@@ -9,7 +9,6 @@ else (not into logs, errors or reprs).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, Self
 import httpx
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from services.core.errors import EdgecollabError
 from services.scheduling.outcomes import Prices
@@ -121,21 +121,30 @@ class CloudClient:
         if temperature is not None:
             body["temperature"] = temperature
         start = time.perf_counter()
-        for attempt in range(1, self.settings.retries + 2):
-            try:
-                completion = await self._attempt(body)
-            except _Retryable as e:
-                if attempt > self.settings.retries:
-                    raise CloudError(e.reason, attempts=attempt, status=e.status) from None
-                delay = self._backoff(attempt, e.delay_s)
-                log.warning(
-                    "cloud.retry", request_id=request_id, attempt=attempt, reason=e.reason,
-                    status=e.status, delay_s=round(delay, 3),
-                )  # fmt: skip
-                await asyncio.sleep(delay)
-                continue
-            return self._reply(completion, start, attempt, request_id)
-        raise AssertionError("unreachable")  # the loop returns or raises
+
+        def warn(state: RetryCallState) -> None:
+            e = state.outcome.exception() if state.outcome else None
+            assert isinstance(e, _Retryable) and state.next_action is not None
+            log.warning(
+                "cloud.retry", request_id=request_id, attempt=state.attempt_number,
+                reason=e.reason, status=e.status, delay_s=round(state.next_action.sleep, 3),
+            )  # fmt: skip
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.retries + 1),
+            wait=self._backoff,
+            retry=retry_if_exception_type(_Retryable),
+            before_sleep=warn,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    completion = await self._attempt(body)
+        except _Retryable as e:
+            attempts = retrying.statistics["attempt_number"]
+            raise CloudError(e.reason, attempts=attempts, status=e.status) from None
+        return self._reply(completion, start, attempt.retry_state.attempt_number, request_id)
 
     async def _attempt(self, body: dict[str, Any]) -> _Completion:
         url = self.settings.base_url.rstrip("/") + "/chat/completions"
@@ -159,10 +168,12 @@ class CloudClient:
         key = self.settings.api_key
         return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = self.settings.backoff_s * 2 ** (attempt - 1)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
+    def _backoff(self, state: RetryCallState) -> float:
+        """Doubling from backoff_s, at least the server's Retry-After, at most backoff_max_s."""
+        delay = self.settings.backoff_s * 2 ** (state.attempt_number - 1)
+        failure = state.outcome.exception() if state.outcome else None
+        if isinstance(failure, _Retryable) and failure.delay_s is not None:
+            delay = max(delay, failure.delay_s)
         return min(delay, self.settings.backoff_max_s)
 
     def _reply(

@@ -8,7 +8,6 @@ knowledge/<domain>/ask; answers are cached under cms/cache/<hash> with an expiry
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 
@@ -41,11 +40,13 @@ class Cooperation:
         assert step.agent is not None and step.domain is not None
         topic = READING.filter(domain=step.domain, agent=step.agent)
         started = time.perf_counter()
-        while (self.data.last_seen(step.agent) or 0.0) < since:
-            if time.time() >= deadline:
-                detail = f"no fresh reading from {step.agent} before the step's deadline"
-                return None, record(step.name, topic, step.agent, started, "failed", detail=detail)
-            await asyncio.sleep(0.05)
+        agent = step.agent
+        fresh = await self.data.changes.until(
+            lambda: (self.data.last_seen(agent) or 0.0) >= since, timeout=deadline - time.time()
+        )
+        if not fresh:
+            detail = f"no fresh reading from {agent} before the step's deadline"
+            return None, record(step.name, topic, agent, started, "failed", detail=detail)
         summary = self.data.summary(step.domain, agents=[step.agent])
         return summary, record(step.name, topic, step.agent, started, "ok")
 

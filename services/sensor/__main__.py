@@ -13,7 +13,7 @@ from services.core.bus import Bus
 from services.core.logging import configure_logging
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
-from services.core.settings import MqttSettings, service_settings
+from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.data.streams import EVENT_DOMAINS, PROFILES, STREAMS, Stream
 from services.sensor.agent import EventSchedule, SensorAgent, data_topics
 
@@ -105,7 +105,7 @@ async def serve(settings: SensorSettings, mqtt: MqttSettings) -> None:
 
 def main() -> None:
     settings = SensorSettings()
-    configure_logging("sensor")
+    configure_logging("sensor", level=RuntimeSettings().log_level)
     asyncio.run(serve(settings, MqttSettings()))
 
 

@@ -14,10 +14,9 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import ConfigError
 from services.core.logging import configure_logging
-from services.core.models import resolve_model_dir
 from services.core.presence import Presence
 from services.core.service import run_agent
-from services.core.settings import MqttSettings, service_settings
+from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.worker.backend import Backend
 from services.worker.emulated import EmulatedBackend
 from services.worker.service import Worker
@@ -48,7 +47,7 @@ class WorkerSettings(BaseSettings):
     )
     domains: list[str] = Field([], description='knowledge domains it answers, e.g. ["health"]')
 
-    def make_backend(self) -> Backend:
+    def make_backend(self, runtime: RuntimeSettings) -> Backend:
         if self.backend == "emulated":
             return EmulatedBackend(
                 tokens_per_s=self.tokens_per_s,
@@ -59,7 +58,7 @@ class WorkerSettings(BaseSettings):
         from services.worker.onnx_backend import OnnxBackend
 
         engine = Engine.load(
-            resolve_model_dir(self.model_dir), threads=self.threads, spinning=self.spinning
+            runtime.model_dir(self.model_dir), threads=self.threads, spinning=self.spinning
         )
         return OnnxBackend(engine, concurrency=self.concurrency)
 
@@ -99,13 +98,13 @@ async def serve(settings: WorkerSettings, mqtt: MqttSettings, backend: Backend) 
 
 
 def main() -> None:
-    settings = WorkerSettings()
-    configure_logging("worker")
+    settings, runtime = WorkerSettings(), RuntimeSettings()
+    configure_logging("worker", level=runtime.log_level)
     bad = [d for d in settings.domains if not re.match(DOMAIN_PATTERN, d)]
     if bad:
         sys.exit(f"worker: bad domain name(s) {bad}")
     try:
-        backend = settings.make_backend()
+        backend = settings.make_backend(runtime)
     except ConfigError as exc:
         sys.exit(f"worker: {exc}")
     asyncio.run(serve(settings, MqttSettings(), backend))

@@ -54,11 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 async def bench(args: argparse.Namespace) -> int:
     from services.core.logging import configure_logging
-    from services.core.models import models_root
+    from services.core.settings import RuntimeSettings
     from services.worker.engine import Engine
 
     configure_logging("bench", level="warning")
-    folder = _model_folder(args.model or models_root() / SMOLLM2)
+    folder = _model_folder(args.model or RuntimeSettings().models_dir / SMOLLM2)
     engine = Engine.load(folder, threads=args.threads, spinning=args.spinning)
     prompt = _chat_ids(engine, QUESTIONS[0])
     single = [_batch1(engine, prompt, args.tokens) for _ in range(args.repeats)]

@@ -9,15 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
+from services.core.settings import RuntimeSettings
 from tools import ROOT
 from tools.common import add_broker_option, mqtt_settings
 from tools.common.broker import broker_answers, start_mosquitto
 from tools.common.stack import STACK, ServiceSpec
 
 MODELS_DIR = ROOT / "models"  # what tools/setup.sh exports
-STATE_DIR = Path(os.environ.get("EDGECOLLAB_STATE_DIR", Path.home() / ".local/state/edgecollab"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +33,7 @@ def _names() -> str:
 
 
 def up(args: argparse.Namespace) -> int:
-    settings = mqtt_settings(args)
+    settings, state_dir = mqtt_settings(args), RuntimeSettings().state_dir
     specs = [s for s in STACK if not args.only or s.name in args.only]
     if args.only and len(specs) != len(args.only):
         raise SystemExit(f"edgecollab: unknown service in {args.only}; known: {_names()}")
@@ -42,8 +41,8 @@ def up(args: argparse.Namespace) -> int:
     if not broker_answers(settings.host, settings.port):
         if settings.host not in ("localhost", "127.0.0.1"):
             raise SystemExit(f"edgecollab: no broker answers at {settings.address}")
-        print(f"up: starting mosquitto on port {settings.port} ({STATE_DIR})", flush=True)
-        children.append(("mosquitto", start_mosquitto(settings.port, STATE_DIR)))
+        print(f"up: starting mosquitto on port {settings.port} ({state_dir})", flush=True)
+        children.append(("mosquitto", start_mosquitto(settings.port, state_dir)))
     env = {
         "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
         **os.environ,
