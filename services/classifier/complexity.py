@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
+
+from schemas import Complexity
+from schemas.messages import Difficulty
 
 # The paper's token demands; expected_tokens is always one of them, so the scheduler and the
 # simulator see the same buckets.
@@ -30,15 +33,6 @@ SHORT_CUES = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class Complexity:
-    """Expected output tokens and a difficulty level."""
-
-    expected_tokens: int
-    difficulty: str
-    confidence: float
-
-
 def length_features(texts: Sequence[str]) -> np.ndarray:
     """Two features per text that the difficulty head sees besides the embedding."""
     words = np.array([len(t.split()) for t in texts], dtype=np.float32)
@@ -56,7 +50,7 @@ def estimate_complexity(
     text: str, domain: str, difficulty_probs: Mapping[str, float]
 ) -> Complexity:
     """The most probable difficulty and the token count it implies for this domain."""
-    difficulty = max(difficulty_probs, key=lambda k: difficulty_probs[k])
+    difficulty = cast(Difficulty, max(difficulty_probs, key=lambda k: difficulty_probs[k]))
     return Complexity(
         expected_tokens=expected_tokens(text, domain, difficulty),
         difficulty=difficulty,

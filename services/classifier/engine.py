@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import structlog
 
-from services.classifier.complexity import Complexity, estimate_complexity, length_features
+from schemas import Complexity
+from services.classifier.complexity import estimate_complexity, length_features
 from services.classifier.embedder import Embedder
 from services.classifier.head import (
     HEADS_PATH,
@@ -76,6 +77,7 @@ class ClassificationResult:
         out["sub_labels"] = list(self.sub_labels)
         out["covered_by"] = list(self.covered_by)
         out["matches"] = [asdict(m) for m in self.matches]
+        out["complexity"] = self.complexity.model_dump()
         return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from schemas import AgentMatch, Classification, ClassifyRequest, Complexity
+from schemas import AgentMatch, Classification, ClassifyRequest
 from services.classifier.engine import ClassificationResult, ClassifierEngine
 from services.classifier.inputs import ClassifierInputError
 from services.core.bus import Bus, Request
@@ -38,10 +38,7 @@ def to_message(request_id: str, result: ClassificationResult, *, agent: str) -> 
         domain=result.domain,
         sub_labels=list(result.sub_labels),
         confidence=round(min(1.0, max(0.0, result.confidence)), 4),
-        complexity=Complexity(
-            expected_tokens=result.complexity.expected_tokens,
-            difficulty=result.complexity.difficulty,  # type: ignore[arg-type]
-        ),
+        complexity=result.complexity,
         gap=result.gap,
         matches=[AgentMatch(agent=m.agent, score=round(m.score, 4)) for m in result.matches],
     )

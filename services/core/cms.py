@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
@@ -23,6 +23,7 @@ from services.core.wire import parse_payload
 log = structlog.get_logger("edgecollab.cms")
 
 ChangeCallback = Callable[[str, CmsEntry | None], None]
+V = TypeVar("V", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,16 @@ class CmsView:
 
     def get(self, key: str) -> CmsEntry | None:
         return self.entries.get(cms_key(key))
+
+    def value(self, key: str, model: type[V]) -> V | None:
+        """The value at `key` read as `model`; None when absent or not of that shape."""
+        entry = self.get(key)
+        if entry is None:
+            return None
+        try:
+            return model.model_validate(entry.value)
+        except ValidationError:
+            return None
 
     def items(self, prefix: str = "") -> Iterator[tuple[str, CmsEntry]]:
         """Entries whose key starts with `prefix`, sorted by key."""

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import structlog
+from pydantic import ValidationError
 
 from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
@@ -55,8 +56,8 @@ def _epoch_of(payload: object) -> int:
     if not isinstance(payload, bytes) or not payload:
         return 0
     try:
-        return int(parse_payload(CmsEntry, payload, 1 << 20).value.get("epoch", 0))
-    except (BadInput, AttributeError, TypeError, ValueError):
+        return AgentCard.model_validate(parse_payload(CmsEntry, payload, 1 << 20).value).epoch
+    except (BadInput, ValidationError):
         return 0
 
 

@@ -76,7 +76,11 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
         orchestrator = Orchestrator(
             bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation
         )
-        return [lambda: orchestrator.publish_metrics(interval_s=settings.metrics_interval_s)]
+        return [
+            lambda: orchestrator.publish_metrics(
+                base_version=presence.base_version, interval_s=settings.metrics_interval_s
+            )
+        ]
 
     try:
         await run_agent(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from schemas import KnowledgeAnswer, KnowledgeQuery, Step
+from schemas import CachedAnswer, KnowledgeAnswer, KnowledgeQuery, Step
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
@@ -57,11 +57,10 @@ class Cooperation:
         assert step.domain is not None
         key = CACHE.format(key=cache_key(step.domain, question))
         started = time.perf_counter()
-        hit = self.view.get(key)
-        if hit is not None and hit.value.get("expires_at", 0) > time.time():
+        hit = self.view.value(key, CachedAnswer)
+        if hit is not None and hit.expires_at > time.time():
             self.cache_hits += 1
-            agent = hit.value.get("agent")
-            return hit.value["answer"], record(step.name, key, agent, started, "cached")
+            return hit.answer, record(step.name, key, hit.agent, started, "cached")
         self.cache_misses += 1
         topic = KNOWLEDGE.format(domain=step.domain)
         query = KnowledgeQuery(
@@ -84,15 +83,15 @@ class Cooperation:
         )
 
     async def _remember(self, key: str, reply: KnowledgeAnswer) -> None:
-        value = {
-            "answer": reply.answer,
-            "agent": reply.agent,
-            "domain": reply.domain,
-            "expires_at": time.time() + self.cache_ttl_s,
-        }
+        value = CachedAnswer(
+            answer=reply.answer,
+            agent=reply.agent,
+            domain=reply.domain,
+            expires_at=time.time() + self.cache_ttl_s,
+        )
         current = self.view.get(key)
         version = current.version + 1 if current else 1
-        await cms.put(self.bus, key, value, version=version, expiry_s=self.cache_ttl_s)
+        await cms.put(self.bus, key, value.model_dump(), version=version, expiry_s=self.cache_ttl_s)
 
 
 def cache_key(domain: str, question: str) -> str:

@@ -160,10 +160,13 @@ class Orchestrator:
         value = {s.name: outputs.get(s.name, "")[:500] for s in phase}
         await cms.put(self.bus, key, value, version=number + 1, expiry_s=STATE_EXPIRY_S)
 
-    async def publish_metrics(self, *, interval_s: float = 5.0) -> None:
-        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache."""
+    async def publish_metrics(self, *, base_version: int, interval_s: float = 5.0) -> None:
+        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache.
+
+        Versions continue the agent's own (epoch x 10^6 + n), so a restarted orchestrator's
+        first summary supersedes its last one from before, for every merge by version."""
         key = METRIC.format(scope=self.bus.client_id, name="requests")
-        version, last = 0, -1
+        version, last = base_version, -1
         while True:
             await asyncio.sleep(interval_s)
             if self.tally.requests != last and self.bus.connected.is_set():

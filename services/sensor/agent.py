@@ -2,8 +2,8 @@
 
 Every tick it publishes one `Reading` per due stream on `data/<domain>/<stream>/<agent>` (QoS 0,
 retained as the stream's last value); every `window_s` it publishes an `EmbeddingRecord` of
-each stream's window on `data/<domain>/<stream>/embeddings/<agent>`; and it answers
-`knowledge/<domain>/ask` (shared group `knowledge-<domain>`) with a factual summary of the last
+each stream's window on `data/<domain>/<stream>/embeddings/<agent>`; and it answers questions
+about its own data on `knowledge/<domain>/sensors/<agent>` with a factual summary of the last
 `history_s` seconds, numbers and alerts included, fit to paste into an SLM prompt.
 """
 

@@ -14,6 +14,11 @@ class Backend(Protocol):
     tokens_per_s: float  # batch-1 decode rate
     concurrency: int  # requests served at once; one more is rejected
 
+    @property
+    def queued(self) -> int:
+        """Requests accepted but waiting for a decode slot (shown in the agent's status)."""
+        ...
+
     async def generate(
         self,
         task: Task,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -43,11 +44,8 @@ def _chatml(messages: list[dict], default_system: str | None) -> str:
 
 
 def _jinja(card: dict, messages: list[dict]) -> str:
-    try:
-        import jinja2
-    except ImportError as exc:
-        raise ValueError(f"model {card['name']} needs jinja2 for its chat template") from exc
-    template = jinja2.Environment(autoescape=False).from_string(card["chat_template"])
+    # A model's own template, as transformers renders it (sandboxed: the card is data).
+    template = ImmutableSandboxedEnvironment().from_string(card["chat_template"])
     return template.render(
         messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
     )

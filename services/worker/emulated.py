@@ -30,6 +30,11 @@ class EmulatedBackend:
         self.beta = beta
         self.active = 0
 
+    @property
+    def queued(self) -> int:
+        """None: every accepted request decodes at once (processor sharing)."""
+        return 0
+
     def stream_rate(self) -> float:
         """Tokens/s of each stream now (processor sharing among `active`)."""
         return self.tokens_per_s * max(1, self.active) ** (self.beta - 1)

@@ -30,6 +30,10 @@ class OnnxBackend:
         )
         self._generator: Generator | None = None
 
+    @property
+    def queued(self) -> int:
+        return self._generator.queued if self._generator is not None else 0
+
     async def generate(
         self,
         task: Task,

@@ -72,7 +72,7 @@ class Worker:
         cutoff = time.monotonic() - _RATE_WINDOW_S
         while self._recent and self._recent[0][0] < cutoff:
             self._recent.popleft()
-        return self.active, 0, sum(n for _, n in self._recent) / _RATE_WINDOW_S
+        return self.active, self.backend.queued, sum(n for _, n in self._recent) / _RATE_WINDOW_S
 
     @property
     def full(self) -> bool:
