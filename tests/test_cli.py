@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import aiomqtt
 
@@ -53,8 +54,16 @@ def test_cms_put_get_ls_rm_round_trip(mqtt, uid):
     assert missing.returncode == 1 and "no key" in missing.stdout
 
 
+def next_line(stream, timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
+    """The next line a child prints; fails, rather than blocks, when none comes."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    return lines.get(timeout=timeout)
+
+
 def test_cms_watch_prints_changes(mqtt, uid):
     key = f"parameters/m-{uid}/temperature"
+    assert cli(mqtt, "cms", "put", key, "0.1").returncode == 0
     watch = subprocess.Popen(
         [
             sys.executable,
@@ -72,13 +81,14 @@ def test_cms_watch_prints_changes(mqtt, uid):
         text=True,
     )
     try:
-        time.sleep(1.5)
+        listed = json.loads(next_line(watch.stdout))  # the entry there was: it watches now
         cli(mqtt, "cms", "put", key, "0.3")
-        line = json.loads(watch.stdout.readline())
+        changed = json.loads(next_line(watch.stdout))
     finally:
         watch.kill()
         cli(mqtt, "cms", "rm", key)
-    assert line["key"] == f"cms/{key}" and line["entry"]["value"] == 0.3
+    assert listed["key"] == f"cms/{key}" and listed["entry"]["value"] == 0.1
+    assert changed["key"] == f"cms/{key}" and changed["entry"]["value"] == 0.3
 
 
 def test_ask_streams_and_prints_provenance(mqtt, uid, spawn):
@@ -113,7 +123,7 @@ async def test_agents_lists_10000_agents(mqtt, uid):
             body = card_entry(card).model_dump_json()
             await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), body, qos=1, retain=True)
     try:
-        out = cli(mqtt, "agents", "--kind", "sensor", "--json", timeout=30)
+        out = cli(mqtt, "agents", "--kind", "sensor", "--json", timeout=120)
         rows = [r for r in json.loads(out.stdout) if r["agent"].startswith(prefix + "-")]
         assert len(rows) == count and all(r["state"] == "offline" for r in rows)
     finally:

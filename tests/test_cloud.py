@@ -67,12 +67,14 @@ async def test_retries_are_bounded_then_cloud_error(fault: str) -> None:
 
 
 async def test_timeout_is_retried_and_bounded() -> None:
-    with FakeCloud(faults=["delay:0.6", "delay:0.6"]) as cloud:
+    with FakeCloud(faults=["hang", "hang"]) as cloud:  # unanswered until the server stops
         with pytest.raises(CloudError, match="timed out"):
             await ask(settings_for(cloud, timeout_s=0.2, retries=1))
-        cloud.faults.extend(["delay:0.6"])
-        reply = await ask(settings_for(cloud, timeout_s=0.2, retries=1))
-    assert reply.attempts == 2
+        assert len(cloud.requests) == 2
+        cloud.faults.extend(["hang"])
+        # the answering attempt has the same ample time as in the other tests
+        reply = await ask(settings_for(cloud, retries=1))
+    assert reply.attempts == 2 and len(cloud.requests) == 4
 
 
 async def test_client_errors_are_not_retried() -> None:

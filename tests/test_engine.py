@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from services.worker.chat import TextAssembler, render_prompt
@@ -80,9 +83,18 @@ async def test_batched_decoding_gives_each_request_its_solo_tokens(generator: Ge
 
 
 async def test_more_requests_than_slots_wait_their_turn(engine: Engine) -> None:
-    gen = Generator(engine, max_batch=2)
-    streams = [gen.submit(p, GREEDY) for p in PROMPTS * 2]
-    assert gen.active == 6
+    go = threading.Event()
+
+    def clock() -> float:  # no decode step runs before `go`: no request can end before it
+        go.wait()
+        return time.time()
+
+    gen = Generator(engine, max_batch=2, clock=clock)
+    try:
+        streams = [gen.submit(p, GREEDY) for p in PROMPTS * 2]
+        assert gen.active == 6 and gen.queued >= 4  # two slots: at least four wait
+    finally:
+        go.set()
     results = [
         (t, s.output_tokens) for t, s in await asyncio.gather(*(s.result() for s in streams))
     ]
@@ -110,12 +122,18 @@ async def test_stop_string_cuts_the_text(generator: Generator) -> None:
     assert stats.finish_reason == "stop"
 
 
-async def test_deadline_ends_generation(generator: Generator) -> None:
+async def test_deadline_ends_generation(engine: Engine, generator: Generator) -> None:
     params = SamplingParams(max_tokens=200)
     _, past = await generator.submit(PROMPTS[0], params, deadline=time.time() - 1).result()
     assert (past.finish_reason, past.output_tokens) == ("deadline", 0)
-    _, soon = await generator.submit(PROMPTS[0], params, deadline=time.time() + 0.05).result()
-    assert soon.finish_reason in ("deadline", "stop") and soon.output_tokens < 200
+    steps = itertools.count()  # a clock that moves one second per decode step
+    gen = Generator(engine, max_batch=4, clock=lambda: float(next(steps)))
+    try:
+        _, soon = await gen.submit(PROMPTS[0], params, deadline=5.0).result()
+    finally:
+        await gen.close()
+    # the step at 0 s prefills (a first token) and decodes one, those at 1-4 s one each; 5 s ends it
+    assert (soon.finish_reason, soon.output_tokens) == ("deadline", 6)
 
 
 async def test_cancel_ends_the_stream(generator: Generator) -> None:
@@ -126,21 +144,32 @@ async def test_cancel_ends_the_stream(generator: Generator) -> None:
     assert generator.active == 0
 
 
-async def test_event_loop_keeps_running_while_decoding(generator: Generator) -> None:
+async def test_event_loop_keeps_running_while_decoding(engine: Engine) -> None:
+    ticked = threading.Event()
     ticks = 0
+
+    def clock() -> float:  # each decode step waits until the event loop has run once more
+        if not ticked.wait(60):
+            raise TimeoutError("the event loop stood still while decoding")
+        ticked.clear()
+        return time.time()
 
     async def tick() -> None:
         nonlocal ticks
         while True:
-            await asyncio.sleep(0.001)
             ticks += 1
+            ticked.set()
+            await asyncio.sleep(0.001)
 
+    gen = Generator(engine, max_batch=4, clock=clock)
     ticker = asyncio.create_task(tick())
-    started = time.perf_counter()
-    await generator.submit(PROMPTS[0], SamplingParams(max_tokens=150)).result()
-    elapsed = time.perf_counter() - started
-    ticker.cancel()
-    assert ticks > elapsed / 0.001 / 10  # the loop ran throughout, not only at the end
+    try:
+        _, stats = await gen.submit(PROMPTS[0], SamplingParams(max_tokens=150)).result()
+    finally:
+        ticker.cancel()
+        await gen.close()
+    # 149 steps (the first prefills and decodes): the loop ran before each, not only at the end
+    assert stats.output_tokens == 150 and ticks >= 149
 
 
 # --- sampling --------------------------------------------------------------------------------
@@ -281,7 +310,9 @@ def test_card_from_another_graph_format_is_refused(tiny_model_dir: Path, tmp_pat
 
 def test_start_up_rate_measurement_is_positive(engine: Engine) -> None:
     assert measure_tokens_per_s(engine) > 0
-    assert engine.provider == "CPUExecutionProvider"
+    available = ort.get_available_providers()
+    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    assert engine.provider == wanted[0]  # CUDA when this onnxruntime offers it, else the CPU
 
 
 # --- the real model --------------------------------------------------------------------------

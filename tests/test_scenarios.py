@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 
@@ -120,8 +119,9 @@ async def test_a_repeated_question_is_served_from_the_knowledge_cache(
     async with running(bus):
         assert await view.wait_online([f"orch-{uid}", f"cls-{uid}", f"slm-{uid}"], timeout=90)
         first = await ask(bus, question)
-        await asyncio.sleep(0.2)  # the cache entry reaches the orchestrator's CMS view
+        # No wait: the orchestrator wrote the cache entry before the first answer, so the
+        # broker hands it the entry (cms/#) before the second question, which we ask after.
         second = await ask(bus, question)
     assert names(first) == ["classify", "knowledge:math", "answer"]
     assert first.steps[1].outcome == "ok" and second.steps[1].outcome == "cached"
-    assert second.steps[1].ms < first.steps[1].ms
+    assert second.steps[1].agent == first.steps[1].agent == f"slm-{uid}"  # whose answer it was

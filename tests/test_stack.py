@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -16,6 +17,8 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import QUERIES
 from tests.conftest import running, wait_for
+
+UNREACHABLE = '"event": "broker.unreachable"'  # a service's log line for each failed try
 
 
 def online(view: CmsView, *agents: str):  # type: ignore[no-untyped-def]
@@ -78,10 +81,10 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
             "-m",
             orjson.dumps(query),
             "-W",
-            "10",
+            "30",
         ],
         capture_output=True,
-        timeout=20,
+        timeout=60,
         check=True,
     )
     answer = Answer.model_validate_json(rr.stdout)
@@ -98,14 +101,15 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
             str(mqtt.port),
             "-v",
             "-t",
-            f"cms/agents/w-{uid}/#",
-            "-t",
-            f"cms/agents/w-{uid}",
+            f"cms/agents/w-{uid}/#",  # the card too: '#' matches the parent level
+            "-C",
+            "2",  # the two retained entries, sent on subscribing before anything new
             "-W",
-            "1",
+            "30",
         ],
         capture_output=True,
-        timeout=20,
+        timeout=60,
+        check=True,
     )
     lines = dict(line.split(" ", 1) for line in sub.stdout.decode().splitlines())
     card = CmsEntry.model_validate_json(lines[f"cms/agents/w-{uid}"]).value
@@ -122,7 +126,7 @@ async def test_sigkill_flips_status_offline_and_restart_raises_epoch(mqtt, uid, 
         await wait_for(online(view, f"w-{uid}"))
         first_epoch = view.agent(f"w-{uid}").card.epoch
         worker.send_signal(signal.SIGKILL)
-        await wait_for(lambda: not view.agent(f"w-{uid}").online, timeout=5)
+        await wait_for(lambda: not view.agent(f"w-{uid}").online)
         assert view.statuses[f"w-{uid}"].online is False
         spawn("services.worker", "--agent-id", f"w-{uid}")
         await wait_for(online(view, f"w-{uid}"))
@@ -138,11 +142,13 @@ async def test_stack_survives_a_broker_restart(mqtt, uid, spawn, broker):
         assert (await ask(bus)).outcome == "edge"
         broker.stop()
         late = spawn("services.worker", "--agent-id", f"late-{uid}")  # starts before the broker
-        await asyncio.sleep(1.5)
+        log = Path(late.log_path)
+        # a second try at the broker: the first failure did not end it
+        await wait_for(lambda: late.poll() is not None or log.read_text().count(UNREACHABLE) >= 2)
         assert late.poll() is None, "a service must wait for its broker, not exit"
         broker.start()
-        await wait_for(lambda: bus.connected.is_set(), timeout=15)
-        await wait_for(online(view, f"orch-{uid}", f"w-{uid}", f"late-{uid}"), timeout=15)
+        await wait_for(lambda: bus.connected.is_set(), timeout=30)
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}", f"late-{uid}"), timeout=30)
         answer = await ask(bus)
     assert answer.outcome == "edge" and answer.steps[0].agent in (f"w-{uid}", f"late-{uid}")
 
@@ -154,12 +160,11 @@ async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(mqtt
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
         pending = asyncio.create_task(ask(bus, max_tokens=100, timeout=30))
-        await wait_for(lambda: view.statuses[f"w-{uid}"].active == 1, timeout=5)
-        started = time.monotonic()
+        await wait_for(lambda: view.statuses[f"w-{uid}"].active == 1)
         os.kill(worker.pid, signal.SIGKILL)
         answer = await pending
+    # "went offline": the Last Will ended the wait, not the deadline ("no answer ... within")
     assert answer.outcome == "failed" and "went offline" in answer.steps[0].detail
-    assert time.monotonic() - started < 5
 
 
 def _query(text: str) -> bytes:

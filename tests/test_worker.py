@@ -94,25 +94,30 @@ async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_m
     async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as sub:
         await sub.subscribe(ERRORS.format(service="worker"), qos=1)
         await wait_for(online(view, f"w-{uid}"), timeout=60)
+
+        async def refusal() -> Error:
+            async with asyncio.timeout(30):
+                return Error.model_validate_json((await anext(sub.messages)).payload)
+
         greedy = await generate(bus, uid, max_tokens=16)
         assert (await generate(bus, uid, max_tokens=16)).text == greedy.text
         try:
             await cms.put(bus, f"parameters/{name}/temperature", 3.0, version=1)
             await cms.put(bus, f"parameters/{name}/seed", 7, version=1)
             await cms.put(bus, f"parameters/{name}/warmth", 1, version=1)
-            await bus.barrier()
-            await asyncio.sleep(0.3)  # the worker's view sees the puts (no reply to wait on)
+            # the worker's view takes the keys in order: refusing the last, it has the others
+            error = await refusal()
             sampled = await generate(bus, uid, max_tokens=16)
-            async with asyncio.timeout(5):
-                error = Error.model_validate_json((await anext(sub.messages)).payload)
         finally:
             for key in ("temperature", "seed", "warmth"):
                 await cms.delete(bus, f"parameters/{name}/{key}")
-        await bus.barrier()
-        await asyncio.sleep(0.3)
+        await cms.put(bus, f"parameters/{name}/marker", 1, version=1)  # refused after the deletes
+        marker = await refusal()
+        await cms.delete(bus, f"parameters/{name}/marker")
         again = await generate(bus, uid, max_tokens=16)
     assert sampled.text != greedy.text and again.text == greedy.text
     assert error.code == "bad_request" and "unknown parameter 'warmth'" in error.message
+    assert "unknown parameter 'marker'" in marker.message
 
 
 async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn, tiny_model_dir):
@@ -130,7 +135,7 @@ async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         for name, (payload, code, words) in cases.items():
             with pytest.raises(RemoteError) as raised:
-                await bus.request_raw(topic, orjson.dumps(payload), deadline=time.time() + 5)
+                await bus.request_raw(topic, orjson.dumps(payload), deadline=time.time() + 20)
             assert raised.value.error.code == code, name
             assert words in raised.value.error.message, (name, raised.value.error.message)
         assert (await generate(bus, uid)).output_tokens >= 1

@@ -102,8 +102,16 @@ class _Request:
 class Generator:
     """Serves many requests on one engine with batched decoding in a background thread."""
 
-    def __init__(self, engine: Engine, *, max_batch: int, context: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int,
+        context: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.engine = engine
+        self.clock = clock  # read once per decode step, to end requests at their deadline
         self.context = min(context or engine.context_length, engine.context_length)
         self.runner = DecoderRunner(engine, slots=max_batch, capacity=self.context)
         self._slots: list[_Request | None] = [None] * max_batch
@@ -127,7 +135,8 @@ class Generator:
     def submit(
         self, messages: list[dict] | str, params: SamplingParams, *, deadline: float | None = None
     ) -> OutputStream:
-        """Start a request; `deadline` is a time.time() instant. Raises ValueError on bad input."""
+        """Start a request; `deadline` is an instant of `clock` (time.time() by default).
+        Raises ValueError on bad input."""
         if self._closed:
             raise RuntimeError("generator is closed")
         prompt = self.engine.encode_prompt(render_prompt(self.engine.card, messages))
@@ -197,7 +206,7 @@ class Generator:
             return not self._closed
 
     def _step(self) -> None:
-        now = time.time()
+        now = self.clock()
         with self._cond:
             requests = [r for r in (*self._slots, *self._waiting) if r is not None]
         for request in requests:

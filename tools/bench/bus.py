@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ from tools.common.broker import free_port, start_mosquitto
 from tools.common.stack import ServiceSpec
 
 PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
+REPLY_TIMEOUT_S = 10.0  # a request unanswered this long counts as failed, and the run goes on
+PROBE_EVERY_S = 0.5  # until a responder answers a first probe, one more probe this often
+READY_TIMEOUT_S = 60.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,11 +87,10 @@ def _ratio(stack: dict[str, Any], bare: dict[str, Any]) -> dict[str, float]:
 
 
 def _start_echo_server(function: str, mqtt: MqttSettings) -> subprocess.Popen[bytes]:
-    """One of the echo servers below in a process of its own, given a second to subscribe."""
+    """One of the echo servers below in a process of its own; the requester probes it until it
+    answers, so the measurement starts once it has subscribed."""
     code = f"from tools.bench.bus import {function}; {function}({mqtt.port})"
-    server = spawn([sys.executable, "-c", code], mqtt)
-    time.sleep(1.0)
-    return server
+    return spawn([sys.executable, "-c", code], mqtt)
 
 
 def echo_server(port: int) -> None:
@@ -119,23 +121,51 @@ async def _measure_bare(
         async with aiomqtt.Client(
             mqtt.host, mqtt.port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NODELAY
         ) as client:
-            await client.subscribe(reply_topic, qos=1)
+            await client.subscribe(reply_topic, qos=1)  # returns on the SUBACK
             reader = asyncio.create_task(_resolve_replies(client, pending))
 
-            async def one() -> None:
+            async def send(future: asyncio.Future[None]) -> bytes:
                 correlation = uuid.uuid4().bytes
-                future = pending[correlation] = asyncio.get_running_loop().create_future()
+                pending[correlation] = future
                 props = Properties(PacketTypes.PUBLISH)
                 props.ResponseTopic, props.CorrelationData = reply_topic, correlation
                 await client.publish(PING, b'{"v":1}', qos=1, properties=props)
-                await asyncio.wait_for(future, 10)
+                return correlation
 
+            async def one() -> None:
+                future = asyncio.get_running_loop().create_future()
+                correlation = await send(future)
+                try:
+                    await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+                finally:
+                    pending.pop(correlation, None)
+
+            await _until_answered(send, pending)
             meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=broker_pid)
             result = await _measure(one, args, meter)
             reader.cancel()
         return result
     finally:
         stop(server)
+
+
+async def _until_answered(
+    send: Callable[[asyncio.Future[None]], Awaitable[bytes]],
+    pending: dict[bytes, asyncio.Future[None]],
+) -> None:
+    """Probe until the echo server answers one probe: then it has subscribed."""
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[None] = loop.create_future()
+    give_up, probes = loop.time() + READY_TIMEOUT_S, []
+    try:
+        while not answered.done():
+            if loop.time() > give_up:
+                raise SystemExit(f"bench: nothing answered on {PING} in {READY_TIMEOUT_S:.0f} s")
+            probes.append(await send(answered))
+            await asyncio.wait({answered}, timeout=PROBE_EVERY_S)
+    finally:
+        for correlation in probes:
+            pending.pop(correlation, None)
 
 
 async def _resolve_replies(
@@ -186,9 +216,11 @@ def _measure_bare_paho(
 class _PahoPinger:
     """A bare paho requester on one thread: each reply's callback sends the next request.
 
-    Phases as in `_measure`: 50 warm-up and `sequential` requests one at a time (latency),
-    then `requests` with `in_flight` outstanding (throughput). A reply that `accept` refuses
-    counts as lost."""
+    It starts once its reply topic is subscribed and a first probe came back (the responder
+    has subscribed too). Phases as in `_measure`: 50 warm-up and `sequential` requests one at
+    a time (latency), then `requests` with `in_flight` outstanding (throughput). A reply that
+    `accept` refuses counts as lost; a request unanswered for REPLY_TIMEOUT_S counts as failed
+    and the next one goes out."""
 
     def __init__(
         self,
@@ -203,19 +235,30 @@ class _PahoPinger:
         self.topic, self.payload, self.accept = topic, payload, accept
         self.reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
         self.sent_at: dict[bytes, float] = {}
+        self.probes: set[bytes] = set()
         self.latencies: list[float] = []
         self.one_at_a_time = 50 + args.sequential
         self.total = self.one_at_a_time + args.requests
-        self.sent = self.answered = self.lost = 0
+        self.sent = self.answered = self.lost = self.expired = 0
+        self.subscribed = self.echoed = False
         self.started = time.perf_counter()
         self.client = _paho_client(port, self._on_reply)
+        self.client.on_subscribe = lambda *_: setattr(self, "subscribed", True)
         self.client.subscribe(self.reply_topic, qos=1)
 
     def run(self) -> dict[str, Any]:
-        deadline = time.monotonic() + 120
+        self._loop_until(lambda: self.subscribed, READY_TIMEOUT_S, "no SUBACK for the replies")
+        give_up = time.monotonic() + READY_TIMEOUT_S
+        while not self.echoed:
+            if time.monotonic() > give_up:
+                raise SystemExit(f"bench: nothing answered on {self.topic}")
+            self._send(probe=True)
+            self._loop_until(lambda: self.echoed, PROBE_EVERY_S)
         self._send()
-        while self.answered < self.total and time.monotonic() < deadline:
-            self.client.loop(timeout=0.1)
+        while self.answered + self.expired < self.total:
+            if self.client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS:
+                break  # the connection is gone: what is unanswered counts as failed
+            self._expire()
         elapsed = time.perf_counter() - self.started
         self.client.disconnect()
         failed = self.total - self.answered
@@ -223,23 +266,53 @@ class _PahoPinger:
             "lost": self.lost
         }
 
-    def _send(self) -> None:
+    def _loop_until(self, done: Callable[[], bool], timeout: float, fail: str = "") -> None:
+        """Run paho's loop until `done()`; past `timeout`, exit with `fail` or just return."""
+        until = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > until:
+                if fail:
+                    raise SystemExit(f"bench: {fail} in {timeout:.0f} s")
+                return
+            self.client.loop(timeout=0.05)
+
+    def _send(self, *, probe: bool = False) -> None:
         correlation = uuid.uuid4().bytes
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic, props.CorrelationData = self.reply_topic, correlation
-        self.sent_at[correlation] = time.perf_counter()
-        self.sent += 1
+        if probe:
+            self.probes.add(correlation)
+        else:
+            self.sent_at[correlation] = time.perf_counter()
+            self.sent += 1
         self.client.publish(self.topic, self.payload(), qos=1, properties=props)
 
+    def _expire(self) -> None:
+        """Give up on requests unanswered for REPLY_TIMEOUT_S: failed, and the run goes on."""
+        now = time.perf_counter()
+        for correlation, sent in list(self.sent_at.items()):
+            if now - sent > REPLY_TIMEOUT_S:
+                del self.sent_at[correlation]
+                self.expired += 1
+                self._next()
+
     def _on_reply(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
-        sent = self.sent_at.pop(message.properties.CorrelationData, None)
-        if sent is None:
+        correlation = message.properties.CorrelationData
+        if correlation in self.probes:
+            self.echoed = True
+            return
+        sent = self.sent_at.pop(correlation, None)
+        if sent is None:  # given up on already
             return
         self.answered += 1
         self.lost += not self.accept(message.payload)
-        if 50 < self.answered <= self.one_at_a_time:
+        if 50 < self.answered + self.expired <= self.one_at_a_time:
             self.latencies.append((time.perf_counter() - sent) * 1000)
-        if self.answered == self.one_at_a_time:  # latency done: fill the window
+        self._next()
+
+    def _next(self) -> None:
+        """One request is done (answered or given up on): send what comes next."""
+        if self.answered + self.expired == self.one_at_a_time:  # latency done: fill the window
             self.started = time.perf_counter()
             self.meter.start()
             for _ in range(min(self.args.in_flight, self.total - self.sent)):
@@ -300,13 +373,25 @@ def _answered_on_edge(payload: bytes) -> bool:
 
 
 async def _measure(one, args: argparse.Namespace, meter: _CpuMeter) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """`one()` raises TimeoutError for a request left unanswered: it counts as failed."""
+    unanswered = 0
+
+    async def answered() -> bool:
+        nonlocal unanswered
+        try:
+            await one()
+        except TimeoutError:
+            unanswered += 1
+            return False
+        return True
+
     for _ in range(50):  # warm-up
-        await one()
+        await answered()
     latencies = []
     for _ in range(args.sequential):
         started = time.perf_counter()
-        await one()
-        latencies.append((time.perf_counter() - started) * 1000)
+        if await answered():
+            latencies.append((time.perf_counter() - started) * 1000)
     semaphore = asyncio.Semaphore(args.in_flight)
 
     async def limited() -> None:
@@ -319,7 +404,7 @@ async def _measure(one, args: argparse.Namespace, meter: _CpuMeter) -> dict[str,
         *(limited() for _ in range(args.requests)), return_exceptions=True
     )
     elapsed = time.perf_counter() - started
-    failures = sum(isinstance(r, BaseException) for r in results)
+    failures = unanswered + sum(isinstance(r, BaseException) for r in results)
     return _summary(latencies, args, elapsed, failures, meter)
 
 

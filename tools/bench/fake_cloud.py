@@ -11,8 +11,9 @@ reply has exactly `max_tokens` words (as a model that always writes to its limit
 Each request consumes one fault from `faults` (a deque tests may refill), then gets the normal
 reply. Faults: "429" (with Retry-After: 0), any other 3-digit status, "garbage" (200 with a
 body that is not JSON), "partial" (200, JSON without usage), "delay:<s>" (sleep, then reply
-normally), "drop" (close the connection without an answer). `requests` records each request's
-headers and JSON body.
+normally), "hang" (no answer at all while the server runs: only the client's timeout ends it),
+"drop" (close the connection without an answer). `requests` records each request's headers and
+JSON body.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class FakeCloud:
         self.faults: deque[str] = deque(faults)
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # lets "hang" faults go when the server stops
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -61,6 +63,7 @@ class FakeCloud:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -119,6 +122,9 @@ def _handler(cloud: FakeCloud) -> type[BaseHTTPRequestHandler]:
                 self._play(fault, body)
 
         def _play(self, fault: str | None, body: dict[str, Any]) -> None:
+            if fault == "hang":
+                cloud._closing.wait()
+                return
             if fault and fault.startswith("delay:"):
                 time.sleep(float(fault.split(":", 1)[1]))
                 fault = None
