@@ -3,6 +3,7 @@
 from schemas.messages import (
     ALL_MESSAGES,
     SCHEMA_VERSION,
+    Accepted,
     AgentCard,
     AgentMatch,
     AgentStatus,
@@ -36,6 +37,7 @@ from schemas.messages import (
 __all__ = [
     "ALL_MESSAGES",
     "SCHEMA_VERSION",
+    "Accepted",
     "AgentCard",
     "AgentMatch",
     "AgentStatus",

@@ -200,6 +200,9 @@ class Query(Message):
     stream: bool = False
     tenant: str | None = None
     sampling: SamplingOptions = SamplingOptions()
+    ack: bool = Field(
+        False, description="send an `accepted` interim reply first (a client that retries)"
+    )
 
 
 class Step(BaseModel):
@@ -217,6 +220,15 @@ class Step(BaseModel):
     ms: float = 0.0
     cost_usd: float = 0.0
     detail: str | None = None
+
+
+class Accepted(Message):
+    """An interim reply: `agent` has taken the request and is working on it. The requester
+    then knows whose death to watch for (its Last Will), and retries if it comes."""
+
+    type: Literal["accepted"] = "accepted"
+    request_id: RequestIdField
+    agent: AgentIdField
 
 
 class Answer(Message):
@@ -376,6 +388,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Reading,
     EmbeddingRecord,
     Query,
+    Accepted,
     Answer,
     ClassifyRequest,
     Classification,
@@ -395,6 +408,7 @@ AnyMessage = Annotated[
     | Reading
     | EmbeddingRecord
     | Query
+    | Accepted
     | Answer
     | ClassifyRequest
     | Classification

@@ -14,7 +14,7 @@ from schemas import AgentCard, Error, Query, Rejected, Task, TaskResult, now
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
-from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.errors import DeadlineExceeded, NoSubscriber, RemoteError
 from services.core.presence import card_entry
 from services.core.topics import AGENT_CARD, ERRORS, TASKS, Address
 from tests.conftest import running, wait_for
@@ -66,15 +66,22 @@ async def test_request_gets_its_reply(mqtt, uid):
 
 async def test_request_to_silent_agent_fails_at_its_deadline(mqtt, uid):
     client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
-    async with running(client):
+    topic = TASKS.format(agent=f"silent-{uid}")
+    async with running(client), aiomqtt.Client(mqtt.host, mqtt.port) as silent:
+        await silent.subscribe(topic, qos=1)  # takes every task, answers none
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="no answer"):
-            await client.request(
-                TASKS.format(agent=f"nobody-{uid}"),
-                _task(uid),
-                deadline=time.time() + 0.5,
-            )
+            await client.request(topic, _task(uid), deadline=time.time() + 0.5)
         assert time.monotonic() - started > 0.4  # not before its deadline
+
+
+async def test_request_nobody_is_subscribed_to_fails_at_once(mqtt, uid):
+    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    async with running(client):
+        with pytest.raises(NoSubscriber, match=f"nobody-{uid}"):  # PUBACK 0x10, not a deadline
+            await client.request(
+                TASKS.format(agent=f"nobody-{uid}"), _task(uid), deadline=time.time() + 600
+            )
 
 
 @pytest.mark.logged_exceptions(1)

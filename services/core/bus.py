@@ -22,10 +22,10 @@ from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.properties import Properties
 from pydantic import TypeAdapter, ValidationError
 
-from schemas import Error, Message
+from schemas import Accepted, Error, Message
 from schemas.messages import ErrorCode
 from services.core.connection import Connection, ConnectionLost, PublishProperties
-from services.core.errors import BadInput, DeadlineExceeded, PeerGone, RemoteError
+from services.core.errors import BadInput, DeadlineExceeded, NoSubscriber, PeerGone, RemoteError
 from services.core.retry import until_reachable
 from services.core.settings import MqttSettings
 from services.core.topics import ERRORS, REPLIES, Address, Topic
@@ -34,7 +34,8 @@ from services.core.wire import parse_payload, request_id_of
 M = TypeVar("M", bound=Message)
 log = structlog.get_logger("edgecollab.bus")
 
-_DEDUP_WINDOW = 4096  # correlation ids remembered to answer a redelivered request once
+_DEDUP_WINDOW = 4096  # (response topic, correlation) pairs remembered to answer a request once
+_NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ class Bus:
         self._routes: list[_Route] = []
         self._on_connect: list[Callable[[], Awaitable[None]]] = []
         self._pending: dict[bytes, _Pending] = {}
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str | None, bytes], None] = OrderedDict()
         self._client: Connection | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._adapters: dict[tuple[type[Message], ...], TypeAdapter[Any]] = {}
@@ -224,12 +225,15 @@ class Bus:
         qos: int,
         retain: bool,
         props: PublishProperties | None,
+        on_ack: Callable[[int], None] | None = None,
     ) -> None:
         for _attempt in range(3):  # a publish caught by a reconnect is tried on the new one
             await self.connected.wait()
             assert self._client is not None
             try:
-                self._client.publish(topic, payload, qos=qos, retain=retain, props=props)
+                self._client.publish(
+                    topic, payload, qos=qos, retain=retain, props=props, on_ack=on_ack
+                )
                 await asyncio.sleep(0)  # let the loop write it out, and never starve the loop
                 await self._client.drained()  # a full socket holds the publisher back
                 return
@@ -249,19 +253,29 @@ class Bus:
     async def request_raw(
         self, address: Address[Any], payload: bytes, *, deadline: float, peer: str | None = None
     ) -> Message:
-        """`request` with the payload as bytes, as a device of any make might send it."""
+        """`request` with the payload as bytes, as a device of any make might send it.
+
+        Fails at once with NoSubscriber when the broker has nobody to give it to; an
+        `Accepted` interim reply names the agent whose going offline then raises PeerGone."""
         timeout = deadline - time.time()
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline already passed for {address}")
         correlation = uuid.uuid4().bytes
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        replies = self._adapter((*address.topic.replies, Error))
+        replies = self._adapter((*address.topic.replies, Accepted, Error))
         self._pending[correlation] = _Pending(future, replies, peer)
         props = PublishProperties(
             expiry_s=_expiry(timeout), response_topic=self.reply_topic, correlation=correlation
         )
+
+        def acked(reason: int) -> None:
+            if reason == _NO_MATCHING_SUBSCRIBERS and not future.done():
+                future.set_exception(NoSubscriber(f"nobody is subscribed to {address}"))
+
         try:
-            await self._publish_bytes(address, payload, qos=1, retain=False, props=props)
+            await self._publish_bytes(
+                address, payload, qos=1, retain=False, props=props, on_ack=acked
+            )
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 return await future
         except TimeoutError:
@@ -344,7 +358,7 @@ class Bus:
         self, route: _Route, topic: str, payload: bytes, props: Properties | None
     ) -> None:
         request = self._accept(route, topic, payload, props)
-        if request is None or self._is_duplicate(request.correlation):
+        if request is None or self._is_duplicate(request.reply_to, request.correlation):
             return
         started = time.perf_counter()
         request_id = getattr(request.body, "request_id", None)
@@ -363,13 +377,16 @@ class Bus:
             await self._answer(request.reply_to, reply, request.correlation)
         bound.debug("request.done", ms=round((time.perf_counter() - started) * 1000, 2))
 
-    def _is_duplicate(self, correlation: bytes | None) -> bool:
+    def _is_duplicate(self, reply_to: str | None, correlation: bytes | None) -> bool:
+        """A redelivery of a request already taken: keyed per requester (its response topic),
+        so two clients may use the same correlation bytes."""
         if correlation is None:
             return False
-        if correlation in self._seen:
+        key = (reply_to, correlation)
+        if key in self._seen:
             log.info("request.duplicate_dropped")
             return True
-        self._seen[correlation] = None
+        self._seen[key] = None
         if len(self._seen) > _DEDUP_WINDOW:
             self._seen.popitem(last=False)
         return False
@@ -398,6 +415,13 @@ class Bus:
             code=code, message=message, service=self.service, topic=topic, request_id=request_id
         )
 
+    async def acknowledge(self, request: Request[Any]) -> None:
+        """Tell the requester this agent took its request (an `Accepted` interim reply)."""
+        request_id = getattr(request.body, "request_id", None)
+        if request.reply_to and request_id:
+            accepted = Accepted(request_id=request_id, agent=self.client_id)
+            await self._answer(request.reply_to, accepted, request.correlation)
+
     def report(self, code: ErrorCode, message: str, topic: str) -> None:
         """Tell errors/<service> about input dropped outside a request (e.g. a bad CMS entry)."""
         self._refuse(BadInput(code, message), topic, b"", None, None)
@@ -416,7 +440,9 @@ class Bus:
         except ValidationError as exc:
             pending.future.set_exception(BadInput("bad_schema", f"malformed reply: {exc}"))
             return
-        if isinstance(reply, Error):
+        if isinstance(reply, Accepted):
+            pending.peer = reply.agent  # taken: now its Last Will is what to watch for
+        elif isinstance(reply, Error):
             pending.future.set_exception(RemoteError(reply))
         else:
             pending.future.set_result(reply)

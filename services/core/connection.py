@@ -90,6 +90,7 @@ class Connection:
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
+        self._pubacks: dict[int, Callable[[int], None]] = {}  # mid -> called with the reason
         self._flush_scheduled = False
         self._writer_added = False
         self._drained = asyncio.Event()  # clear while the socket is full and packets wait
@@ -110,6 +111,7 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         client.on_message = self._on_paho_message
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -192,11 +194,21 @@ class Connection:
             raise ConnectionLost(f"subscription refused: {', '.join(refused)}")
 
     def publish(
-        self, topic: str, payload: bytes, *, qos: int, retain: bool, props: PublishProperties | None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int,
+        retain: bool,
+        props: PublishProperties | None,
+        on_ack: Callable[[int], None] | None = None,
     ) -> None:
-        """Queue a publish; it is written out in this loop iteration."""
+        """Queue a publish; it is written out in this loop iteration. `on_ack` gets the
+        reason code of a QoS 1 publish's PUBACK (0x10: the broker had no subscriber)."""
         info = self._paho.publish(topic, payload, qos, retain, props)
         self._raise_for(info.rc, f"publish to {topic}")
+        if on_ack is not None and qos > 0:
+            self._pubacks[info.mid] = on_ack
 
     async def drained(self) -> None:
         """Return once the socket has taken every queued packet (backpressure on a slow
@@ -244,6 +256,11 @@ class Connection:
         future = self._subacks.get(mid)
         if future is not None and not future.done():
             future.set_result(codes)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _props: Any) -> None:
+        callback = self._pubacks.pop(mid, None)
+        if callback is not None:
+            self._call_in_loop(lambda: callback(int(getattr(reason, "value", reason))))
 
     def _on_paho_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         payload = bytes(message.payload)  # paho hands out a slice of its read buffer

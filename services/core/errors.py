@@ -5,6 +5,7 @@ EdgecollabError
 ├── DeadlineExceeded    a request got no answer before its deadline
 ├── RemoteError         the peer answered with an `Error` message
 ├── PeerGone            the peer went offline before answering
+│   └── NoSubscriber    nobody was subscribed to the request's topic (PUBACK reason 0x10)
 └── ConfigError         settings or files that cannot work; a clear start-up failure
 """
 
@@ -40,6 +41,11 @@ class RemoteError(EdgecollabError):
 
 class PeerGone(EdgecollabError):
     """The agent a request was sent to went offline before answering."""
+
+
+class NoSubscriber(PeerGone):
+    """The broker had no subscriber for the request's topic (MQTT 5 PUBACK 0x10): no
+    orchestrator, or a worker that is gone. Nobody will answer; the requester may retry."""
 
 
 class ConfigError(EdgecollabError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from schemas import (
+    Accepted,
     Answer,
     Classification,
     ClassifyRequest,
@@ -146,7 +147,8 @@ READING = Topic("data/{domain}/{stream}/{agent}", Reading, retained=True, qos=0)
 EMBEDDING = Topic("data/{domain}/{stream}/embeddings/{agent}", EmbeddingRecord, qos=0)
 
 # Computation cooperation.
-QUERIES = Topic("computation/queries", Query, replies=(Answer,))
+# An orchestrator first says it took the query (Accepted), then answers.
+QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)

@@ -56,6 +56,17 @@ class Allocator:
             return Grant(None, f"full: {agent} at its limit")
         return await self._wait(agent, demand, decision.max_wait_s)
 
+    def acquire_free(self, demand: Demand, *, exclude: set[str]) -> Grant:
+        """A free slot at once on the fastest agent not in `exclude` (a re-dispatch does not
+        wait in a line), or the cloud."""
+        free = self.fleet.free * self.fleet.join_rate()
+        for i in free.argsort()[::-1]:
+            agent = self.fleet.agents[int(i)]
+            if free[i] > 0 and agent not in exclude:
+                self.fleet.started(agent, demand.output_tokens)
+                return Grant(agent)
+        return Grant(None, "full: no other edge agent has a free slot")
+
     def release(self, agent: str, demand: Demand) -> None:
         """The request on `agent` ended; its slot goes to the head of the line."""
         self.fleet.finished(agent, demand.output_tokens)

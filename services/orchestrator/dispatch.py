@@ -57,28 +57,42 @@ class Dispatcher:
         view.on_change(self._on_cms_change)
 
     async def run(self, job: Job) -> Generated:
+        """The policy's agent first; a task it rejects, fails or dies on goes to another
+        agent with a free slot (each agent tried once) while the deadline allows, then the
+        cloud. Every attempt is a step of the answer's provenance."""
         demand = Demand(prompt_tokens=estimate_tokens(job.prompt), output_tokens=job.max_tokens)
         grant = await self.allocator.acquire(demand)
-        if grant.agent is None:
-            if grant.reason == "cloud":
-                return await self._cloud(job, [], Outcome.CLOUD)
-            refused = record(
-                job.name, "-", None, None, "rejected", where="none", detail=grant.reason
+        if grant.agent is None and grant.reason == "cloud":
+            return await self._cloud(job, [], Outcome.CLOUD)
+        steps: list[Step] = []
+        tried: set[str] = set()
+        while grant.agent is not None:
+            tried.add(grant.agent)
+            try:
+                step, result = await self.dispatch(grant.agent, job, attempt=len(tried))
+            finally:
+                self.allocator.release(grant.agent, demand)
+            steps.append(step)
+            if result is not None:
+                return Generated(result.text, Outcome.EDGE, steps)
+            if time.time() >= job.deadline:
+                return Generated(None, Outcome.FAILED, steps)
+            grant = self.allocator.acquire_free(demand, exclude=tried)
+        if not steps:
+            steps.append(
+                record(job.name, "-", None, None, "rejected", where="none", detail=grant.reason)
             )
-            return await self._cloud(job, [refused], Outcome.REJECTED_TO_CLOUD)
-        try:
-            step, result = await self.dispatch(grant.agent, job)
-        finally:
-            self.allocator.release(grant.agent, demand)
-        if result is not None:
-            return Generated(result.text, Outcome.EDGE, [step])
-        return await self._cloud(job, [step], Outcome.REJECTED_TO_CLOUD)
+        return await self._cloud(job, steps, Outcome.REJECTED_TO_CLOUD)
 
-    async def dispatch(self, agent: str, job: Job) -> tuple[Step, TaskResult | None]:
-        """Send a task to one worker; a reject, an error, a deadline or a death is a Step too."""
+    async def dispatch(
+        self, agent: str, job: Job, *, attempt: int = 1
+    ) -> tuple[Step, TaskResult | None]:
+        """Send a task to one worker; a reject, an error, a deadline or a death is a Step too.
+        Each attempt has its own task id, so a late result of an abandoned one is ignored."""
         topic = TASKS.format(agent=agent)
+        suffix = "" if attempt == 1 else f".{attempt}"
         task = Task(
-            task_id=f"{job.request_id}.{job.name}",
+            task_id=f"{job.request_id}.{job.name}{suffix}",
             request_id=job.request_id,
             prompt=job.prompt,
             max_tokens=job.max_tokens,

@@ -49,6 +49,8 @@ class Orchestrator:
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
         started, since = time.perf_counter(), time.time()
+        if query.ack:  # the client now watches us, and sends the query again if we die
+            await self.bus.acknowledge(request)
         steps: list[Step] = []
         classification = await self._classify(query, steps)
         plan = self.plan(query, classification)

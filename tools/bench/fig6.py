@@ -23,11 +23,11 @@ import orjson
 
 from schemas import Answer, Query
 from services.core.bus import Bus
+from services.core.client import QueryClient
 from services.core.cms import CmsView
 from services.core.errors import EdgecollabError
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
-from services.core.topics import QUERIES
 from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import POLICIES
 from tools.bench.fake_cloud import FakeCloud
@@ -193,7 +193,7 @@ async def _replay(
 ) -> tuple[Tally, dict[str, float], float]:
     """Send each request at its (compressed) time; latency and busy time in real seconds."""
     loop = asyncio.get_running_loop()
-    tally, busy = Tally(), dict[str, float]()
+    tally, busy, client = Tally(), dict[str, float](), QueryClient(bus)
     start = loop.time()
     last_end = start
 
@@ -206,7 +206,7 @@ async def _replay(
         )
         sent = loop.time()
         try:
-            answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
+            answer = await client.ask(query)
         except EdgecollabError:
             tally.record(Outcome.FAILED, latency_s=None)
             return

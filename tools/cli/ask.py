@@ -10,8 +10,9 @@ import uuid
 
 from schemas import Answer, Query, SamplingOptions, TokenChunk
 from services.core.bus import Request
+from services.core.client import QueryClient
 from services.core.errors import DeadlineExceeded, RemoteError
-from services.core.topics import QUERIES, STREAM
+from services.core.topics import STREAM
 from tools.cli.agents import format_table
 from tools.common import add_broker_option, connected_bus, print_json
 
@@ -42,7 +43,7 @@ async def ask(args: argparse.Namespace) -> int:
         if stream:
             await bus.follow(STREAM, _print_chunk, request=query.request_id)
         try:
-            answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
+            answer = await QueryClient(bus).ask(query)
         except (DeadlineExceeded, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
             return 1

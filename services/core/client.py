@@ -1,0 +1,81 @@
+"""Asking the edge cluster a question so that it is answered, or refused with a reason.
+
+A query is never lost in silence: when no orchestrator is subscribed, the broker says so at
+once (PUBACK 0x10) and the client retries with backoff; when the orchestrator that accepted
+the query goes offline (its Last Will), the client sends it again with the same request id;
+past the deadline it raises DeadlineExceeded naming what it tried.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from schemas import AgentStatus, Answer, CmsEntry, Query
+from services.core.bus import Bus, Request
+from services.core.errors import DeadlineExceeded, NoSubscriber, PeerGone
+from services.core.topics import AGENT_STATUS, QUERIES
+
+log = structlog.get_logger("edgecollab.client")
+
+
+class QueryClient:
+    """Sends Queries on `computation/queries` and follows the orchestrators' liveness."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.retries = 0  # queries sent again (nobody subscribed, or their orchestrator died)
+        self._following = False
+
+    async def ask(self, query: Query) -> Answer:
+        """The Answer to `query`; raises DeadlineExceeded (or RemoteError for a refusal)."""
+        query = query.model_copy(update={"ack": True})
+        if not self._following:
+            self._following = True
+            await self.bus.follow(AGENT_STATUS, self._on_status)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(PeerGone),
+            wait=_wait,
+            before_sleep=lambda state: self._retried(query, state),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if time.time() >= query.deadline:
+                        raise DeadlineExceeded(f"{query.request_id}: deadline passed")
+                    answer = await self.bus.request(
+                        QUERIES.format(), query, deadline=query.deadline
+                    )
+        except PeerGone as exc:  # the deadline came while nobody could take it
+            raise DeadlineExceeded(f"{query.request_id}: {exc}") from None
+        assert isinstance(answer, Answer)
+        return answer
+
+    def _retried(self, query: Query, state: RetryCallState) -> None:
+        self.retries += 1
+        reason = state.outcome.exception() if state.outcome else None
+        log.info("query.retry", request_id=query.request_id, reason=str(reason))
+
+    def _on_status(self, request: Request[CmsEntry]) -> None:
+        status = _status(request.body)
+        if status is not None and not status.online:
+            self.bus.abandon(status.agent)  # queries it accepted are sent again
+
+
+def _wait(state: RetryCallState) -> float:
+    """At once when the orchestrator that had the query died (another one is up, or will be);
+    with backoff, 0.1 s doubling to 2 s, while nobody is subscribed at all."""
+    failure = state.outcome.exception() if state.outcome else None
+    if isinstance(failure, NoSubscriber):
+        return min(2.0, 0.1 * 2 ** (state.attempt_number - 1))
+    return 0.0
+
+
+def _status(entry: CmsEntry) -> AgentStatus | None:
+    try:
+        return AgentStatus.model_validate(entry.value)
+    except ValueError:
+        return None
