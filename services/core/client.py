@@ -14,7 +14,8 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from schemas import AgentStatus, Answer, CmsEntry, Query
-from services.core.bus import Bus, Request
+from services.core.bus import Bus
+from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, NoSubscriber, PeerGone
 from services.core.topics import AGENT_STATUS, QUERIES
 
@@ -22,19 +23,17 @@ log = structlog.get_logger("edgecollab.client")
 
 
 class QueryClient:
-    """Sends Queries on `computation/queries` and follows the orchestrators' liveness."""
+    """Sends Queries on `computation/queries`; the CMS view tells it which agents go offline
+    (a bus delivers each message to one route, so the client shares the process's view)."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, view: CmsView) -> None:
         self.bus = bus
         self.retries = 0  # queries sent again (nobody subscribed, or their orchestrator died)
-        self._following = False
+        view.on_change(self._on_change)
 
     async def ask(self, query: Query) -> Answer:
         """The Answer to `query`; raises DeadlineExceeded (or RemoteError for a refusal)."""
         query = query.model_copy(update={"ack": True})
-        if not self._following:
-            self._following = True
-            await self.bus.follow(AGENT_STATUS, self._on_status)
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(PeerGone),
             wait=_wait,
@@ -59,8 +58,8 @@ class QueryClient:
         reason = state.outcome.exception() if state.outcome else None
         log.info("query.retry", request_id=query.request_id, reason=str(reason))
 
-    def _on_status(self, request: Request[CmsEntry]) -> None:
-        status = _status(request.body)
+    def _on_change(self, key: str, entry: CmsEntry | None) -> None:
+        status = _status(entry) if entry is not None and AGENT_STATUS.match(key) else None
         if status is not None and not status.online:
             self.bus.abandon(status.agent)  # queries it accepted are sent again
 

@@ -6,13 +6,16 @@ from the request, then from cms/parameters/<model>/..., then the defaults.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import structlog
 
 from schemas import (
+    CmsEntry,
     GenerationStats,
     KnowledgeAnswer,
     KnowledgeQuery,
@@ -27,7 +30,7 @@ from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import BadInput
 from services.core.presence import Presence
-from services.core.topics import KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
+from services.core.topics import AGENT_STATUS, KNOWLEDGE, MODEL_DETAIL, REPLIES, STREAM, TASKS
 from services.worker.backend import Backend
 from services.worker.parameters import LiveParameters
 
@@ -59,8 +62,11 @@ class Worker:
         self.presence = presence
         self.active = 0  # requests in flight here: counted on the event loop, so exact
         model = backend.model.name if backend.model else "emulated"
+        self.view = view
         self.parameters = LiveParameters(bus, view, model=model)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._by_requester: dict[str, set[asyncio.Task[object]]] = {}
+        view.on_change(self._on_change)
         bus.serve(TASKS, self.handle_task, agent=agent)
         for domain in domains:
             bus.serve(KNOWLEDGE, self.handle_knowledge, shared=f"knowledge-{domain}", domain=domain)
@@ -89,7 +95,8 @@ class Worker:
                 limit=self.backend.concurrency,
             )
         started = time.perf_counter()
-        text, stats = await self._generate(task, self._streamer(task) if task.stream else None)
+        with self._serving(request.reply_to):
+            text, stats = await self._generate(task, self._streamer(task) if task.stream else None)
         return TaskResult(
             task_id=task.task_id,
             agent=self.agent,
@@ -142,6 +149,31 @@ class Worker:
             self._changed()
         self._recent.append((time.monotonic(), stats.output_tokens))
         return text, stats
+
+    @contextlib.contextmanager
+    def _serving(self, reply_to: str | None) -> Iterator[None]:
+        """Remember whose task this is, so that its requester's death cancels it."""
+        params = REPLIES.match(reply_to) if reply_to else None
+        requester = params["client"] if params else None
+        task = asyncio.current_task()
+        tasks = self._by_requester.setdefault(requester, set()) if requester else None
+        if tasks is not None and task is not None:
+            tasks.add(task)
+        try:
+            yield
+        finally:
+            if tasks is not None and task is not None:
+                tasks.discard(task)
+
+    def _on_change(self, key: str, entry: CmsEntry | None) -> None:
+        """A requester that went offline will take no result: free its slots now."""
+        params = AGENT_STATUS.match(key)
+        status = self.view.statuses.get(params["agent"]) if params else None
+        if params is None or (status is not None and status.online):
+            return
+        for task in self._by_requester.pop(params["agent"], set()):
+            log.info("task.cancelled", requester=params["agent"], reason="requester offline")
+            task.cancel()
 
     def _changed(self) -> None:
         if self.presence is not None:

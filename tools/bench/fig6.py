@@ -181,7 +181,7 @@ async def _run_live(
         async with running(bus):
             if not await view.wait_online([agent, *(n.id for n in nodes)]):
                 raise SystemExit(f"fig6: the stack did not come online ({agent})")
-            tally, busy, span = await _replay(bus, requests, args.speedup, name)
+            tally, busy, span = await _replay(bus, view, requests, args.speedup, name)
     finally:
         await asyncio.to_thread(stop, orchestrator)
     utilization = [busy.get(n.id, 0.0) / (n.concurrency * span) for n in nodes]
@@ -189,11 +189,11 @@ async def _run_live(
 
 
 async def _replay(
-    bus: Bus, requests: list[Arrival], speedup: float, name: str
+    bus: Bus, view: CmsView, requests: list[Arrival], speedup: float, name: str
 ) -> tuple[Tally, dict[str, float], float]:
     """Send each request at its (compressed) time; latency and busy time in real seconds."""
     loop = asyncio.get_running_loop()
-    tally, busy, client = Tally(), dict[str, float](), QueryClient(bus)
+    tally, busy, client = Tally(), dict[str, float](), QueryClient(bus, view)
     start = loop.time()
     last_end = start
 

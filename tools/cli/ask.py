@@ -39,11 +39,12 @@ async def ask(args: argparse.Namespace) -> int:
         stream=stream,
         sampling=SamplingOptions(temperature=args.temperature),
     )
-    async with connected_bus(args) as (bus, _):
+    async with connected_bus(args, mirror_cms=True) as (bus, view):
+        assert view is not None
         if stream:
             await bus.follow(STREAM, _print_chunk, request=query.request_id)
         try:
-            answer = await QueryClient(bus).ask(query)
+            answer = await QueryClient(bus, view).ask(query)
         except (DeadlineExceeded, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
             return 1

@@ -1,0 +1,137 @@
+"""Faults survived: every request is answered, or refused with a reason, never lost in silence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiomqtt
+from aiomqtt import ProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from schemas import Answer, Query, Task, TaskResult
+from services.core.bus import Bus, Request
+from services.core.client import QueryClient
+from services.core.cms import CmsView
+from services.core.topics import REPLIES, TASKS
+from tests.conftest import running, wait_for
+from tests.test_stack import online
+
+
+def _query(uid: str, n: int, *, max_tokens: int = 8, timeout: float = 60) -> Query:
+    return Query(
+        request_id=f"q{n}-{uid}", text="hello", max_tokens=max_tokens,
+        deadline=time.time() + timeout,
+    )  # fmt: skip
+
+
+def _worker(spawn, agent: str, tokens_per_s: str = "200"):  # type: ignore[no-untyped-def]
+    return spawn(
+        "services.worker", "--agent-id", agent, "--tokens-per-s", tokens_per_s,
+        "--concurrency", "4",
+    )  # fmt: skip
+
+
+async def test_a_killed_workers_tasks_are_answered_by_another(mqtt, uid, spawn):
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
+    slow = _worker(spawn, f"slow-{uid}", tokens_per_s="2")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    client = QueryClient(bus, view)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"slow-{uid}"))
+        asked = [asyncio.create_task(client.ask(_query(uid, n, max_tokens=200))) for n in range(4)]
+        await wait_for(lambda: view.statuses[f"slow-{uid}"].active == 4)
+        _worker(spawn, f"spare-{uid}")
+        await wait_for(online(view, f"spare-{uid}"))
+        os.kill(slow.pid, signal.SIGKILL)
+        answers = await asyncio.gather(*asked)
+    for answer in answers:
+        assert answer.outcome == "edge", answer
+        first, last = answer.steps[-2], answer.steps[-1]  # provenance shows both attempts
+        assert (first.agent, first.outcome) == (f"slow-{uid}", "failed")
+        assert (last.agent, last.outcome) == (f"spare-{uid}", "ok")
+
+
+async def test_a_rejected_task_is_served_by_a_worker_with_room(mqtt, uid, spawn):
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "random")
+    for name in ("a", "b"):
+        spawn("services.worker", "--agent-id", f"{name}-{uid}", "--tokens-per-s", "20",
+              "--concurrency", "1")  # fmt: skip
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    client = QueryClient(bus, view)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"a-{uid}", f"b-{uid}"))
+        # a second orchestrator's work, unknown to ours, fills worker a
+        other = Task(task_id=f"t-{uid}", request_id=f"r-{uid}", prompt="x", max_tokens=200,
+                     deadline=time.time() + 60)  # fmt: skip
+        blocker = asyncio.create_task(
+            bus.request(TASKS.format(agent=f"a-{uid}"), other, deadline=other.deadline)
+        )
+        await wait_for(lambda: view.statuses[f"a-{uid}"].active == 1)
+        answers = [await client.ask(_query(uid, n)) for n in range(6)]
+        blocker.cancel()
+    assert all(a.outcome == "edge" and a.steps[-1].agent == f"b-{uid}" for a in answers)
+    retried = [a for a in answers if len(a.steps) > 2]
+    assert all(a.steps[-2].outcome == "rejected" for a in retried)
+
+
+async def test_a_query_sent_before_any_orchestrator_is_answered_once_one_is_up(mqtt, uid, spawn):
+    _worker(spawn, f"w-{uid}")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    client = QueryClient(bus, CmsView(bus))
+    async with running(bus):
+        asked = asyncio.create_task(client.ask(_query(uid, 0)))
+        await wait_for(lambda: client.retries >= 1)  # the broker said: nobody is subscribed
+        spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
+        answer = await asked
+    assert isinstance(answer, Answer) and answer.outcome == "edge"
+
+
+async def test_queries_of_a_killed_orchestrator_are_answered_by_the_other(mqtt, uid, spawn):
+    first = spawn("services.orchestrator", "--agent-id", f"o1-{uid}")
+    _worker(spawn, f"w-{uid}", tokens_per_s="4")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    client = QueryClient(bus, view)
+    async with running(bus):
+        await wait_for(online(view, f"o1-{uid}", f"w-{uid}"))
+        asked = [asyncio.create_task(client.ask(_query(uid, n, max_tokens=40))) for n in range(3)]
+        await wait_for(lambda: view.statuses[f"w-{uid}"].active == 3)
+        spawn("services.orchestrator", "--agent-id", f"o2-{uid}")
+        await wait_for(online(view, f"o2-{uid}"))
+        os.kill(first.pid, signal.SIGKILL)
+        answers = await asyncio.gather(*asked)
+    assert [a.outcome for a in answers] == ["edge"] * 3 and client.retries >= 3
+
+
+async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, uid):
+    async def echo(request: Request[Task]) -> TaskResult:
+        body = request.body
+        return TaskResult(
+            task_id=body.task_id, agent=f"w-{uid}", text=body.prompt, prompt_tokens=1,
+            output_tokens=1, prefill_ms=0, decode_tok_s=0, ms=0, finish_reason="stop",
+        )  # fmt: skip
+
+    server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
+    server.serve(TASKS, echo, agent=f"w-{uid}")
+    texts = []
+    async with running(server):
+        for n in range(2):  # two requesters, each its own response topic, the same correlation
+            reply_to = REPLIES.format(client=f"c{n}-{uid}")
+            async with aiomqtt.Client(mqtt.host, mqtt.port, protocol=ProtocolVersion.V5) as c:
+                await c.subscribe(reply_to, qos=1)
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic, props.CorrelationData = reply_to, b"1"
+                task = Task(task_id=f"t{n}-{uid}", request_id="r1", prompt=f"from {n}",
+                            max_tokens=1, deadline=time.time() + 30)  # fmt: skip
+                await c.publish(TASKS.format(agent=f"w-{uid}"), task.model_dump_json(),
+                                qos=1, properties=props)  # fmt: skip
+                async with asyncio.timeout(30):
+                    message = await anext(c.messages)
+                texts.append(TaskResult.model_validate_json(message.payload).text)
+    assert texts == ["from 0", "from 1"]
