@@ -176,3 +176,32 @@ def test_bench_bus_counts_every_request_on_all_three_paths():
     assert result["stack"]["lost"] == 0
     assert result["stack"]["cpu_ms_per_request"]["orchestrator"] > 0
     assert set(result["ratio_to_paho"]) == {"p50", "throughput"}
+
+
+def test_supervisor_restarts_what_exits_and_leaves_the_rest_running():
+    import threading
+    import time
+
+    from tools.common.supervise import Child, Supervisor
+
+    def popen(code: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    lines: list[str] = []
+    crashing = Child("crashing", lambda: popen("import sys; sys.exit(3)"))
+    steady = Child("steady", lambda: popen("import time; time.sleep(600)"))
+    supervisor = Supervisor([crashing, steady], say=lines.append)
+    runner = threading.Thread(target=supervisor.run, kwargs={"poll_s": 0.05})
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while crashing.restarts < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert crashing.restarts >= 2 and steady.restarts == 0
+        assert steady.proc is not None and steady.proc.poll() is None
+    finally:
+        supervisor.request_stop()
+        runner.join(30)
+    assert "crashing exited with 3; restarting in 1 s" in lines
+    assert "crashing exited with 3; restarting in 2 s" in lines  # backoff doubles
+    assert steady.proc.poll() is not None and lines[-1] == "stopped"

@@ -169,6 +169,12 @@ class Orchestrator:
         first summary supersedes its last one from before, for every merge by version."""
         key = METRIC.format(scope=self.bus.client_id, name="requests")
         version, last = base_version, -1
+
+        async def republish() -> None:  # after a broker restart, what we own comes back
+            nonlocal last
+            last = -1
+
+        self.bus.on_connect(republish)
         while True:
             await asyncio.sleep(interval_s)
             if self.tally.requests != last and self.bus.connected.is_set():

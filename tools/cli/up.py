@@ -3,29 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
-import sys
-import threading
-import time
 
 from services.core.settings import RuntimeSettings
 from tools import ROOT
 from tools.common import add_broker_option, mqtt_settings
 from tools.common.broker import broker_answers, start_mosquitto
-from tools.common.stack import STACK, ServiceSpec
+from tools.common.stack import STACK, ServiceSpec, scaled
+from tools.common.supervise import Child, Supervisor, relay
 
 MODELS_DIR = ROOT / "models"  # what tools/setup.sh exports
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("up", help="start the whole stack here (and mosquitto if needed)")
+    parser = sub.add_parser(
+        "up",
+        help="start the whole stack here (and mosquitto if needed); restarts what exits",
+    )
     parser.add_argument(
         "--only", nargs="+", metavar="SERVICE", help=f"start only these of: {_names()}"
     )
+    parser.add_argument(
+        "--workers", type=_count, default=1, metavar="N",
+        help="SLM workers worker-1 ... worker-N (default 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--emulated-workers", type=_count, default=0, metavar="N",
+        help="also N emulated devices emulated-1 ... emulated-N (sleep per token)",
+    )  # fmt: skip
     add_broker_option(parser)
     parser.set_defaults(func=up)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"want a whole number from 0 to 64, got {text!r}")
+    return int(text)
 
 
 def _names() -> str:
@@ -34,27 +50,32 @@ def _names() -> str:
 
 def up(args: argparse.Namespace) -> int:
     settings, state_dir = mqtt_settings(args), RuntimeSettings().state_dir
-    specs = [s for s in STACK if not args.only or s.name in args.only]
-    if args.only and len(specs) != len(args.only):
+    specs = [s for s in scaled(args.workers, args.emulated_workers) if _chosen(s, args.only)]
+    if args.only and not specs:
         raise SystemExit(f"edgecollab: unknown service in {args.only}; known: {_names()}")
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[Child] = []
     if not broker_answers(settings.host, settings.port):
         if settings.host not in ("localhost", "127.0.0.1"):
             raise SystemExit(f"edgecollab: no broker answers at {settings.address}")
         print(f"up: starting mosquitto on port {settings.port} ({state_dir})", flush=True)
-        children.append(("mosquitto", start_mosquitto(settings.port, state_dir)))
+        start = functools.partial(start_mosquitto, settings.port, state_dir)
+        children.append(Child("mosquitto", start, broker=True))
     env = {
         "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
         **os.environ,
         "EDGECOLLAB_MQTT_HOST": settings.host,
         "EDGECOLLAB_MQTT_PORT": str(settings.port),
     }
-    children += [(spec.name, _start(spec, env)) for spec in specs]
+    children += [Child(spec.name, functools.partial(_start, spec, env)) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
-    try:
-        return _wait(children)
-    finally:
-        _stop(children)
+    supervisor = Supervisor(children, say=lambda line: print(f"up: {line}", flush=True))
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
+    return supervisor.run()
+
+
+def _chosen(spec: ServiceSpec, only: list[str] | None) -> bool:
+    """`--only worker-1` and `--only worker` (every worker) both pick workers."""
+    return not only or spec.name in only or spec.name.rsplit("-", 1)[0] in only
 
 
 def _start(spec: ServiceSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -65,44 +86,5 @@ def _start(spec: ServiceSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C reaches `up`, which stops the children in order
     )
-    threading.Thread(target=_relay, args=(spec.name, proc), daemon=True).start()
+    relay(spec.name, proc)
     return proc
-
-
-def _relay(name: str, proc: subprocess.Popen[bytes]) -> None:
-    """Prefix each line of a child's output with its service name."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(f"{name:>14} | {line.decode(errors='replace')}")
-        sys.stdout.flush()
-
-
-def _wait(children: list[tuple[str, subprocess.Popen[bytes]]]) -> int:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            for name, proc in children:
-                if proc.poll() is not None:
-                    print(f"up: {name} exited with {proc.returncode}; stopping", flush=True)
-                    return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def _stop(children: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-    """Services first, all at once (they say offline), the broker last."""
-    services = [p for name, p in children if name != "mosquitto"]
-    brokers = [p for name, p in children if name == "mosquitto"]
-    for group in (services, brokers):
-        for proc in group:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in group:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    print("up: stopped", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import shutil
 import socket
@@ -41,6 +43,20 @@ def local_config(port: int, data_dir: Path, *, bind: str = "127.0.0.1") -> str:
     return text
 
 
+def _let_mosquitto_write(folder: Path) -> None:
+    """Started as root, mosquitto drops to the `mosquitto` user: it must own its data folder,
+    or persistence fails ("Permission denied") and a restart loses the CMS."""
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        return  # no such user: mosquitto stays root and can write
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    for path in folder.iterdir():
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
 def start_mosquitto(
     port: int, workdir: Path, *, bind: str = "127.0.0.1"
 ) -> subprocess.Popen[bytes]:
@@ -49,6 +65,7 @@ def start_mosquitto(
     if not Path(binary).exists():
         raise SystemExit("edgecollab: mosquitto is not installed (apt-get install mosquitto)")
     (workdir / "data").mkdir(parents=True, exist_ok=True)
+    _let_mosquitto_write(workdir / "data")
     conf = workdir / "mosquitto.conf"
     conf.write_text(local_config(port, workdir / "data", bind=bind))
     log = (workdir / "mosquitto.log").open("ab")
