@@ -151,3 +151,16 @@ def test_bench_worker_exits_0_when_the_reference_cannot_run(tiny_int4_model_dir:
     result = json.loads(run.stdout)
     assert result["llama_cpp"]["status"] in ("failed", "crashed", "unavailable")
     assert result["vs_llama_cpp"] == {"decode": None, "prefill": None}
+
+
+def test_bench_faults_answers_every_query_of_a_killed_worker():
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.cli.main", "bench", "faults", "--fault", "worker_kill",
+         "--queries", "40", "--rate", "10"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)["faults"]["worker_kill"]
+    assert result["sent"] == 40 and result["never_answered"] == 0
+    assert result["answered_edge"] + result["failed_with_error"] == 40
+    assert result["time_to_detect_s"] is not None  # the Last Will was seen

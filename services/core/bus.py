@@ -69,6 +69,7 @@ class _Pending:
     future: asyncio.Future[Any]
     adapter: TypeAdapter[Any]
     peer: str | None = None  # the agent expected to answer, if one is
+    sent: bool = False  # written to a connection (whose loss then loses the reply)
 
 
 class Bus:
@@ -171,6 +172,7 @@ class Bus:
         finally:
             self._client = None
             self.connected.clear()
+            self._fail_sent("the connection to the broker was lost before the answer")
 
     async def _session(self, connection: Connection) -> None:
         subscriptions = [(self.reply_topic, 1)] + [(r.subscription, r.qos) for r in self._routes]
@@ -243,20 +245,37 @@ class Bus:
         raise ConnectionLost(f"could not publish to {topic}")
 
     async def request(
-        self, address: Address[M], body: M, *, deadline: float, peer: str | None = None
+        self,
+        address: Address[M],
+        body: M,
+        *,
+        deadline: float,
+        peer: str | None = None,
+        accept_within_s: float | None = None,
     ) -> Message:
         """Send a request and await one of its topic's replies; an `Error` reply raises
         RemoteError, and `abandon(peer)` raises PeerGone in the requests sent to that agent."""
         payload = body.model_dump_json().encode()
-        return await self.request_raw(address, payload, deadline=deadline, peer=peer)
+        return await self.request_raw(
+            address, payload, deadline=deadline, peer=peer, accept_within_s=accept_within_s
+        )
 
     async def request_raw(
-        self, address: Address[Any], payload: bytes, *, deadline: float, peer: str | None = None
+        self,
+        address: Address[Any],
+        payload: bytes,
+        *,
+        deadline: float,
+        peer: str | None = None,
+        accept_within_s: float | None = None,
     ) -> Message:
         """`request` with the payload as bytes, as a device of any make might send it.
 
         Fails at once with NoSubscriber when the broker has nobody to give it to; an
-        `Accepted` interim reply names the agent whose going offline then raises PeerGone."""
+        `Accepted` interim reply names the agent whose going offline then raises PeerGone, and
+        with `accept_within_s` no `Accepted` by then raises PeerGone too (the one who got it
+        died or froze before it said so). A lost connection raises PeerGone: replies sent
+        while we were away are gone (session expiry 0)."""
         timeout = deadline - time.time()
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline already passed for {address}")
@@ -268,14 +287,26 @@ class Bus:
             expiry_s=_expiry(timeout), response_topic=self.reply_topic, correlation=correlation
         )
 
+        pending = self._pending[correlation]
+
         def acked(reason: int) -> None:
             if reason == _NO_MATCHING_SUBSCRIBERS and not future.done():
                 future.set_exception(NoSubscriber(f"nobody is subscribed to {address}"))
+
+        def unaccepted() -> None:
+            if pending.peer is None and not future.done():
+                gone = f"nobody accepted it on {address} within {accept_within_s} s"
+                future.set_exception(PeerGone(gone))
+
+        if accept_within_s is not None:
+            timer = asyncio.get_running_loop().call_later(accept_within_s, unaccepted)
+            future.add_done_callback(lambda _: timer.cancel())
 
         try:
             await self._publish_bytes(
                 address, payload, qos=1, retain=False, props=props, on_ack=acked
             )
+            pending.sent = True
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 return await future
         except TimeoutError:
@@ -299,6 +330,11 @@ class Bus:
                 await future
         finally:
             self._pending.pop(correlation, None)
+
+    def _fail_sent(self, reason: str) -> None:
+        for pending in self._pending.values():
+            if pending.sent and not pending.future.done():
+                pending.future.set_exception(PeerGone(reason))
 
     def abandon(self, peer: str) -> None:
         """Fail at once the requests awaiting an answer from `peer`, which went offline."""

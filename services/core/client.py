@@ -21,6 +21,10 @@ from services.core.topics import AGENT_STATUS, QUERIES
 
 log = structlog.get_logger("edgecollab.client")
 
+# A live orchestrator says Accepted within milliseconds; one that says nothing this long was
+# killed or frozen with the query, which then goes to another.
+ACCEPT_S = 3.0
+
 
 class QueryClient:
     """Sends Queries on `computation/queries`; the CMS view tells it which agents go offline
@@ -46,7 +50,7 @@ class QueryClient:
                     if time.time() >= query.deadline:
                         raise DeadlineExceeded(f"{query.request_id}: deadline passed")
                     answer = await self.bus.request(
-                        QUERIES.format(), query, deadline=query.deadline
+                        QUERIES.format(), query, deadline=query.deadline, accept_within_s=ACCEPT_S
                     )
         except PeerGone as exc:  # the deadline came while nobody could take it
             raise DeadlineExceeded(f"{query.request_id}: {exc}") from None

@@ -10,7 +10,7 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
 from services.core.topics import AGENT_STATUS, TASKS
-from services.orchestrator.allocator import Allocator
+from services.orchestrator.allocator import Allocator, Grant
 from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.provenance import record
 from services.scheduling.outcomes import Outcome
@@ -77,12 +77,24 @@ class Dispatcher:
                 return Generated(result.text, Outcome.EDGE, steps)
             if time.time() >= job.deadline:
                 return Generated(None, Outcome.FAILED, steps)
-            grant = self.allocator.acquire_free(demand, exclude=tried)
+            grant = await self._another(demand, tried)
         if not steps:
             steps.append(
                 record(job.name, "-", None, None, "rejected", where="none", detail=grant.reason)
             )
         return await self._cloud(job, steps, Outcome.REJECTED_TO_CLOUD)
+
+    async def _another(self, demand: Demand, tried: set[str]) -> Grant:
+        """A free slot elsewhere at once, else whatever the policy would wait for, if that is
+        not an agent already tried."""
+        grant = self.allocator.acquire_free(demand, exclude=tried)
+        if grant.agent is not None:
+            return grant
+        grant = await self.allocator.acquire(demand)
+        if grant.agent in tried:
+            self.allocator.release(grant.agent, demand)
+            return Grant(None, f"full: only {grant.agent}, tried already, has room")
+        return grant
 
     async def dispatch(
         self, agent: str, job: Job, *, attempt: int = 1
