@@ -135,3 +135,25 @@ async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, uid):
                     message = await anext(c.messages)
                 texts.append(TaskResult.model_validate_json(message.payload).text)
     assert texts == ["from 0", "from 1"]
+
+
+async def test_a_frozen_workers_tasks_go_elsewhere_before_its_will(mqtt, uid, spawn):
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
+    frozen = _worker(spawn, f"frozen-{uid}", tokens_per_s="2")
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    client = QueryClient(bus, view)
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"frozen-{uid}"))
+        asked = [asyncio.create_task(client.ask(_query(uid, n, max_tokens=200))) for n in range(2)]
+        await wait_for(lambda: view.statuses[f"frozen-{uid}"].active == 2)
+        _worker(spawn, f"spare-{uid}")
+        await wait_for(online(view, f"spare-{uid}"))
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            answers = await asyncio.gather(*asked)
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+    assert [a.steps[-1].agent for a in answers] == [f"spare-{uid}"] * 2
+    # moved on silence (a keepalive without a status), before the broker's Last Will at 1.5x
+    assert all("fell silent" in (a.steps[-2].detail or "") for a in answers)

@@ -336,11 +336,11 @@ class Bus:
             if pending.sent and not pending.future.done():
                 pending.future.set_exception(PeerGone(reason))
 
-    def abandon(self, peer: str) -> None:
+    def abandon(self, peer: str, why: str = "went offline") -> None:
         """Fail at once the requests awaiting an answer from `peer`, which went offline."""
         for pending in self._pending.values():
             if pending.peer == peer and not pending.future.done():
-                pending.future.set_exception(PeerGone(f"{peer} went offline before answering"))
+                pending.future.set_exception(PeerGone(f"{peer} {why} before answering"))
 
     def _adapter(self, models: tuple[type[Message], ...]) -> TypeAdapter[Any]:
         adapter = self._adapters.get(models)

@@ -33,7 +33,10 @@ async def run_agent(
 
     `setup` wires the service onto the bus and returns its background loops, if any.
     """
-    presence = Presence(card(await _next_epoch_when_reachable(mqtt, agent)))
+    # Statuses twice per keepalive: a peer silent for a whole keepalive is frozen or cut off
+    # (Dispatcher.watch_silence), before the broker's 1.5x keepalive fires the Last Will.
+    epoch = await _next_epoch_when_reachable(mqtt, agent)
+    presence = Presence(card(epoch), heartbeat_s=mqtt.keepalive / 2)
     bus = Bus(settings=mqtt, client_id=agent, service=service, will=presence.will())
     loops = setup(bus, presence) or ()
     await run_until_stopped(bus, *loops, presence=presence)

@@ -79,7 +79,8 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
         return [
             lambda: orchestrator.publish_metrics(
                 base_version=presence.base_version, interval_s=settings.metrics_interval_s
-            )
+            ),
+            lambda: dispatcher.watch_silence(silent_after_s=mqtt.keepalive),
         ]
 
     try:

@@ -94,6 +94,14 @@ class Allocator:
             self.fleet.dequeued(agent, demand.output_tokens)
         return Grant(None, f"full: waited {loop.time() - started:.2f} s for {agent}")
 
+    def forget(self, agent: str) -> None:
+        """Take `agent` out of the fleet until its next status (it fell silent)."""
+        if agent in self.fleet:
+            self.fleet.remove(agent)
+        for waiter in self._lines.pop(agent, ()):
+            if not waiter.granted.done():
+                waiter.granted.set_result(False)
+
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         params = AGENT_CARD.match(key) or AGENT_STATUS.match(key)
         if params is None:
@@ -108,8 +116,5 @@ class Allocator:
                 concurrency=card.concurrency or 1,
                 beta=card.batching_beta if card.batching_beta is not None else 0.5,
             )
-        elif agent in self.fleet:
-            self.fleet.remove(agent)
-            for waiter in self._lines.pop(agent, ()):
-                if not waiter.granted.done():
-                    waiter.granted.set_result(False)
+        else:
+            self.forget(agent)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+
+import structlog
 
 from schemas import CmsEntry, Rejected, SamplingOptions, Step, Task, TaskResult
 from services.core.bus import Bus
@@ -15,6 +18,8 @@ from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.provenance import record
 from services.scheduling.outcomes import Outcome
 from services.scheduling.policies import Demand
+
+log = structlog.get_logger("edgecollab.dispatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class Dispatcher:
         self.view = view
         self.allocator = allocator
         self.cloud = cloud
+        self._heard: dict[str, float] = {}  # when each agent's status last came (monotonic)
         view.on_change(self._on_cms_change)
 
     async def run(self, job: Job) -> Generated:
@@ -153,6 +159,23 @@ class Dispatcher:
         params = AGENT_STATUS.match(key)
         if params is None:
             return
-        view = self.view.agent(params["agent"])
+        agent = params["agent"]
+        self._heard[agent] = time.monotonic()
+        view = self.view.agent(agent)
         if view is None or not view.online:
-            self.bus.abandon(params["agent"])  # its requests in flight fail now, not at deadline
+            self.bus.abandon(agent)  # its requests in flight fail now, not at deadline
+
+    async def watch_silence(self, *, silent_after_s: float) -> None:
+        """A worker whose status (sent twice per keepalive) has not come for `silent_after_s`
+        is frozen or cut off: new work avoids it and its tasks go elsewhere, now rather than
+        when the broker's keepalive (1.5x) fires its Last Will. Its next status brings it back."""
+        while True:
+            await asyncio.sleep(silent_after_s / 4)
+            now = time.monotonic()
+            for agent in list(self.allocator.fleet.agents):
+                if now - self._heard.get(agent, now) > silent_after_s:
+                    log.warning(
+                        "worker.silent", agent=agent, silent_s=round(now - self._heard[agent], 1)
+                    )
+                    self.allocator.forget(agent)
+                    self.bus.abandon(agent, f"fell silent for {silent_after_s:g} s")
