@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.ids import AgentIdField, Domain, RequestIdField, TaskIdField
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 AgentKind = Literal["worker", "sensor", "orchestrator", "classifier", "replicator", "client"]
 

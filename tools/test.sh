@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+.venv/bin/ruff check --quiet .
+.venv/bin/mypy schemas services  # the contract and the services type-check (topics bind payloads)
 exec .venv/bin/python -m pytest -q "$@"

@@ -345,7 +345,8 @@ class Bus:
     def _adapter(self, models: tuple[type[Message], ...]) -> TypeAdapter[Any]:
         adapter = self._adapters.get(models)
         if adapter is None:
-            adapter = self._adapters[models] = TypeAdapter(Union[models])  # noqa: UP007
+            union: Any = Union[models]  # noqa: UP007 (a union built at run time)
+            adapter = self._adapters[models] = TypeAdapter(union)
         return adapter
 
     # -- receiving ---------------------------------------------------------------------------
@@ -463,9 +464,9 @@ class Bus:
         self._refuse(BadInput(code, message), topic, b"", None, None)
 
     def _resolve(self, topic: str, payload: bytes, props: Properties | None) -> None:
-        correlation = getattr(props, "CorrelationData", None)
+        correlation: bytes | None = getattr(props, "CorrelationData", None)
         pending = self._pending.get(correlation) if correlation else None
-        if pending is None or pending.future.done():
+        if correlation is None or pending is None or pending.future.done():
             log.debug("reply.unclaimed", topic=topic)
             return
         if correlation.startswith(b"barrier-"):

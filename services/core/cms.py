@@ -123,20 +123,20 @@ class CmsView:
 
     def _index(self, topic: str, entry: CmsEntry | None) -> None:
         """Keep the typed agent tables in step with their entries."""
-        for template, table, model in (
-            (AGENT_CARD, self.cards, AgentCard),
-            (AGENT_STATUS, self.statuses, AgentStatus),
-        ):
-            params = template.match(topic)
-            if params is None:
-                continue
-            table.pop(params["agent"], None)
-            if entry is not None:
-                try:
-                    table[params["agent"]] = model.model_validate(entry.value)
-                except ValidationError as exc:
-                    self._bus.report("bad_schema", f"bad {model.__name__}: {exc}", topic)
-            return
+        if (params := AGENT_CARD.match(topic)) is not None:
+            self._index_one(self.cards, AgentCard, params["agent"], topic, entry)
+        elif (params := AGENT_STATUS.match(topic)) is not None:
+            self._index_one(self.statuses, AgentStatus, params["agent"], topic, entry)
+
+    def _index_one(
+        self, table: dict[str, V], model: type[V], agent: str, topic: str, entry: CmsEntry | None
+    ) -> None:
+        table.pop(agent, None)
+        if entry is not None:
+            try:
+                table[agent] = model.model_validate(entry.value)
+            except ValidationError as exc:
+                self._bus.report("bad_schema", f"bad {model.__name__}: {exc}", topic)
 
 
 def entry(value: Any, *, version: int, origin: str) -> CmsEntry:

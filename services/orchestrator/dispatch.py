@@ -127,8 +127,11 @@ class Dispatcher:
             detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
             return record(job.name, topic, agent, started, "rejected", detail=detail), None
         assert isinstance(reply, TaskResult)
-        tokens = {"prompt_tokens": reply.prompt_tokens, "output_tokens": reply.output_tokens}
-        return record(job.name, topic, agent, started, "ok", **tokens), reply
+        step = record(
+            job.name, topic, agent, started, "ok",
+            prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
+        )  # fmt: skip
+        return step, reply
 
     async def _cloud(self, job: Job, steps: list[Step], outcome: Outcome) -> Generated:
         """The cloud serves what the edge did not; without a cloud the request is refused."""
@@ -148,11 +151,12 @@ class Dispatcher:
                 record(job.name, topic, None, started, "failed", where="cloud", detail=str(exc))
             )
             return Generated(None, Outcome.FAILED, steps)
-        usage = {"prompt_tokens": reply.prompt_tokens, "output_tokens": reply.output_tokens}
-        cost = reply.cost_usd
         steps.append(
-            record(job.name, topic, None, started, "ok", where="cloud", cost_usd=cost, **usage)
-        )
+            record(
+                job.name, topic, None, started, "ok", where="cloud", cost_usd=reply.cost_usd,
+                prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
+            )
+        )  # fmt: skip
         return Generated(reply.text, outcome, steps)
 
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:

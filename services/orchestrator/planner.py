@@ -99,8 +99,7 @@ def make_plan(
         prompt=ANSWER,
         max_tokens=max_tokens,
     )
-    shape = "sequential" if expert else "single"
-    return Plan(domain, (*expert, answer), shape)
+    return Plan(domain, (*expert, answer), "sequential" if expert else "single")
 
 
 def _health(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:

@@ -10,9 +10,13 @@ from schemas import GenerationStats, ModelInfo, SamplingOptions, Task
 
 class Backend(Protocol):
     kind: str  # "onnx" or "emulated", shown in the agent's card
-    model: ModelInfo | None
     tokens_per_s: float  # batch-1 decode rate
     concurrency: int  # requests served at once; one more is rejected
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The language model (None: an emulated device)."""
+        ...
 
     @property
     def queued(self) -> int:

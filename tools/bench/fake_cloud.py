@@ -56,7 +56,7 @@ class FakeCloud:
     def url(self) -> str:
         """Base URL, like https://api.openai.com/v1."""
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{host!s}:{port}/v1"
 
     def __enter__(self) -> Self:
         self._thread.start()

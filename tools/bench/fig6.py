@@ -139,7 +139,9 @@ def _start_orchestrator(
     name: str, agent: str, speedup: float, mqtt: MqttSettings, cloud: FakeCloud, seed: int
 ) -> subprocess.Popen[bytes]:
     policy = POLICIES[name]
-    params = {}  # a policy's time constants are its fields named *_s: divide them by S
+    params: dict[
+        str, float
+    ] = {}  # a policy's time constants are its fields named *_s: divide them by S
     if dataclasses.is_dataclass(policy):
         fields = dataclasses.fields(policy)
         params = {f.name: f.default / speedup for f in fields if f.name.endswith("_s")}
