@@ -9,15 +9,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
+from services.core.errors import ConfigError
+from services.gateway.keys import ensure_key_file, state_dir
+from services.gateway.settings import GatewaySettings
 from tools import ROOT
 from tools.common import add_broker_option, mqtt_settings
 from tools.common.broker import broker_answers, start_mosquitto
 from tools.common.stack import STACK, ServiceSpec
 
 MODELS_DIR = ROOT / "models"  # what tools/setup.sh exports
-STATE_DIR = Path(os.environ.get("EDGECOLLAB_STATE_DIR", Path.home() / ".local/state/edgecollab"))
+STATE_DIR = state_dir()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,16 +48,34 @@ def up(args: argparse.Namespace) -> int:
         children.append(("mosquitto", start_mosquitto(settings.port, STATE_DIR)))
     env = {
         "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
+        "EDGECOLLAB_STATE_DIR": str(STATE_DIR),
         **os.environ,
         "EDGECOLLAB_MQTT_HOST": settings.host,
         "EDGECOLLAB_MQTT_PORT": str(settings.port),
     }
+    gateway = _gateway_banner() if any(s.module == "services.gateway" for s in specs) else None
     children += [(spec.name, _start(spec, env)) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
+    if gateway:
+        print(gateway, flush=True)
     try:
         return _wait(children)
     finally:
         _stop(children)
+
+
+def _gateway_banner() -> str:
+    """Where the gateway listens and the default tenant's key (made now on first start)."""
+    gateway = GatewaySettings(_cli_parse_args=False)
+    url = gateway.url()
+    lines = [f"up: HTTP API {url}/v1 (OpenAI-compatible), dashboard {url}/"]
+    if gateway.key_file is not None:
+        try:
+            key = ensure_key_file(gateway.key_file)
+        except ConfigError as exc:
+            raise SystemExit(f"edgecollab: {exc}") from None
+        lines.append(f"up: API key {key} (tenant default; kept in {gateway.key_file})")
+    return "\n".join(lines)
 
 
 def _start(spec: ServiceSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -1,0 +1,132 @@
+"""`python -m services.gateway`: the OpenAI-compatible HTTP API and the dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from typing import Any
+
+import structlog
+import uvicorn
+
+from schemas import AgentCard, now
+from services.core.bus import Bus
+from services.core.cms import CmsView
+from services.core.errors import ConfigError
+from services.core.logging import configure_logging
+from services.core.models import resolve_model_dir
+from services.core.presence import Presence
+from services.core.service import Loop, run_agent
+from services.core.settings import MqttSettings
+from services.gateway.app import Api
+from services.gateway.keys import KeyRing
+from services.gateway.service import Gateway
+from services.gateway.settings import GatewaySettings
+
+log = structlog.get_logger("edgecollab.gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside the service's loop: the service, not uvicorn, handles the signals."""
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._serve(sockets)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts (a clear error if taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def load_embedder(settings: GatewaySettings) -> Any | None:
+    """MiniLM for /v1/embeddings, or None (that route then answers 503) with a warning."""
+    if not settings.embedder_dir:
+        return None
+    folder = resolve_model_dir(settings.embedder_dir)
+    if not (folder / "model.onnx").is_file():
+        log.warning("embedder.missing", folder=str(folder), hint="edgecollab export-model minilm")
+        return None
+    from services.classifier.embedder import Embedder  # onnxruntime only where it is used
+
+    return Embedder.load(folder, threads=settings.embedder_threads)
+
+
+async def serve(
+    settings: GatewaySettings,
+    mqtt: MqttSettings,
+    *,
+    keys: dict[str, str],
+    sock: socket.socket,
+    embedder: Any | None,
+) -> None:
+    def card(epoch: int) -> AgentCard:
+        return AgentCard(agent=settings.agent_id, kind="gateway", epoch=epoch, started_at=now())
+
+    def setup(bus: Bus, presence: Presence) -> list[Loop]:
+        view = CmsView(bus)
+        gateway = Gateway(bus=bus, view=view, recent=settings.recent)
+        presence.load = lambda: (gateway.in_flight, 0, 0.0)
+        api = Api(
+            gateway=gateway,
+            view=view,
+            keys=KeyRing(keys),
+            embedder=embedder,
+            default_max_tokens=settings.max_tokens,
+            timeout_s=settings.timeout_s,
+        )
+        config = uvicorn.Config(
+            api.app(),
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+        server = _Server(config)
+        return [lambda: _http(server, sock, settings), gateway.flush_usage]
+
+    await run_agent(mqtt, agent=settings.agent_id, service="gateway", card=card, setup=setup)
+
+
+async def _http(server: _Server, sock: socket.socket, settings: GatewaySettings) -> None:
+    """Serve until cancelled, then close gracefully (open streams get a second)."""
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "gateway.listening", url=f"http://{host}:{port}/v1", dashboard=f"http://{host}:{port}/"
+    )
+    try:
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        await serving
+        raise
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging("gateway")
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    try:
+        keys = settings.keys()
+        sock = listen(settings.host, settings.port)
+    except ConfigError as exc:
+        sys.exit(f"gateway: {exc}")
+    embedder = load_embedder(settings)
+    asyncio.run(serve(settings, MqttSettings(), keys=keys, sock=sock, embedder=embedder))
+
+
+if __name__ == "__main__":
+    main()
