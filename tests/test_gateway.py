@@ -35,7 +35,7 @@ MINILM = "all-MiniLM-L6-v2"
 @pytest.fixture
 def stack(spawn, uid, tmp_path, minilm_dir):  # type: ignore[no-untyped-def]
     """orchestrator + classifier + emulated worker + gateway (two tenants), all online."""
-    spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--metrics-interval-s", "0.5")
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
     spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "200")
     gateway = start_gateway(
@@ -248,6 +248,36 @@ async def test_no_orchestrator_no_worker_full_edge_and_deadline_map_to_503_429_5
             model="edgecollab", messages=hello, max_tokens=100, extra_body={"timeout_s": 1}
         )
     assert late.value.status_code == 504
+
+
+async def test_per_agent_metrics_reach_the_cms_metrics_and_dashboard(stack, mqtt, uid):
+    client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.key, max_retries=0)
+    for _ in range(2):
+        await client.chat.completions.create(
+            model="edgecollab", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+        )
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    tokens, avg = (
+        f"metrics/w-{uid}/{name}" for name in ("tokens_used_total", "inference_time_avg")
+    )
+    async with running(bus):
+        await wait_for(lambda: view.get(tokens) is not None and view.get(tokens).value == 8)
+        assert 0 < view.get(avg).value < 10
+        assert view.get(tokens).origin == f"orch-{uid}"
+    line = f'edgecollab_agent_tokens_used_total{{agent="w-{uid}"}} 8.0'
+    scraped = ""
+    async with asyncio.timeout(20):  # until the gateway's own view has it too
+        while line not in scraped:
+            scraped = httpx.get(stack.url + "/metrics", timeout=10).text
+            await asyncio.sleep(0.05)
+    assert f'edgecollab_agent_inference_time_avg_seconds{{agent="w-{uid}"}}' in scraped
+    assert (
+        f'edgecollab_orchestrator_requests_total{{orchestrator="orch-{uid}",outcome="edge"}}'
+        in (scraped)
+    )
+    state = httpx.get(stack.url + "/dashboard/state", timeout=10).json()
+    assert state["agent_metrics"][f"w-{uid}"]["tokens_used_total"] == 8
 
 
 def test_key_file_is_made_once_with_mode_0600_and_read_back(tmp_path):
