@@ -26,7 +26,7 @@ from services.core.topics import TENANT
 from services.gateway.keys import KeyRing, ensure_key_file, read_key_file
 from tests.broker import ROOT
 from tests.conftest import running, wait_for
-from tests.gateway_stack import start_gateway, wait_ready
+from tests.gateway_stack import start_gateway, wait_ready, write_key_file
 from tools.common.broker import free_port
 
 MINILM = "all-MiniLM-L6-v2"
@@ -314,6 +314,42 @@ def test_gateway_refuses_a_taken_port_in_one_line(mqtt, tmp_path):
         )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"gateway: cannot listen on 127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
+
+
+def test_gateway_answers_503_while_its_broker_is_unreachable(tmp_path):
+    port = free_port()
+    env = {**os.environ, "EDGECOLLAB_MQTT_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "gateway.log").open("wb")
+    keys = write_key_file(tmp_path / "keys", {"a-key-for-the-test-0123": "main"})
+    gateway = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.gateway",
+            "--port",
+            str(port),
+            "--embedder-dir",
+            "",
+            "--api-key-file",
+            str(keys),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while status is None and time.monotonic() < deadline:
+            try:
+                status, body = curl(f"http://127.0.0.1:{port}/health")[::2]
+            except subprocess.CalledProcessError:  # not listening yet
+                time.sleep(0.1)
+        assert status == 503 and json.loads(body)["error"]["code"] == "no_broker"
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
+    assert "Traceback" not in (tmp_path / "gateway.log").read_text()
 
 
 def test_up_prints_the_gateway_url_and_key_and_keeps_the_key_0600(mqtt, tmp_path):

@@ -8,6 +8,7 @@ import socket
 import sys
 from typing import Any
 
+import orjson
 import structlog
 import uvicorn
 
@@ -21,6 +22,7 @@ from services.core.presence import Presence
 from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings
 from services.gateway.app import Api
+from services.gateway.errors import ApiError
 from services.gateway.keys import KeyRing
 from services.gateway.service import Gateway
 from services.gateway.settings import GatewaySettings
@@ -65,6 +67,28 @@ def load_embedder(settings: GatewaySettings) -> Any | None:
     return Embedder.load(folder, threads=settings.embedder_threads)
 
 
+class _Starting:
+    """The ASGI app until the bus is up: every request gets 503 (the broker is not reachable
+    yet), so clients hear at once instead of waiting on a socket nobody serves."""
+
+    def __init__(self) -> None:
+        self.app: Any | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        error = ApiError(
+            503, "the gateway is starting: its MQTT broker is not reachable yet", code="no_broker"
+        )
+        body = orjson.dumps(error.body())
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 async def serve(
     settings: GatewaySettings,
     mqtt: MqttSettings,
@@ -73,6 +97,18 @@ async def serve(
     sock: socket.socket,
     embedder: Any | None,
 ) -> None:
+    """HTTP from the start; the API proper once the bus is up; both stop on SIGTERM."""
+    app = _Starting()
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+    server = _Server(config)
+
     def card(epoch: int) -> AgentCard:
         return AgentCard(agent=settings.agent_id, kind="gateway", epoch=epoch, started_at=now())
 
@@ -88,33 +124,19 @@ async def serve(
             default_max_tokens=settings.max_tokens,
             timeout_s=settings.timeout_s,
         )
-        config = uvicorn.Config(
-            api.app(),
-            http="httptools",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=1,
-        )
-        server = _Server(config)
-        return [lambda: _http(server, sock, settings), gateway.flush_usage]
+        app.app = api.app()
+        return [gateway.flush_usage]
 
-    await run_agent(mqtt, agent=settings.agent_id, service="gateway", card=card, setup=setup)
-
-
-async def _http(server: _Server, sock: socket.socket, settings: GatewaySettings) -> None:
-    """Serve until cancelled, then close gracefully (open streams get a second)."""
-    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     host, port = sock.getsockname()[:2]
     log.info(
         "gateway.listening", url=f"http://{host}:{port}/v1", dashboard=f"http://{host}:{port}/"
     )
     try:
-        await asyncio.shield(serving)
-    except asyncio.CancelledError:
-        server.should_exit = True
+        await run_agent(mqtt, agent=settings.agent_id, service="gateway", card=card, setup=setup)
+    finally:
+        server.should_exit = True  # open streams get timeout_graceful_shutdown, then are cut
         await serving
-        raise
 
 
 def main() -> None:
