@@ -7,11 +7,9 @@ import base64
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib import resources
 from typing import Any
 
 import numpy as np
-import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -31,11 +29,23 @@ from services.gateway.chat import (
     extension,
     final_step,
     finish_reason,
+    model_name,
     parse,
     provenance_headers,
     usage,
 )
+from services.gateway.dashboard import Dashboard
 from services.gateway.errors import ApiError
+from services.gateway.http import (
+    JSON,
+    EventStream,
+    next_piece,
+    not_allowed,
+    not_found,
+    read_json,
+    remainder,
+    sse,
+)
 from services.gateway.keys import KeyRing
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.service import Gateway, new_query
@@ -43,35 +53,6 @@ from services.gateway.service import Gateway, new_query
 log = structlog.get_logger("edgecollab.gateway")
 
 SERVED = (Outcome.EDGE, Outcome.CLOUD, Outcome.REJECTED_TO_CLOUD)
-DASHBOARD_MIN_INTERVAL_S = 0.25  # at most 4 dashboard updates a second
-DASHBOARD_HEARTBEAT_S = 2.0  # and one at least this often
-
-
-class JSON(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-class _Stream(StreamingResponse):
-    """Server-sent events, with `on_close` awaited however the response ends (even when the
-    client left before the body started)."""
-
-    def __init__(
-        self,
-        body: AsyncIterator[bytes],
-        on_close: Callable[[], Awaitable[Any]],
-        headers: dict[str, str],
-    ) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=headers)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.on_close()
 
 
 class Api:
@@ -95,9 +76,6 @@ class Api:
         self.timeout_s = timeout_s
         self.metrics = GatewayMetrics(gateway, view)
         self._embedding = asyncio.Semaphore(1)  # one batch at a time: the box has few cores
-        self.dashboard_page = (
-            resources.files("services.gateway").joinpath("data/dashboard.html").read_bytes()
-        )
 
     def app(self) -> Starlette:
         api = self._api
@@ -107,12 +85,9 @@ class Api:
             Route("/v1/models", api("models", self.models), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
-            Route("/", self.dashboard, methods=["GET"]),
-            Route("/dashboard", self.dashboard, methods=["GET"]),
-            Route("/dashboard/state", self.dashboard_state, methods=["GET"]),
-            Route("/dashboard/events", self.dashboard_events, methods=["GET"]),
+            *Dashboard(self.gateway, self.view).routes(),
         ]
-        return Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+        return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
 
     # -- the OpenAI routes --------------------------------------------------------------------
 
@@ -161,14 +136,14 @@ class Api:
         return tenant
 
     async def chat(self, request: Request, tenant: str) -> Response:
-        body = parse(ChatRequest, await _json(request))
+        body = parse(ChatRequest, await read_json(request))
         self._check_model(body.model)
         self.gateway.check_quota(tenant)
         query = new_query(
             body.prompt(),
             tenant=tenant,
             max_tokens=body.max_completion_tokens or body.max_tokens or self.default_max_tokens,
-            timeout_s=min(body.timeout_s or self.timeout_s, self.timeout_s * 10),
+            timeout_s=min(body.timeout_s or self.timeout_s, self.timeout_s),
             stream=body.stream,
             sampling=body.sampling(),
         )
@@ -249,31 +224,31 @@ class Api:
                     yield event
 
         async def stream() -> AsyncIterator[bytes]:
-            yield _sse(chunk(query, model, {"role": "assistant", "content": ""}))
+            yield sse(chunk(query, model, {"role": "assistant", "content": ""}))
             streamed = ""
             for piece in pieces:
                 streamed += piece
-                yield _sse(chunk(query, model, {"content": piece}))
+                yield sse(chunk(query, model, {"content": piece}))
             answer = answered
             if answer is None:
-                while (piece := await _next_piece(exchange.chunks, pending)) is not None:
+                while (piece := await next_piece(exchange.chunks, pending)) is not None:
                     streamed += piece
-                    yield _sse(chunk(query, model, {"content": piece}))
+                    yield sse(chunk(query, model, {"content": piece}))
                 try:
                     answer = await self._answer(query, pending)
                 except ApiError as exc:
                     self._count("chat", exc.status, exc.code or exc.type, started)
-                    yield _sse(exc.body())
+                    yield sse(exc.body())
                     return
             self._count("chat", 200, answer.outcome.value, started)
-            rest = _remainder(answer.text, streamed)
+            rest = remainder(answer.text, streamed)
             if rest:
-                yield _sse(chunk(query, model, {"content": rest}))
+                yield sse(chunk(query, model, {"content": rest}))
             served = self._served_model(answer, model)
             end = {"finish_reason": finish_reason(answer, query), "edgecollab": extension(answer)}
-            yield _sse(chunk(query, served, {}, **end))
+            yield sse(chunk(query, served, {}, **end))
             if body.include_usage:
-                yield _sse(chunk(query, served, {}, usage=usage(answer)) | {"choices": []})
+                yield sse(chunk(query, served, {}, usage=usage(answer)) | {"choices": []})
             yield b"data: [DONE]\n\n"
 
         headers = {
@@ -281,7 +256,7 @@ class Api:
             "x-edgecollab-request-id": query.request_id,
             "x-edgecollab-outcome": "streaming",
         }
-        return _Stream(events(), stack.aclose, headers=headers)
+        return EventStream(events(), stack.aclose, headers=headers)
 
     def _check_model(self, model: str) -> None:
         if model != AUTO_MODEL and model not in self._models():
@@ -298,14 +273,14 @@ class Api:
             return step.topic.removeprefix("cloud:")
         agent = self.view.agent(step.agent) if step.agent else None
         if agent is not None and agent.card.kind == "worker":
-            return _model_name(agent.card)
+            return model_name(agent.card)
         return requested
 
     def _models(self) -> dict[str, list[dict[str, Any]]]:
         """Model name → the agents serving it, from the worker cards in the CMS."""
         found: dict[str, list[dict[str, Any]]] = {}
         for agent in self.view.agents("worker"):
-            found.setdefault(_model_name(agent.card), []).append(
+            found.setdefault(model_name(agent.card), []).append(
                 {"agent": agent.card.agent, "online": agent.online, "backend": agent.card.backend}
             )
         return found
@@ -322,7 +297,7 @@ class Api:
         return JSON({"object": "list", "data": data})
 
     async def embeddings(self, request: Request, tenant: str) -> Response:
-        body = parse(EmbeddingsRequest, await _json(request))
+        body = parse(EmbeddingsRequest, await read_json(request))
         if self.embedder is None:
             raise ApiError(
                 503, "this gateway has no embedder (see --embedder-dir)", code="no_embedder"
@@ -382,65 +357,6 @@ class Api:
 
     # -- the dashboard ------------------------------------------------------------------------
 
-    async def dashboard(self, request: Request) -> Response:
-        return Response(self.dashboard_page, media_type="text/html")
-
-    async def dashboard_state(self, request: Request) -> Response:
-        return JSON(self.state())
-
-    async def dashboard_events(self, request: Request) -> Response:
-        async def events() -> AsyncIterator[bytes]:
-            while True:
-                self.gateway.changed.clear()
-                yield b"event: state\ndata: " + orjson.dumps(self.state()) + b"\n\n"
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(DASHBOARD_HEARTBEAT_S):
-                        await self.gateway.changed.wait()
-                await asyncio.sleep(DASHBOARD_MIN_INTERVAL_S)
-
-        headers = {"cache-control": "no-cache"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-    def state(self) -> dict[str, Any]:
-        """What the dashboard shows, as one JSON object."""
-        orchestrators = self.gateway.orchestrator_metrics()
-        agents = []
-        for agent in self.view.agents():
-            card, status = agent.card, agent.status
-            alive = agent.online and status is not None
-            agents.append(
-                {
-                    "agent": card.agent,
-                    "kind": card.kind,
-                    "online": agent.online,
-                    "model": _model_name(card) if card.kind == "worker" else None,
-                    "backend": card.backend,
-                    "domains": card.domains,
-                    "active": status.active if alive else 0,
-                    "queued": status.queued if alive else 0,
-                    "concurrency": card.concurrency,
-                    "tokens_per_s": status.tokens_per_s if alive else 0.0,
-                }
-            )
-        return {
-            "gateway": self.gateway.bus.client_id,
-            "time": time.time(),
-            "connected": self.gateway.bus.connected.is_set(),
-            "agents": agents,
-            "rates": self.gateway.rates(),
-            "served": dict(self.gateway.served),
-            "cloud_spend_usd": round(
-                sum(float(m.get("cloud_cost_usd") or 0) for m in orchestrators.values()), 6
-            ),
-            "orchestrators": orchestrators,
-            "agent_metrics": self.gateway.agent_metrics(),
-            "recent": list(self.gateway.recent),
-        }
-
-
-def _model_name(card: Any) -> str:
-    return card.model.name if card.model else (card.backend or "unknown")
-
 
 def _model(name: str, created: int, agents: list[dict[str, Any]], note: str = "") -> dict:
     body = {
@@ -453,50 +369,7 @@ def _model(name: str, created: int, agents: list[dict[str, Any]], note: str = ""
     return body | ({"description": note} if note else {})
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not JSON: {exc}", code="bad_json") from None
-
-
-async def _next_piece(chunks: asyncio.Queue[str], answer: asyncio.Future[Answer]) -> str | None:
-    """The next streamed piece, or None once the answer is there and the queue is empty."""
-    if not chunks.empty():
-        return chunks.get_nowait()
-    getter = asyncio.ensure_future(chunks.get())
-    await asyncio.wait({getter, answer}, return_when=asyncio.FIRST_COMPLETED)
-    if getter.done():
-        return getter.result()
-    getter.cancel()
-    return None
-
-
-def _remainder(text: str, streamed: str) -> str:
-    """What the answer says beyond the streamed text (all of it when the cloud served)."""
-    if text.startswith(streamed):
-        return text[len(streamed) :]
-    if not streamed:
-        return text
-    return ""  # a piece was lost, or the stream differs (trailing blanks): nothing to add
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
 def _encode(vector: np.ndarray, encoding: str) -> Any:
     if encoding == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return vector.tolist()
-
-
-async def _not_found(request: Request, exc: Exception) -> Response:
-    error = ApiError(404, f"no route {request.url.path}", code="not_found")
-    return JSON(error.body(), status_code=404)
-
-
-async def _not_allowed(request: Request, exc: Exception) -> Response:
-    error = ApiError(405, f"{request.method} is not allowed on {request.url.path}")
-    return JSON(error.body(), status_code=405)

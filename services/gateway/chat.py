@@ -122,6 +122,11 @@ def parse(model: type[BaseModel], body: Any) -> Any:
 # -- answers as OpenAI responses ------------------------------------------------------------
 
 
+def model_name(card: Any) -> str:
+    """The model a worker card serves (an emulated worker: its backend's name)."""
+    return card.model.name if card.model else (card.backend or "unknown")
+
+
 def final_step(answer: Answer) -> Step | None:
     """The generation that produced the text: the last step that ran and succeeded."""
     return next(
