@@ -20,6 +20,7 @@ from starlette.routing import Route
 from schemas import Answer, Outcome, Query
 from services.core.cms import CmsView
 from services.core.topics import TENANT
+from services.gateway.a2a import A2A
 from services.gateway.chat import (
     AUTO_MODEL,
     ChatRequest,
@@ -86,6 +87,7 @@ class Api:
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
             *Dashboard(self.gateway, self.view).routes(),
+            *A2A(self).routes(),
         ]
         return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
 
@@ -99,7 +101,7 @@ class Api:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             try:
-                response = await handler(request, self._tenant(request))
+                response = await handler(request, self.authenticate(request))
             except ApiError as exc:
                 response = JSON(exc.body(), status_code=exc.status)
                 response.headers["x-edgecollab-error"] = exc.code or exc.type
@@ -120,7 +122,7 @@ class Api:
         self.metrics.requests.labels(route, str(status), outcome).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
-    def _tenant(self, request: Request) -> str:
+    def authenticate(self, request: Request) -> str:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if not header:
@@ -151,12 +153,12 @@ class Api:
             return await self._stream(query, body)
         async with self.gateway.exchange(query) as exchange:
             assert exchange.answer is not None
-            answer = await self._answer(query, exchange.answer)
+            answer = await self.settle(query, exchange.answer)
         response = JSON(completion(answer, query, self._served_model(answer, body.model)))
         response.headers.update(provenance_headers(answer))
         return response
 
-    async def _answer(self, query: Query, pending: asyncio.Future[Answer]) -> Answer:
+    async def settle(self, query: Query, pending: asyncio.Future[Answer]) -> Answer:
         """The answer, or the ApiError its outcome means; either way it is recorded."""
         try:
             answer = await pending
@@ -209,7 +211,7 @@ class Api:
         try:
             await asyncio.wait({first, pending}, return_when=asyncio.FIRST_COMPLETED)
             if not first.done():
-                answered = await self._answer(query, pending)  # raises the error, if any
+                answered = await self.settle(query, pending)  # raises the error, if any
         except BaseException:
             await stack.aclose()
             raise
@@ -235,7 +237,7 @@ class Api:
                     streamed += piece
                     yield sse(chunk(query, model, {"content": piece}))
                 try:
-                    answer = await self._answer(query, pending)
+                    answer = await self.settle(query, pending)
                 except ApiError as exc:
                     self._count("chat", exc.status, exc.code or exc.type, started)
                     yield sse(exc.body())
