@@ -1,4 +1,4 @@
-"""The HTTP API (Starlette on uvicorn): OpenAI's routes, /health, /metrics, the dashboard."""
+"""The HTTP API (Starlette on uvicorn): OpenAI's routes, A2A, /health, /metrics, the dashboard."""
 
 from __future__ import annotations
 
