@@ -17,7 +17,9 @@ from schemas.ids import AgentIdField, Domain, RequestIdField, TaskIdField
 
 SCHEMA_VERSION: Literal[1] = 1
 
-AgentKind = Literal["worker", "sensor", "orchestrator", "classifier", "replicator", "client"]
+AgentKind = Literal[
+    "worker", "sensor", "orchestrator", "classifier", "replicator", "gateway", "client"
+]
 
 
 class Outcome(StrEnum):

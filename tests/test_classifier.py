@@ -14,7 +14,6 @@ import pytest
 from tokenizers import Tokenizer
 
 from services.classifier.complexity import TOKEN_BINS, estimate_complexity, expected_tokens
-from services.classifier.embedder import Embedder
 from services.classifier.engine import ClassifierEngine, Prediction, decide
 from services.classifier.head import (
     HEADS_PATH,
@@ -28,6 +27,7 @@ from services.classifier.head import (
 from services.classifier.inputs import MAX_QUERY_CHARS, ClassifierInputError, check_text
 from services.classifier.labels import DOMAINS, SUB_LABELS, resolve
 from services.classifier.matching import AgentInfo, Scores, knowledge_gap, match_agents
+from services.core.embedder import Embedder
 from services.core.onnx import CPU, CUDA, ModelError, choose_provider
 from services.core.settings import RuntimeSettings
 from tests.classifier_fixtures import (

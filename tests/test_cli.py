@@ -160,22 +160,24 @@ def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
     assert not broker_answers("127.0.0.1", port)
 
 
-def test_bench_bus_counts_every_request_on_all_three_paths():
+def test_bench_bus_counts_every_request_on_all_four_paths():
     args = ["--requests", "200", "--sequential", "20", "--in-flight", "16"]
     run = subprocess.run(
         [sys.executable, "-m", "tools.cli.main", "bench", "bus", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout)
-    for path in ("bare_aiomqtt", "bare_paho", "stack"):
+    for path in ("bare_aiomqtt", "bare_paho", "stack", "gateway"):
         assert result[path]["failed"] == 0 and result[path]["req_per_s"] > 0
-    assert result["stack"]["lost"] == 0
+    assert result["stack"]["lost"] == 0 and result["gateway"]["lost"] == 0
     assert result["stack"]["cpu_ms_per_request"]["orchestrator"] > 0
+    assert result["gateway"]["cpu_ms_per_request"]["gateway"] > 0
     assert set(result["ratio_to_paho"]) == {"p50", "throughput"}
+    assert set(result["ratio_gateway_to_stack"]) == {"p50", "throughput"}
 
 
 def test_supervisor_restarts_what_exits_and_leaves_the_rest_running():

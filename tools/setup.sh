@@ -13,6 +13,18 @@ if ! command -v mosquitto_rr >/dev/null || { ! command -v mosquitto >/dev/null &
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
+# Headless Chromium for the dashboard's test: Debian's package, when apt has one (the test is
+# skipped where it is missing).
+chromium_candidate() { apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]'; }
+if ! command -v chromium >/dev/null && command -v apt-cache >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  chromium_candidate || $sudo apt-get update -qq || true
+  if chromium_candidate; then
+    echo "setup: installing chromium with apt-get" >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+  fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"

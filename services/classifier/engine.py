@@ -17,7 +17,6 @@ import structlog
 
 from schemas import Complexity
 from services.classifier.complexity import estimate_complexity, length_features
-from services.classifier.embedder import Embedder
 from services.classifier.head import (
     HEADS_PATH,
     PROBE_TOLERANCE,
@@ -32,6 +31,7 @@ from services.classifier.head import (
 from services.classifier.inputs import MAX_QUERY_CHARS, ClassifierInputError, check_text
 from services.classifier.labels import DOMAINS, SUB_LABELS
 from services.classifier.matching import AgentLike, Match, Scores, knowledge_gap, match_agents
+from services.core.embedder import Embedder
 
 log = structlog.get_logger(__name__)
 

@@ -140,6 +140,8 @@ PARAMETER = Topic("cms/parameters/{model}/{name}", CmsEntry, retained=True)
 METRIC = Topic("cms/metrics/{scope}/{name}", CmsEntry, retained=True)
 INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
+# Tenants (API keys of the gateway): config/model, usage_limit, tokens_used.
+TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 
 # Data cooperation.
 # A reading is retained as its stream's last value, so a new consumer starts with one.

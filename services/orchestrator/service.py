@@ -163,7 +163,9 @@ class Orchestrator:
         await cms.put(self.bus, key, value, version=number + 1, expiry_s=STATE_EXPIRY_S)
 
     async def publish_metrics(self, *, base_version: int, interval_s: float = 5.0) -> None:
-        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache.
+        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache;
+        cms/metrics/<agent>/inference_time_avg (seconds) and .../tokens_used_total for each
+        edge agent this orchestrator dispatched generations to.
 
         Versions continue the agent's own (epoch x 10^6 + n), so a restarted orchestrator's
         first summary supersedes its last one from before, for every merge by version."""
@@ -177,7 +179,9 @@ class Orchestrator:
         self.bus.on_connect(republish)
         while True:
             await asyncio.sleep(interval_s)
-            if self.tally.requests != last and self.bus.connected.is_set():
+            if not self.bus.connected.is_set():
+                continue
+            if self.tally.requests != last:
                 version, last = version + 1, self.tally.requests
                 summary = self.tally.summary() | {
                     "policy": self.dispatcher.allocator.policy.name,
@@ -185,6 +189,20 @@ class Orchestrator:
                     "knowledge_cache_misses": self.cooperation.cache_misses,
                 }
                 await cms.put(self.bus, key, summary, version=version)
+            await self._publish_agent_metrics()
+
+    async def _publish_agent_metrics(self) -> None:
+        for agent, usage in list(self.dispatcher.usage.items()):
+            if usage.tasks == usage.published:
+                continue
+            usage.published = usage.tasks
+            for name, value in (
+                ("inference_time_avg", round(usage.inference_time_avg, 6)),
+                ("tokens_used_total", usage.tokens),
+            ):
+                await cms.put(
+                    self.bus, METRIC.format(scope=agent, name=name), value, version=usage.tasks
+                )
 
 
 def _refusal(final: Generated, steps: list[Step]) -> str:

@@ -1,7 +1,8 @@
 """`edgecollab bench bus`: Query → orchestrator → emulated worker → Answer, beside bare
 request/response ping-pongs on the same broker in the same run: aiomqtt on both ends, and
 paho-mqtt on both ends (the bus runs on paho). The paho requester also drives the stack.
-Prints JSON."""
+The HTTP arm sends the same queries as OpenAI chat completions through the gateway
+(keep-alive HTTP/1.1 connections, one request at a time on each). Prints JSON."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
 REPLY_TIMEOUT_S = 10.0  # a request unanswered this long counts as failed, and the run goes on
 PROBE_EVERY_S = 0.5  # until a responder answers a first probe, one more probe this often
 READY_TIMEOUT_S = 60.0
+ARMS = ("aiomqtt", "paho", "stack", "gateway")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,32 +49,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--requests", type=int, default=5000, help="per throughput run")
     parser.add_argument("--sequential", type=int, default=300, help="for the latency run")
     parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma-separated, of: {', '.join(ARMS)} (default: all)",
+    )
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
 
 
 async def bench(args: argparse.Namespace) -> int:
+    arms = [a for a in args.arms.split(",") if a]
+    if not arms or set(arms) - set(ARMS):
+        raise SystemExit(f"bench bus: --arms takes some of {', '.join(ARMS)}")
     configure_logging("bench", level="warning")
     logging.getLogger("mqtt").setLevel(logging.ERROR)  # aiomqtt's note on each queued publish
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         broker = start_mosquitto(port, Path(tmp))
         mqtt = MqttSettings(host="127.0.0.1", port=port)
         try:
-            bare = {
-                "aiomqtt": await _measure_bare(mqtt, args, broker.pid),
-                "paho": await asyncio.to_thread(_measure_bare_paho, mqtt, args, broker.pid),
-            }
-            stack = await _measure_stack(mqtt, args, broker.pid)
+            if "aiomqtt" in arms:
+                results["bare_aiomqtt"] = await _measure_bare(mqtt, args, broker.pid)
+            if "paho" in arms:
+                results["bare_paho"] = await asyncio.to_thread(
+                    _measure_bare_paho, mqtt, args, broker.pid
+                )
+            if "stack" in arms:
+                results["stack"] = await _measure_stack(mqtt, args, broker.pid)
+            if "gateway" in arms:
+                results["gateway"] = await _measure_gateway(mqtt, args, broker.pid)
         finally:
             broker.terminate()
             broker.wait()
-    print_json(
-        {
-            **{f"bare_{library}": result for library, result in bare.items()},
-            "stack": stack,
-            **{f"ratio_to_{library}": _ratio(stack, result) for library, result in bare.items()},
-        }
-    )
+    for library in ("aiomqtt", "paho"):
+        if "stack" in results and f"bare_{library}" in results:
+            results[f"ratio_to_{library}"] = _ratio(results["stack"], results[f"bare_{library}"])
+    if "stack" in results and "gateway" in results:
+        results["ratio_gateway_to_stack"] = _ratio(results["gateway"], results["stack"])
+    print_json(results)
     return 0
 
 
@@ -349,6 +364,149 @@ async def _measure_stack(
         return await asyncio.to_thread(pinger.run)
     finally:
         stop(*procs)
+
+
+async def _measure_gateway(
+    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
+) -> dict[str, Any]:
+    """The same queries as chat completions through the gateway's HTTP API."""
+    tag = uuid.uuid4().hex[:6]
+    orchestrator, worker, gateway = (f"bench-{n}-{tag}" for n in ("orch", "worker", "gw"))
+    key, http_port = f"bench-{uuid.uuid4().hex}", free_port()
+    specs = [
+        ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", orchestrator)),
+        ServiceSpec(
+            "worker",
+            "services.worker",
+            ("--agent-id", worker, "--tokens-per-s", "1000000", "--concurrency", "100000"),
+        ),
+        ServiceSpec(
+            "gateway",
+            "services.gateway",
+            ("--agent-id", gateway, "--port", str(http_port), "--embedder-dir", "",
+             "--api-keys", orjson.dumps({key: "bench"}).decode()),
+        ),
+    ]  # fmt: skip
+    procs = [spawn(spec.local_command(), mqtt) for spec in specs]
+    try:
+        await _wait_online(mqtt, [orchestrator, worker, gateway], tag)
+        await _wait_gateway_ready(http_port)
+        meter = _CpuMeter(
+            client=os.getpid(),
+            orchestrator=procs[0].pid,
+            worker=procs[1].pid,
+            gateway=procs[2].pid,
+            broker=broker_pid,
+        )
+        return await _HttpLoad(http_port, key, args, meter).run()
+    finally:
+        stop(*procs)
+
+
+async def _wait_gateway_ready(port: int, timeout: float = 60.0) -> None:
+    """Until the gateway's own CMS view has the orchestrator and the worker online."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            connection = await _HttpConnection.open(port)
+            status, body = await connection.call(b"GET", b"/health")
+            connection.close()
+            online = orjson.loads(body).get("online", {}) if status == 200 else {}
+            if online.get("orchestrator") and online.get("worker"):
+                return
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit("bench: the gateway did not become ready")
+
+
+class _HttpConnection:
+    """One keep-alive HTTP/1.1 connection of the load generator: as little client cost as
+    the bare paho requester has, so the measured difference is the gateway's."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> _HttpConnection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(*NODELAY[0])
+        return cls(reader, writer)
+
+    async def call(
+        self, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b""
+    ) -> tuple[int, bytes]:
+        self.writer.write(
+            b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (method, path, headers, len(body), body)
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return int(head[9:12]), await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _HttpLoad:
+    """Phases as the MQTT paths': warm-up, one at a time (latency), then `in_flight`
+    connections each sending its next request as soon as its answer is in (throughput)."""
+
+    def __init__(self, port: int, key: str, args: argparse.Namespace, meter: _CpuMeter) -> None:
+        self.port, self.args, self.meter = port, args, meter
+        self.headers = b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % (
+            key.encode()
+        )
+        self.body = orjson.dumps(
+            {"model": "edgecollab", "messages": [{"role": "user", "content": "ping"}],
+             "max_tokens": 1}
+        )  # fmt: skip
+        self.lost = 0
+
+    async def one(self, connection: _HttpConnection) -> None:
+        status, body = await connection.call(
+            b"POST", b"/v1/chat/completions", self.body, self.headers
+        )
+        if status != 200 or b'"outcome":"edge"' not in body:
+            self.lost += 1
+
+    async def run(self) -> dict[str, Any]:
+        first = await _HttpConnection.open(self.port)
+        for _ in range(50):
+            await self.one(first)
+        latencies = []
+        for _ in range(self.args.sequential):
+            started = time.perf_counter()
+            await self.one(first)
+            latencies.append((time.perf_counter() - started) * 1000)
+        connections = [first] + [
+            await _HttpConnection.open(self.port) for _ in range(self.args.in_flight - 1)
+        ]
+        remaining = self.args.requests
+
+        async def drive(connection: _HttpConnection) -> int:
+            nonlocal remaining
+            failures = 0
+            while remaining > 0:
+                remaining -= 1
+                try:
+                    await asyncio.wait_for(self.one(connection), 10)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                    failures += 1
+                    break
+            return failures
+
+        started = time.perf_counter()
+        self.meter.start()
+        failed = sum(await asyncio.gather(*(drive(c) for c in connections)))
+        elapsed = time.perf_counter() - started
+        for connection in connections:
+            connection.close()
+        return _summary(latencies, self.args, elapsed, failed, self.meter) | {"lost": self.lost}
 
 
 async def _wait_online(mqtt: MqttSettings, agents: list[str], tag: str) -> None:

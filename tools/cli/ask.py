@@ -7,6 +7,9 @@ import asyncio
 import sys
 import time
 import uuid
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from schemas import Answer, Query, SamplingOptions, TokenChunk
 from services.core.bus import Request
@@ -16,11 +19,15 @@ from services.core.topics import STREAM
 from tools.cli.agents import format_table
 from tools.common import add_broker_option, connected_bus, print_json
 
+MAX_PROMPT: int = Query.model_json_schema()["properties"]["text"]["maxLength"]
+MAX_TOKENS: int = Query.model_json_schema()["properties"]["max_tokens"]["maximum"]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("ask", help="ask the edge cluster a question")
-    parser.add_argument("question")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("question", nargs="?", help="the question; '-' reads it from stdin")
+    parser.add_argument("--file", metavar="FILE", help="read the question from FILE")
+    parser.add_argument("--max-tokens", type=int, default=128, help=f"1-{MAX_TOKENS}")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
     parser.add_argument("--temperature", type=float, help="0 = greedy")
     parser.add_argument("--no-stream", action="store_true", help="print the answer at the end")
@@ -29,16 +36,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: asyncio.run(ask(args)))
 
 
+def question_of(args: argparse.Namespace) -> str:
+    """The question from the argument, stdin (`-`) or --file; a clear error when unusable."""
+    file = getattr(args, "file", None)
+    if file is not None and args.question is not None:
+        raise SystemExit("edgecollab: give the question or --file, not both")
+    if file is not None:
+        try:
+            data = Path(file).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"edgecollab: cannot read {file}: {exc.strerror}") from None
+        text = _decode(data, file)
+    elif args.question == "-":
+        text = _decode(sys.stdin.buffer.read(), "stdin")
+    elif args.question is None:
+        raise SystemExit("edgecollab: no question (give one, '-' for stdin, or --file FILE)")
+    else:
+        text = args.question
+    if not text.strip():
+        raise SystemExit("edgecollab: the question is empty")
+    if len(text) > MAX_PROMPT:
+        raise SystemExit(
+            f"edgecollab: the question has {len(text):,} characters; at most {MAX_PROMPT:,}"
+        )
+    return text
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise SystemExit(f"edgecollab: {where} is not UTF-8 text") from None
+
+
 async def ask(args: argparse.Namespace) -> int:
+    text = question_of(args)
+    if not 1 <= args.max_tokens <= MAX_TOKENS:
+        raise SystemExit(f"edgecollab: --max-tokens must be 1-{MAX_TOKENS}")
+    if not args.timeout > 0:
+        raise SystemExit("edgecollab: --timeout must be positive")
     stream = not (args.no_stream or args.json)
-    query = Query(
-        request_id=f"ask-{uuid.uuid4().hex[:12]}",
-        text=args.question,
-        max_tokens=args.max_tokens,
-        deadline=time.time() + args.timeout,
-        stream=stream,
-        sampling=SamplingOptions(temperature=args.temperature),
-    )
+    try:
+        query = Query(
+            request_id=f"ask-{uuid.uuid4().hex[:12]}",
+            text=text,
+            max_tokens=args.max_tokens,
+            deadline=time.time() + args.timeout,
+            stream=stream,
+            sampling=SamplingOptions(temperature=args.temperature),
+        )
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise SystemExit(f"edgecollab: {where}: {exc.errors()[0]['msg']}") from None
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         assert view is not None
         if stream:

@@ -10,7 +10,37 @@ import orjson
 
 from services.core import cms as cms_ops
 from services.core.cms import cms_key
+from services.core.settings import MqttSettings
+from services.core.topics import CMS_KEY, CMS_ROOT, BadTopic
 from tools.common import add_broker_option, connected_bus, print_json
+
+
+def checked_key(key: str, *, prefix: bool = False) -> str:
+    """`key` as a full CMS key (cms/...), or exit with one line saying what is wrong with it.
+
+    A prefix (ls, get, watch) may be empty or end in '/'; a key must name an entry.
+    """
+    shown = key if len(key) <= 60 else f"{key[:40]}... ({len(key):,} characters)"
+    if prefix and key.strip("/") in ("", CMS_ROOT):
+        return CMS_ROOT
+    if not key.strip("/"):
+        raise SystemExit("edgecollab: empty CMS key")
+    if "+" in key or "#" in key:
+        raise SystemExit(f"edgecollab: bad CMS key {shown!r}: MQTT wildcards (+, #) are not keys")
+    name = cms_key(key.removesuffix("/") if prefix else key)
+    try:
+        CMS_KEY.at(name)
+    except BadTopic as exc:
+        if name == CMS_ROOT:
+            hint = "name a key under cms/, e.g. configs/m/max_tokens"
+            raise SystemExit(f"edgecollab: {hint}") from None
+        reason = str(exc)
+        if "is not a topic level" in reason:
+            reason = "a key's levels must be non-empty (no '//'), not '..', without NUL"
+        elif len(reason) > 120:
+            reason = "not a CMS key"
+        raise SystemExit(f"edgecollab: bad CMS key {shown!r}: {reason}") from None
+    return name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _ls(args: argparse.Namespace) -> int:
+    checked_key(args.prefix, prefix=True)
     async with connected_bus(args, mirror_cms=True) as (_, view):
         pass
     keys = [key for key, _ in view.items(args.prefix)]
@@ -50,6 +81,7 @@ async def _ls(args: argparse.Namespace) -> int:
 
 
 async def _get(args: argparse.Namespace) -> int:
+    checked_key(args.prefix, prefix=True)
     async with connected_bus(args, mirror_cms=True) as (_, view):
         pass
     entries = {key: entry.model_dump(mode="json") for key, entry in view.items(args.prefix)}
@@ -68,7 +100,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    prefix = cms_key(args.prefix) if args.prefix else "cms"
+    prefix = checked_key(args.prefix, prefix=True)
 
     def show(key: str, entry) -> None:  # type: ignore[no-untyped-def]
         if not key.startswith(prefix):
@@ -89,10 +121,16 @@ async def _watch(args: argparse.Namespace) -> int:
 
 
 async def _put(args: argparse.Namespace) -> int:
+    checked_key(args.key)
+    if args.expiry is not None and not args.expiry > 0:
+        raise SystemExit("edgecollab: --expiry must be a positive number of seconds")
     try:
         value = orjson.loads(args.value)
     except orjson.JSONDecodeError:
         value = args.value
+    limit = MqttSettings().max_payload
+    if len(args.value.encode()) > limit - 512:  # the entry's envelope takes the rest
+        raise SystemExit(f"edgecollab: the value has {len(args.value):,} bytes; at most ~{limit:,}")
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         current = view.get(args.key)
         version = current.version + 1 if current else 1
@@ -102,6 +140,7 @@ async def _put(args: argparse.Namespace) -> int:
 
 
 async def _rm(args: argparse.Namespace) -> int:
+    checked_key(args.key)
     async with connected_bus(args) as (bus, _):
         await cms_ops.delete(bus, args.key)
     print(f"{cms_key(args.key)} deleted")

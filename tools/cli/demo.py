@@ -34,6 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"[{args.scenario}] {question}\n")
     ask_args = argparse.Namespace(
         question=question,
+        file=None,
         max_tokens=args.max_tokens,
         timeout=args.timeout,
         temperature=None,

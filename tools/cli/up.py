@@ -8,7 +8,10 @@ import os
 import signal
 import subprocess
 
+from services.core.errors import ConfigError
 from services.core.settings import RuntimeSettings
+from services.gateway.keys import ensure_key_file
+from services.gateway.settings import GatewaySettings
 from tools import ROOT
 from tools.common import add_broker_option, mqtt_settings
 from tools.common.broker import broker_answers, start_mosquitto
@@ -62,12 +65,16 @@ def up(args: argparse.Namespace) -> int:
         children.append(Child("mosquitto", start, broker=True))
     env = {
         "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
+        "EDGECOLLAB_STATE_DIR": str(state_dir),
         **os.environ,
         "EDGECOLLAB_MQTT_HOST": settings.host,
         "EDGECOLLAB_MQTT_PORT": str(settings.port),
     }
+    gateway = _gateway_banner() if any(s.module == "services.gateway" for s in specs) else None
     children += [Child(spec.name, functools.partial(_start, spec, env)) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
+    if gateway:
+        print(gateway, flush=True)
     supervisor = Supervisor(children, say=lambda line: print(f"up: {line}", flush=True))
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     return supervisor.run()
@@ -76,6 +83,20 @@ def up(args: argparse.Namespace) -> int:
 def _chosen(spec: ServiceSpec, only: list[str] | None) -> bool:
     """`--only worker-1` and `--only worker` (every worker) both pick workers."""
     return not only or spec.name in only or spec.name.rsplit("-", 1)[0] in only
+
+
+def _gateway_banner() -> str:
+    """Where the gateway listens and the default tenant's key (made now on first start)."""
+    gateway = GatewaySettings(_cli_parse_args=False)
+    url = gateway.url()
+    lines = [f"up: HTTP API {url}/v1 (OpenAI-compatible), dashboard {url}/"]
+    if gateway.key_file is not None:
+        try:
+            key = ensure_key_file(gateway.key_file)
+        except ConfigError as exc:
+            raise SystemExit(f"edgecollab: {exc}") from None
+        lines.append(f"up: API key {key} (tenant default; kept in {gateway.key_file})")
+    return "\n".join(lines)
 
 
 def _start(spec: ServiceSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:

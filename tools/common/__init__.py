@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
+from pydantic import ValidationError
 
 from services.core.bus import Bus
 from services.core.cms import CmsView
@@ -29,11 +30,16 @@ def add_broker_option(parser: argparse.ArgumentParser) -> None:
 
 
 def mqtt_settings(args: argparse.Namespace) -> MqttSettings:
-    settings = MqttSettings()
-    if getattr(args, "broker", None):
+    if not getattr(args, "broker", None):
+        return MqttSettings()
+    try:
         host, port = parse_broker(args.broker)
-        settings = settings.model_copy(update={"host": host, "port": port})
-    return settings
+        return MqttSettings(host=host, port=port)
+    except ValidationError as exc:
+        reason = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"edgecollab: --broker {args.broker!r}: {reason}") from None
+    except ValueError as exc:
+        raise SystemExit(f"edgecollab: {exc}") from None
 
 
 @asynccontextmanager
@@ -44,7 +50,7 @@ async def connected_bus(
 
     Fails fast with a clear message when no broker answers.
     """
-    configure_logging("cli", level="warning")
+    configure_logging("cli", level="error")  # a broker that does not answer: one line below
     settings = mqtt_settings(args)
     bus = Bus(settings=settings, client_id=f"cli-{uuid.uuid4().hex[:10]}", service="cli")
     view = CmsView(bus, qos=0) if mirror_cms else None  # a read-only snapshot: no acks needed

@@ -35,6 +35,8 @@ STACK: tuple[ServiceSpec, ...] = (
         ("--agent-id", "worker-1", "--backend", "onnx", "--model-dir", "SmolLM2-135M-Instruct",
          "--concurrency", "4", "--domains", '["health","environment","general"]'),
     ),
+    # The OpenAI-compatible HTTP API and the dashboard (127.0.0.1:8080 unless configured).
+    ServiceSpec("gateway", "services.gateway", ("--agent-id", "gateway-1")),
     # Simulated devices: a feverish wearer (Fig. 5a) and a city block before an event (Fig. 5b).
     ServiceSpec(
         "wearable-1",

@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
-from services.classifier.embedder import Embedder
 from services.classifier.engine import ClassifierEngine
 from services.classifier.head import HEADS_PATH, TRAIN_PATH, ClassifierHeads
+from services.core.embedder import Embedder
 from services.core.logging import configure_logging
 from tools.export.packages import ensure_minilm
 from tools.train.evaluation import cross_validate, evaluate
