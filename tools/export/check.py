@@ -10,6 +10,8 @@ short built-in prompts; `python -m tools.export.check FOLDER SOURCE` runs longer
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import sys
 import time
@@ -109,6 +111,37 @@ def reference_logits(
     ]
 
 
+@contextlib.contextmanager
+def _blas_threads(n: int):
+    """numpy's OpenBLAS on `n` threads meanwhile (where it can be found; else as it is).
+
+    Its idle threads spin: on a 2-core box other processes keep busy, two threads ran these
+    small products ~20x slower than one.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        maps = []
+    paths = {line.split()[-1] for line in maps if "openblas" in line}
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get and put:
+                before = get()
+                put(n)
+                try:
+                    yield
+                finally:
+                    put(before)
+                return
+    yield
+
+
 def _rms(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * gain
@@ -156,7 +189,8 @@ def greedy(folder: Path, prompts: list[list[int]], new_tokens: int, *, threads=N
 def compare(model: ModelSource, prompts: list[list[int]], runs) -> Agreement:
     """Teacher-forced: the reference sees prompt + the export's tokens and picks at each step."""
     sequences = [ids + tokens[:-1] for ids, (tokens, _) in zip(prompts, runs, strict=True)]
-    refs = reference_logits(model, sequences, [len(ids) - 1 for ids in prompts])
+    with _blas_threads(1):
+        refs = reference_logits(model, sequences, [len(ids) - 1 for ids in prompts])
     result, diffs = Agreement(prefix=[]), []
     for (tokens, logits), ref in zip(runs, refs, strict=True):
         same = ref.argmax(-1) == np.array(tokens)
