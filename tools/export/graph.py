@@ -16,17 +16,27 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tools.export.source import (
-    BLOCK,
     DecoderSpec,
-    Int4Matrix,
+    Quantized,
     Weight,
     Weights,
     as_float,
     as_int4,
+    as_int8,
     concat_rows,
+    native_bits,
 )
 
-ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: the fast CPU path (VNNI)
+# int8 activations in MatMulNBits: the fast CPU path (VNNI). On Qwen2.5-Coder it agrees with
+# the source as well as accuracy_level 1 (fp32 activations) does, and int8 weights need it.
+ACCURACY_LEVEL = 4
+# How matrices are stored: int4 or int8 MatMulNBits for all; "source": each matrix in the
+# narrowest width that holds its checkpoint's blocks (source.native_bits); "mixed": int8 where
+# that is worth its memory (MIXED_INT8), the checkpoint's width allowing, int4 elsewhere;
+# fp32 MatMul. Measured on Qwen2.5-Coder (docs/worker.md): int4 costs the most agreement in
+# attention and ffn_down per byte, the least in gate/up and the LM head.
+PRECISIONS = ("int4", "mixed", "int8", "source", "fp32")
+MIXED_INT8 = ("qkv", "o", "down", "embed")  # the embedding: only the rows in use stay resident
 OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 
 
@@ -41,10 +51,21 @@ _MS_OPS = {
 class _Graph:
     """Collects nodes and initializers while the decoder is laid out."""
 
-    def __init__(self, spec: DecoderSpec, int4: bool) -> None:
-        self.spec, self.int4 = spec, int4
+    def __init__(self, spec: DecoderSpec, precision: str, accuracy_level: int) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+        self.spec, self.precision, self.accuracy_level = spec, precision, accuracy_level
+        self.quantized = precision != "fp32"
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
+        self.bits: dict[str, int] = {}  # matrix name → the width it got
+
+    def quantize(self, weight: Weight, name: str) -> Quantized:
+        """`weight` in the width the precision gives the matrix `name` (embed, logits, ...)."""
+        bits = {"int4": 4, "int8": 8}.get(self.precision) or native_bits(weight)
+        if self.precision == "mixed" and name.rsplit(".", 1)[-1] not in MIXED_INT8:
+            bits = 4
+        return as_int8(weight) if bits == 8 else as_int4(weight)
 
     def const(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
@@ -58,42 +79,54 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return output
 
-    def linear(self, x: str, weight: Weight, name: str, bias: np.ndarray | None = None) -> str:
-        """x @ weight.T (+ bias): int4 MatMulNBits, or fp32 MatMul."""
-        if self.int4:
-            q = as_int4(weight)
-            names = [self.const(f"{name}.{f}", getattr(q, f)) for f in _INT4_FIELDS]
+    def linear(
+        self, x: str, weight: Weight | Quantized, name: str, bias: np.ndarray | None = None
+    ) -> str:
+        """x @ weight.T (+ bias): int4/int8 MatMulNBits, or fp32 MatMul."""
+        if self.quantized:
+            q = weight if hasattr(weight, "bits") else self.quantize(weight, name)
+            names = [self.const(f"{name}.{f}", getattr(q, f)) for f in _NBITS_FIELDS]
             if bias is not None:
                 names += ["", self.const(name + ".bias", bias.astype(np.float32))]
-            return self.nbits(x, names, name, q.shape)
+            return self.nbits(x, names, name, q)
         out = self.node("MatMul", [x, self.const(name + ".weight", as_float(weight).T)], name)
         if bias is None:
             return out
         bias_name = self.const(name + ".bias", bias.astype(np.float32))
         return self.node("Add", [out, bias_name], name + ".biased")
 
-    def nbits(self, x: str, weights: list[str], out: str, shape: tuple[int, int]) -> str:
-        n, k = shape
+    def nbits(self, x: str, weights: list[str], out: str, q: Quantized) -> str:
+        n, k = q.shape
+        self.bits[out] = q.bits
         return self.node(
             "MatMulNBits",
             [x, *weights],
             out,
             K=k,
             N=n,
-            bits=4,
-            block_size=BLOCK,
-            accuracy_level=ACCURACY_LEVEL,
+            bits=q.bits,
+            block_size=q.block,
+            accuracy_level=self.accuracy_level,
         )
 
 
-_INT4_FIELDS = ("codes", "scales", "zero_points")
+_NBITS_FIELDS = ("codes", "scales", "zero_points")
 
 
 def build_decoder(
-    spec: DecoderSpec, weights: Weights, *, int4: bool, progress=None
+    spec: DecoderSpec,
+    weights: Weights,
+    *,
+    precision: str,
+    accuracy_level: int = ACCURACY_LEVEL,
+    progress=None,
+    widths: dict[str, int] | None = None,
 ) -> onnx.ModelProto:
-    """Lay out the whole decoder; `progress(i)` is called after each layer."""
-    g = _Graph(spec, int4)
+    """Lay out the whole decoder; `progress(i)` is called after each layer.
+
+    `widths`, when given, receives the bit width of every quantized matrix (by node name).
+    """
+    g = _Graph(spec, precision, accuracy_level)
     hidden, tied = _embedding(g, weights("embed"))
     cos, sin = _rope_tables(spec)
     g.const("cos_cache", cos)
@@ -106,39 +139,43 @@ def build_decoder(
     normed, _ = _norm(g, out, residual, weights("norm"), "norm")
     last_index = g.const("last_index", np.array(-1, np.int64))
     _lm_head(g, weights, g.node("Gather", [normed, last_index], "last", axis=1), tied)
+    if widths is not None:
+        widths.update(g.bits)
     return _model(g)
 
 
-def _embedding(g: _Graph, embed: Weight) -> tuple[str, Int4Matrix | None]:
-    """Token embeddings; in int4 also the quantized table, which a tied LM head reuses."""
-    if not g.int4:
+def _embedding(g: _Graph, embed: Weight) -> tuple[str, Quantized | None]:
+    """Token embeddings; quantized also the table, which a tied LM head reuses."""
+    if not g.quantized:
         return g.node(
             "Gather", [g.const("embed.weight", as_float(embed)), "input_ids"], "embed"
         ), None
-    q = as_int4(embed)
+    q = g.quantize(embed, "embed")
     vocab, hidden = q.shape
-    inputs = [g.const("embed.codes", q.codes.reshape(vocab, hidden // 2)), "input_ids"]
+    g.bits["embed"] = q.bits
+    codes = q.codes.reshape(vocab, hidden * q.bits // 8)
+    inputs = [g.const("embed.codes", codes), "input_ids"]
     inputs += [g.const("embed.scales", q.scales), g.const("embed.zero_points", q.zero_points)]
     out = g.node(
         "GatherBlockQuantized",
         inputs,
         "embed",
-        bits=4,
-        block_size=BLOCK,
+        bits=q.bits,
+        block_size=q.block,
         gather_axis=0,
         quantize_axis=1,
     )
     return out, q
 
 
-def _lm_head(g: _Graph, weights: Weights, last: str, tied: Int4Matrix | None) -> None:
-    """Logits of the last position: own head, or the embedding table (tied) in int4 or fp32."""
+def _lm_head(g: _Graph, weights: Weights, last: str, tied: Quantized | None) -> None:
+    """Logits of the last position: own head, or the embedding table (tied), quantized or fp32."""
     try:
         g.linear(last, weights("lm_head"), "logits")
     except KeyError:
         if tied is not None:  # MatMulNBits wants the codes 3-D; scales and zero points are shared
             names = [g.const("lm_head.codes", tied.codes), "embed.scales", "embed.zero_points"]
-            g.nbits(last, names, "logits", tied.shape)
+            g.nbits(last, names, "logits", tied)
         else:
             g.node("Gemm", [last, "embed.weight"], "logits", transB=1)
 
@@ -147,7 +184,11 @@ def _layer(g: _Graph, weights: Weights, i: int, prev: str | None, residual: str)
     """One pre-norm block; returns (its output, the residual stream before it is added)."""
     spec, p = g.spec, f"layers.{i}"
     x, residual = _norm(g, prev, residual, weights(f"{p}.attn_norm"), f"{p}.attn_norm")
-    qkv_weight = concat_rows([weights(f"{p}.{n}") for n in "qkv"], int4=g.int4)
+    parts = [weights(f"{p}.{n}") for n in "qkv"]
+    if g.quantized:
+        qkv_weight = concat_rows([g.quantize(w, f"{p}.qkv") for w in parts])
+    else:
+        qkv_weight = np.concatenate([as_float(w) for w in parts])
     bias = None
     if spec.attention_bias:
         bias = np.concatenate([as_float(weights(f"{p}.{n}_bias")) for n in "qkv"])

