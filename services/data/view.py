@@ -4,6 +4,7 @@
     view.summary("health")            # str: a line of numbers and alerts per agent, for a prompt
     view.embedding("wearable-1", "heart_rate")  # EmbeddingRecord | None of the recent window
     view.agents("health")             # agents with readings in the last `history_s`
+    view.facts("health", agents=["watch-7"])  # list[Fact]: each stream's window, for an answer
     view.last_seen("wearable-1")      # float | None: when its newest reading arrived (our clock)
     view.window("wearable-1", "spo2") # list[Sample]: the readings kept, oldest first
     view.counters                     # DataCounters: readings, refused, embeddings_reused, ...
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from schemas import EmbeddingRecord, Reading
+from schemas import EmbeddingRecord, Fact, Reading
 from schemas.messages import ErrorCode
 from services.core.bus import Bus
 from services.core.changes import Changes
@@ -45,6 +46,7 @@ from services.data.features import (
     describe_agent,
     embed,
 )
+from services.data.grounding import fact
 from services.data.streams import STREAMS, Stream, lookup
 
 M = TypeVar("M", Reading, EmbeddingRecord)
@@ -175,6 +177,12 @@ class DataView:
             }
         )
 
+    def facts(self, domain: str, *, agents: Iterable[str] | None = None) -> list[Fact]:
+        """One `Fact` per stream of `domain` with values in the last `history_s`, per agent
+        in name order, streams in registry order."""
+        windows = self._windows(domain, agents)
+        return [f for agent, parts in windows.items() for s, w in parts if (f := fact(agent, s, w))]
+
     def last_seen(self, agent: str) -> float | None:
         """Local wall-clock time the agent's newest valid reading arrived (None: never).
 
@@ -189,6 +197,14 @@ class DataView:
 
     def summary(self, domain: str, *, agents: Iterable[str] | None = None) -> str:
         """One line per agent: each stream's last value, mean, range, trend, and alerts."""
+        windows = self._windows(domain, agents)
+        if not windows:
+            return f"No {domain} readings in the last {self.history_s:.0f} s."
+        return "\n".join(describe_agent(agent, parts) for agent, parts in windows.items())
+
+    def _windows(
+        self, domain: str, agents: Iterable[str] | None
+    ) -> dict[str, list[tuple[Stream, list[Sample]]]]:
         wanted = set(agents) if agents is not None else None
         horizon = self._clock() - self.history_s
         windows: dict[str, list[tuple[Stream, list[Sample]]]] = defaultdict(list)
@@ -198,9 +214,7 @@ class DataView:
             recent = [s for s in series.samples if s.ts >= horizon]
             if recent:
                 windows[agent].append((series.stream, recent))
-        if not windows:
-            return f"No {domain} readings in the last {self.history_s:.0f} s."
-        return "\n".join(describe_agent(agent, parts) for agent, parts in windows.items())
+        return windows
 
     def embedding(self, agent: str, stream: str) -> EmbeddingRecord | None:
         """The recent window's embedding: the published one when fresh, else computed here."""

@@ -1,9 +1,10 @@
 """Data and knowledge steps of a plan.
 
 Data: the orchestrator mirrors every sensor's readings (a DataView of data/...), so a data step
-waits for a reading of its sensor newer than the plan's start, then summarises it; a sensor
-that died makes the step fail at its deadline. Knowledge: an expert peer answers on
-knowledge/<domain>/ask; answers are cached under cms/cache/<hash> with an expiry.
+waits for a reading of its sensor newer than the plan's start, then summarises it and takes
+its facts (the measured values the answer states); a sensor that died makes the step fail at
+its deadline. Knowledge: an expert peer answers on knowledge/<domain>/ask; answers are cached under
+cms/cache/<hash> with an expiry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from schemas import CachedAnswer, KnowledgeAnswer, KnowledgeQuery, Step
+from schemas import CachedAnswer, Fact, KnowledgeAnswer, KnowledgeQuery, Step
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
@@ -35,8 +36,11 @@ class Cooperation:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    async def sense(self, step: PlanStep, since: float, deadline: float) -> tuple[str | None, Step]:
-        """A summary of the sensor's readings newer than `since`, or a failed step."""
+    async def sense(
+        self, step: PlanStep, since: float, deadline: float
+    ) -> tuple[str | None, Step, list[Fact]]:
+        """A summary of the sensor's readings newer than `since` and their facts, or a failed
+        step and no facts."""
         assert step.agent is not None and step.domain is not None
         topic = READING.filter(domain=step.domain, agent=step.agent)
         started = time.perf_counter()
@@ -46,9 +50,10 @@ class Cooperation:
         )
         if not fresh:
             detail = f"no fresh reading from {agent} before the step's deadline"
-            return None, record(step.name, topic, agent, started, "failed", detail=detail)
-        summary = self.data.summary(step.domain, agents=[step.agent])
-        return summary, record(step.name, topic, step.agent, started, "ok")
+            return None, record(step.name, topic, agent, started, "failed", detail=detail), []
+        summary = self.data.summary(step.domain, agents=[agent])
+        facts = self.data.facts(step.domain, agents=[agent])
+        return summary, record(step.name, topic, agent, started, "ok"), facts
 
     async def ask(
         self, step: PlanStep, question: str, *, request_id: str, deadline: float

@@ -39,10 +39,17 @@ async def ask(args: argparse.Namespace) -> int:
         stream=stream,
         sampling=SamplingOptions(temperature=args.temperature),
     )
+    streamed: list[int] = []  # a grounded answer is not streamed: its text is printed at the end
+
+    def print_chunk(request: Request[TokenChunk]) -> None:
+        streamed.append(request.body.seq)
+        sys.stdout.write(request.body.text)
+        sys.stdout.flush()
+
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         assert view is not None
         if stream:
-            await bus.follow(STREAM, _print_chunk, request=query.request_id)
+            await bus.follow(STREAM, print_chunk, request=query.request_id)
         try:
             answer = await QueryClient(bus, view).ask(query)
         except (DeadlineExceeded, RemoteError) as exc:
@@ -52,14 +59,9 @@ async def ask(args: argparse.Namespace) -> int:
     if args.json:
         print_json(answer.model_dump(mode="json"))
     else:
-        print(("\n" if stream else "") + ("" if stream else answer.text))
+        print("\n" if streamed else answer.text)
         print(provenance(answer))
     return 0 if answer.outcome in ("edge", "cloud", "rejected_to_cloud") else 1
-
-
-def _print_chunk(request: Request[TokenChunk]) -> None:
-    sys.stdout.write(request.body.text)
-    sys.stdout.flush()
 
 
 def provenance(answer: Answer) -> str:
@@ -68,6 +70,12 @@ def provenance(answer: Answer) -> str:
         f"-- {answer.outcome}{' (partial)' if answer.partial else ''} in {answer.ms:.0f} ms, "
         f"cloud cost ${answer.cost_usd:.6f}"
     )
+    if answer.verified is not None:
+        head += f", {len(answer.facts)} measured values from the readings, " + (
+            "the model's numbers all match them"
+            if answer.verified
+            else f"removed the model's unmatched {', '.join(answer.unverified)}"
+        )
     rows = [
         {
             "step": step.name,
