@@ -1,9 +1,10 @@
 """Data and knowledge steps of a plan.
 
 Data: the orchestrator mirrors every sensor's readings (a DataView of data/...), so a data step
-waits for a reading of its sensor newer than the plan's start, then summarises it and takes
-its facts (the measured values the answer states); a sensor that died makes the step fail at
-its deadline. Knowledge: an expert peer answers on knowledge/<domain>/ask; answers are cached under
+waits for a reading of its sensor newer than the plan's start (a device discovered from its
+data: one at most `max_age_s` older), then summarises it and takes its facts (the measured
+values the answer states); a sensor that died makes the step fail at its deadline.
+Knowledge: an expert peer answers on knowledge/<domain>/ask; answers are cached under
 cms/cache/<hash> with an expiry.
 """
 
@@ -39,21 +40,22 @@ class Cooperation:
     async def sense(
         self, step: PlanStep, since: float, deadline: float
     ) -> tuple[str | None, Step, list[Fact]]:
-        """A summary of the sensor's readings newer than `since` and their facts, or a failed
-        step and no facts."""
+        """A summary of the sensor's readings newer than `since` (less the step's `max_age_s`)
+        and their facts, or a failed step and no facts."""
         assert step.agent is not None and step.domain is not None
         topic = READING.filter(domain=step.domain, agent=step.agent)
         started = time.perf_counter()
-        agent = step.agent
+        agent, after = step.agent, since - (step.max_age_s or 0.0)
         fresh = await self.data.changes.until(
-            lambda: (self.data.last_seen(agent) or 0.0) >= since, timeout=deadline - time.time()
+            lambda: (self.data.last_seen(agent) or 0.0) >= after, timeout=deadline - time.time()
         )
         if not fresh:
             detail = f"no fresh reading from {agent} before the step's deadline"
             return None, record(step.name, topic, agent, started, "failed", detail=detail), []
         summary = self.data.summary(step.domain, agents=[agent])
         facts = self.data.facts(step.domain, agents=[agent])
-        return summary, record(step.name, topic, agent, started, "ok"), facts
+        detail = "discovered from its readings" if step.max_age_s is not None else None
+        return summary, record(step.name, topic, agent, started, "ok", detail=detail), facts
 
     async def ask(
         self, step: PlanStep, question: str, *, request_id: str, deadline: float

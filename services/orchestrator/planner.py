@@ -35,6 +35,9 @@ class PlanStep:
     domain: str | None = None
     prompt: str = ""
     max_tokens: int = 128
+    # data steps: a reading that arrived this long before the plan began is fresh enough
+    # (a device discovered from its data); None: only one newer than the plan (a sensor agent)
+    max_age_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,12 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Sensor:
-    """A sensor agent the CMS knows: id and the domain of its streams."""
+    """A sensor of a domain: an agent with a card in the CMS, or a device discovered from its
+    readings (`max_age_s`: how old its newest reading may be; see PlanStep)."""
 
     agent: str
     domain: str
+    max_age_s: float | None = None
 
 
 def make_plan(
@@ -92,7 +97,7 @@ def make_plan(
 ) -> Plan:
     """The plan for a query of `domain` given the sensors and experts online."""
     data = [
-        PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain)
+        PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain, max_age_s=s.max_age_s)
         for s in sensors
         if s.domain == domain
     ]

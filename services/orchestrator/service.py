@@ -4,7 +4,9 @@ Independent steps of a phase run in parallel, phases in sequence; every step has
 A failed data or knowledge step leaves the answer partial; the final generation decides the
 outcome (edge, cloud, rejected, failed), counted the same way as the simulator counts it.
 
-A plan with data steps is answered grounded: the measured part and the
+Sensors of a plan: the online sensor agents of its domain in the CMS, and devices discovered
+from their data (heard publishing readings of the domain in the last `DEVICE_FRESH_S`, with no
+card in the CMS). A plan with data steps is answered grounded: the measured part and the
 clinician report are composed from the readings' facts, the model's advice is checked against
 them (services/data/grounding.py), and the final generation is not streamed, since what a
 model writes is only shown once checked.
@@ -36,6 +38,7 @@ log = structlog.get_logger("edgecollab.orchestrator")
 LATENCY_WINDOW = 10_000  # latencies kept for the metrics' percentiles
 CLASSIFY_TIMEOUT_S = 2.0
 DATA_STEP_S = 3.0  # a sensor publishes at least this often when alive
+DEVICE_FRESH_S = 60.0  # a device without a card is used while its readings are this fresh
 STATE_EXPIRY_S = 300.0  # cms/inference/<request>/... outlives its request by this much
 
 
@@ -89,6 +92,11 @@ class Orchestrator:
             Sensor(a.card.agent, domain)
             for a in self.view.agents("sensor")
             if a.online and domain in a.card.domains
+        ]
+        sensors += [  # devices that joined by publishing (README "Plug in a device")
+            Sensor(agent, domain, max_age_s=DEVICE_FRESH_S)
+            for agent in self.cooperation.data.live(domain, within_s=DEVICE_FRESH_S)
+            if agent not in self.view.cards
         ]
         experts = [a for a in self.view.agents("worker") if a.online and domain in a.card.domains]
         return make_plan(
