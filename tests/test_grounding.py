@@ -91,7 +91,7 @@ def test_the_city_part_lists_each_risk_with_its_live_number_and_sensor():
     city += facts_of("noise-1", noise=[60, 61, 62.5])
     text = measured("environment", city)
     assert text == (
-        "Risks now: crowd: people in view 210 people (camera-1, rising), above 100 people; "
+        "Risks now: crowd: 210 people in view (camera-1, rising), above 100 people; "
         "unhealthy air: PM2.5 48.3 µg/m³ (air-1, rising), above 35.0 µg/m³. "
         "Within limits: noise 62.5 dB(A) (noise-1)."
     )
@@ -165,3 +165,30 @@ def test_compose_puts_the_measured_part_first_then_the_checked_advice_then_the_r
     assert (
         failed == "No readings were available.\n\n(recommendation unavailable: rejected: no worker)"
     )
+
+
+def test_the_grounding_bench_scores_an_answer_on_its_text_against_the_scenario():
+    from schemas import Answer, Step
+    from tools.bench.grounding import load, score, summary
+
+    scenarios = {s.id: s for s in load()}
+    assert len(scenarios) == 10 and {s.domain for s in scenarios.values()} == {
+        "health",
+        "environment",
+    }
+    readme = scenarios["readme-watch"]
+    steps = [
+        Step(name="classify", topic="t", agent="c", where="edge", outcome="ok", detail="health"),
+        Step(name="data:watch-x1", topic="t", agent="watch-x1", where="edge", outcome="ok"),
+    ]
+    good = Answer(request_id="r", text="Measured: heart rate 148 bpm, above 100 bpm.",
+                  outcome="edge", steps=steps)  # fmt: skip
+    bad = Answer(request_id="r", text="Your heart rate is 180 beats per minute.", outcome="edge")
+    scored = [score(readme, good, "x1"), score(readme, bad, "x1")]
+    assert scored[0].named and scored[0].unmeasured == [] and scored[0].devices_used == ["watch"]
+    assert scored[0].domain == "health" and scored[1].domain == "-"
+    assert not scored[1].named and scored[1].unmeasured == ["180 beats per minute"]
+    assert scored[1].missing == ["watch: heart rate 148 bpm"]
+    result = summary(scored)
+    assert result["named_every_abnormal_value"] == 0.5
+    assert result["answers_citing_unmeasured_values"] == 1

@@ -61,7 +61,8 @@ def assert_grounded(answer: Answer, agents: set[str]) -> None:
     with a unit in it is one of them (or a threshold)."""
     assert {f.agent for f in answer.facts} == agents and answer.verified is not None
     for fact in answer.facts:
-        assert f"{fact.label} {number(fact, fact.value)} {fact.unit}" in answer.text, fact
+        assert f"{number(fact, fact.value)} {fact.unit}" in answer.text, fact
+        assert fact.label in answer.text, fact
         if fact.alert:
             assert f"{fact.side} {number(fact, fact.threshold or 0)} {fact.unit}" in answer.text
     assert all(supported(c, answer.facts) for c in claims(answer.text)), answer.text

@@ -71,6 +71,9 @@ def number(f: Fact, value: float) -> str:
 
 
 def _value(f: Fact) -> str:
+    """'heart rate 148 bpm'; '215 people in view' when the label names the unit."""
+    if f.unit in f.label.split():
+        return f"{number(f, f.value)} {f.label}"
     return f"{f.label} {number(f, f.value)} {f.unit}"
 
 
@@ -125,7 +128,7 @@ def _city(facts: Sequence[Fact]) -> str:
     text = (
         "Risks now: "
         + "; ".join(
-            f"{f.alert}: {f.label} {number(f, f.value)} {f.unit} ({f.agent}, {f.trend}), "
+            f"{f.alert}: {_value(f)} ({f.agent}, {f.trend}), "
             f"{f.side} {number(f, f.threshold or 0.0)} {f.unit}"
             for f in risks
         )
@@ -134,9 +137,7 @@ def _city(facts: Sequence[Fact]) -> str:
         else "No risk past a threshold now."
     )
     if calm:
-        text += " Within limits: " + "; ".join(
-            f"{f.label} {number(f, f.value)} {f.unit} ({f.agent})" for f in calm
-        )
+        text += " Within limits: " + "; ".join(f"{_value(f)} ({f.agent})" for f in calm)
         text += "."
     return text
 
