@@ -56,6 +56,7 @@ from services.data.streams import STREAMS, Stream, lookup
 M = TypeVar("M", Reading, EmbeddingRecord)
 log = structlog.get_logger("edgecollab.data")
 
+DEVICE_FRESH_S = 60.0  # a device without a card is live while heard this recently (`live`)
 _MAX_CLOCK_AHEAD_S = 300.0  # a reading further in the future than this has a broken clock
 _ORDER = {key: index for index, key in enumerate(STREAMS)}
 # Python's json and others write NaN/Infinity bare, which is not JSON: say so, not just "bad char"

@@ -27,6 +27,7 @@ from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
 from services.data import grounding
+from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
@@ -38,7 +39,6 @@ log = structlog.get_logger("edgecollab.orchestrator")
 LATENCY_WINDOW = 10_000  # latencies kept for the metrics' percentiles
 CLASSIFY_TIMEOUT_S = 2.0
 DATA_STEP_S = 3.0  # a sensor publishes at least this often when alive
-DEVICE_FRESH_S = 60.0  # a device without a card is used while its readings are this fresh
 STATE_EXPIRY_S = 300.0  # cms/inference/<request>/... outlives its request by this much
 
 

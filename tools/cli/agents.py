@@ -12,8 +12,7 @@ import time
 from services.core.bus import Bus
 from services.core.cms import AgentView, CmsView
 from services.data.streams import STREAMS
-from services.data.view import DataView
-from services.orchestrator.service import DEVICE_FRESH_S
+from services.data.view import DEVICE_FRESH_S, DataView
 from tools.common import add_broker_option, connected_bus, print_json
 
 DEVICE_HISTORY_S = 3600.0  # devices whose newest reading is older are not listed
