@@ -72,7 +72,7 @@ def provenance(answer: Answer) -> str:
     )
     if answer.verified is not None:
         head += f", {len(answer.facts)} measured values from the readings, " + (
-            "the model's numbers all match them"
+            "the model's text cites no value they do not support"
             if answer.verified
             else f"removed the model's unmatched {', '.join(answer.unverified)}"
         )
