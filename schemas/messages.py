@@ -233,6 +233,30 @@ class Accepted(Message):
     agent: AgentIdField
 
 
+class Fact(BaseModel):
+    """A measured value an answer states: the window of one stream of one agent, from the
+    readings (composed by code, never by a model)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    agent: str
+    domain: Domain
+    stream: str
+    label: str = Field(description="the stream's name for people, e.g. 'heart rate'")
+    value: float = Field(description="the newest reading")
+    unit: str = Field(description="the stream's unit (a reading's accepted spelling normalised)")
+    ts: float = Field(description="the newest reading's time (epoch seconds)")
+    since: float = Field(description="the oldest reading's time in the window")
+    n: int = Field(ge=1, description="readings in the window")
+    mean: float
+    low: float
+    high: float
+    trend: Literal["rising", "falling", "steady"]
+    alert: str | None = Field(None, description="the alert the newest value is past, if any")
+    threshold: float | None = Field(None, description="that alert's threshold")
+    side: Literal["above", "below"] | None = None
+
+
 class Answer(Message):
     """The orchestrator's reply to a Query."""
 
@@ -244,6 +268,15 @@ class Answer(Message):
     steps: list[Step] = []
     ms: float = 0.0
     cost_usd: float = 0.0
+    facts: list[Fact] = Field([], description="the measured values the text states")
+    verified: bool | None = Field(
+        None,
+        description="true: every number with a unit in the generated text matches a fact; "
+        "false: some did not and were removed (see unverified); null: no data step, not checked",
+    )
+    unverified: list[str] = Field(
+        [], description="numbers with a unit the model wrote that match no reading (removed)"
+    )
 
 
 class ClassifyRequest(Message):

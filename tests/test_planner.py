@@ -62,3 +62,14 @@ def test_a_plan_refuses_unknown_dependencies_and_cycles():
     object.__setattr__(cyclic.by_name["b"], "after", ("a",))
     with pytest.raises(ValueError, match="cycle"):
         cyclic.phases()
+
+
+def test_a_discovered_device_is_a_data_step_with_its_freshness_and_the_answer_sees_the_vitals():
+    watch = Sensor("watch-7", "health", max_age_s=60)
+    plan = make_plan(domain="health", max_tokens=50, sensors=[WEARABLES[0], watch])
+    assert [(s.name, s.max_age_s) for s in plan.sensed] == [
+        ("data:wearable-1", None),
+        ("data:watch-7", 60),
+    ]
+    assert plan.final.after == ("data:wearable-1", "data:watch-7", "analysis")
+    assert make_plan(domain="math", max_tokens=50, sensors=[watch]).sensed == []

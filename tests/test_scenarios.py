@@ -9,6 +9,7 @@ from schemas import Answer, Query
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import QUERIES
+from services.data.grounding import claims, number, supported
 from tests.conftest import running
 
 CITY = {"camera-{uid}": ["camera"], "air-{uid}": ["pm25", "no2"], "noise-{uid}": ["noise"],
@@ -55,6 +56,18 @@ def names(answer: Answer) -> list[str]:
     return [s.name for s in answer.steps]
 
 
+def assert_grounded(answer: Answer, agents: set[str]) -> None:
+    """The answer names each measured value, from the readings of `agents`, and every number
+    with a unit in it is one of them (or a threshold)."""
+    assert {f.agent for f in answer.facts} == agents and answer.verified is not None
+    for fact in answer.facts:
+        assert f"{number(fact, fact.value)} {fact.unit}" in answer.text, fact
+        assert fact.label in answer.text, fact
+        if fact.alert:
+            assert f"{fact.side} {number(fact, fact.threshold or 0)} {fact.unit}" in answer.text
+    assert all(supported(c, answer.facts) for c in claims(answer.text)), answer.text
+
+
 async def test_health_and_city_scenarios(mqtt, uid, spawn, tiny_model_dir, minilm_dir):
     procs = start(spawn, uid, tiny_model_dir, minilm_dir)
     agents = [f"orch-{uid}", f"cls-{uid}", f"slm-{uid}", f"wearable-{uid}",
@@ -78,6 +91,9 @@ async def test_health_and_city_scenarios(mqtt, uid, spawn, tiny_model_dir, minil
     vitals = health.steps[1]
     assert vitals.agent == f"wearable-{uid}" and vitals.outcome == "ok"
     assert health.steps[3].agent == f"slm-{uid}" and health.steps[3].output_tokens > 0
+    assert_grounded(health, {f"wearable-{uid}"})  # the measured part, composed from the data
+    assert health.text.startswith(f"Measured by wearable-{uid} (")
+    assert "\n\nClinician report (from the readings):\n" in health.text
 
     # Fig. 5b: parallel — every city sensor and the expert at once, then the aggregation
     fan_out = {f"data:{n.format(uid=uid)}" for n in CITY} | {"knowledge:environment"}
@@ -87,6 +103,8 @@ async def test_health_and_city_scenarios(mqtt, uid, spawn, tiny_model_dir, minil
     assert sum(data_ms) > max(data_ms)  # they overlapped: each waited for its own fresh reading
     for step in city.steps[1:]:
         assert step.agent and step.topic and step.where == "edge" and step.ms > 0
+    assert_grounded(city, {n.format(uid=uid) for n in CITY})
+    assert city.text.startswith(("Risks now: ", "No risk past a threshold now."))
 
     # a sensor hung mid-plan: its step fails at its deadline, the answer still comes, partial
     failed = [s for s in partial.steps if s.outcome == "failed"]

@@ -4,6 +4,8 @@
     view.summary("health")            # str: a line of numbers and alerts per agent, for a prompt
     view.embedding("wearable-1", "heart_rate")  # EmbeddingRecord | None of the recent window
     view.agents("health")             # agents with readings in the last `history_s`
+    view.live("health", within_s=60)  # agents heard publishing (not retained) in the last 60 s
+    view.facts("health", agents=["watch-7"])  # list[Fact]: each stream's window, for an answer
     view.last_seen("wearable-1")      # float | None: when its newest reading arrived (our clock)
     view.window("wearable-1", "spo2") # list[Sample]: the readings kept, oldest first
     view.counters                     # DataCounters: readings, refused, embeddings_reused, ...
@@ -30,11 +32,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from schemas import EmbeddingRecord, Reading
+import structlog
+
+from schemas import EmbeddingRecord, Fact, Reading
 from schemas.messages import ErrorCode
 from services.core.bus import Bus
 from services.core.changes import Changes
-from services.core.errors import BadInput
+from services.core.connection import ConnectionLost
+from services.core.errors import BadInput, EdgecollabError
 from services.core.topics import EMBEDDING, READING
 from services.core.wire import parse_payload
 from services.data.features import (
@@ -45,10 +50,13 @@ from services.data.features import (
     describe_agent,
     embed,
 )
+from services.data.grounding import fact
 from services.data.streams import STREAMS, Stream, lookup
 
 M = TypeVar("M", Reading, EmbeddingRecord)
+log = structlog.get_logger("edgecollab.data")
 
+DEVICE_FRESH_S = 60.0  # a device without a card is live while heard this recently (`live`)
 _MAX_CLOCK_AHEAD_S = 300.0  # a reading further in the future than this has a broken clock
 _ORDER = {key: index for index, key in enumerate(STREAMS)}
 # Python's json and others write NaN/Infinity bare, which is not JSON: say so, not just "bad char"
@@ -152,6 +160,8 @@ class DataView:
         self._max_samples, self._clock = max_samples, clock
         self._series: dict[tuple[str, str], _Series] = {}
         self._last_seen: dict[str, float] = {}
+        self._heard: dict[tuple[str, str], float] = {}  # (agent, domain) -> last live arrival
+        self._listening = False  # past the retained last values sent at (re)subscription
         self.counters = DataCounters()
         self.changes = Changes()  # notified at each accepted reading
         # One subscription per domain covers readings and embeddings: two overlapping ones
@@ -160,6 +170,20 @@ class DataView:
         filters = [READING.filter(domain=d) for d in domains] if domains else [READING.filter()]
         for topic_filter in filters:
             bus.listen_raw(topic_filter + "/#", self._on_message)
+        bus.on_connect(self._resubscribed)
+
+    async def _resubscribed(self) -> None:
+        """After each (re)connection the broker first sends the retained last values, which
+        may be a long-dead device's; readings after them are heard live (see `live`). Waited
+        for before the agent's birth (presence attaches after its views), so a reading sent
+        once the agent is seen online is heard live."""
+        self._listening = False
+        try:
+            await self._bus.barrier()
+        except (EdgecollabError, ConnectionLost, TimeoutError) as exc:  # the next one syncs
+            log.info("data.sync_failed", error=str(exc))
+        finally:
+            self._listening = True
 
     # -- what the view offers ------------------------------------------------------------------
 
@@ -175,6 +199,24 @@ class DataView:
             }
         )
 
+    @property
+    def listening(self) -> bool:
+        """Past the retained last values of this connection: what arrives now is live."""
+        return self._listening
+
+    def live(self, domain: str, *, within_s: float) -> list[str]:
+        """Agents heard publishing readings of `domain` in the last `within_s` (our clock):
+        readings that arrived while the view listened, not retained last values from before
+        it subscribed (a device that stopped long ago still has its last value retained)."""
+        horizon = self._clock() - within_s
+        return sorted(a for (a, d), at in self._heard.items() if d == domain and at >= horizon)
+
+    def facts(self, domain: str, *, agents: Iterable[str] | None = None) -> list[Fact]:
+        """One `Fact` per stream of `domain` with values in the last `history_s`, per agent
+        in name order, streams in registry order."""
+        windows = self._windows(domain, agents)
+        return [f for agent, parts in windows.items() for s, w in parts if (f := fact(agent, s, w))]
+
     def last_seen(self, agent: str) -> float | None:
         """Local wall-clock time the agent's newest valid reading arrived (None: never).
 
@@ -189,6 +231,14 @@ class DataView:
 
     def summary(self, domain: str, *, agents: Iterable[str] | None = None) -> str:
         """One line per agent: each stream's last value, mean, range, trend, and alerts."""
+        windows = self._windows(domain, agents)
+        if not windows:
+            return f"No {domain} readings in the last {self.history_s:.0f} s."
+        return "\n".join(describe_agent(agent, parts) for agent, parts in windows.items())
+
+    def _windows(
+        self, domain: str, agents: Iterable[str] | None
+    ) -> dict[str, list[tuple[Stream, list[Sample]]]]:
         wanted = set(agents) if agents is not None else None
         horizon = self._clock() - self.history_s
         windows: dict[str, list[tuple[Stream, list[Sample]]]] = defaultdict(list)
@@ -198,9 +248,7 @@ class DataView:
             recent = [s for s in series.samples if s.ts >= horizon]
             if recent:
                 windows[agent].append((series.stream, recent))
-        if not windows:
-            return f"No {domain} readings in the last {self.history_s:.0f} s."
-        return "\n".join(describe_agent(agent, parts) for agent, parts in windows.items())
+        return windows
 
     def embedding(self, agent: str, stream: str) -> EmbeddingRecord | None:
         """The recent window's embedding: the published one when fresh, else computed here."""
@@ -288,6 +336,8 @@ class DataView:
             return
         series.samples.append(Sample(body.ts, body.value, body.text, size))
         self._last_seen[body.agent] = self._clock()
+        if self._listening:
+            self._heard[(body.agent, body.domain)] = self._clock()
         while series.samples[0].ts < body.ts - self.history_s:
             series.samples.popleft()
         self.counters.readings += 1

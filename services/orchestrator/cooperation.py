@@ -1,9 +1,11 @@
 """Data and knowledge steps of a plan.
 
 Data: the orchestrator mirrors every sensor's readings (a DataView of data/...), so a data step
-waits for a reading of its sensor newer than the plan's start, then summarises it; a sensor
-that died makes the step fail at its deadline. Knowledge: an expert peer answers on
-knowledge/<domain>/ask; answers are cached under cms/cache/<hash> with an expiry.
+waits for a reading of its sensor newer than the plan's start (a device discovered from its
+data: one at most `max_age_s` older), then summarises it and takes its facts (the measured
+values the answer states); a sensor that died makes the step fail at its deadline.
+Knowledge: an expert peer answers on knowledge/<domain>/ask; answers are cached under
+cms/cache/<hash> with an expiry.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from schemas import CachedAnswer, KnowledgeAnswer, KnowledgeQuery, Step
+from schemas import CachedAnswer, Fact, KnowledgeAnswer, KnowledgeQuery, Step
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
@@ -35,20 +37,25 @@ class Cooperation:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    async def sense(self, step: PlanStep, since: float, deadline: float) -> tuple[str | None, Step]:
-        """A summary of the sensor's readings newer than `since`, or a failed step."""
+    async def sense(
+        self, step: PlanStep, since: float, deadline: float
+    ) -> tuple[str | None, Step, list[Fact]]:
+        """A summary of the sensor's readings newer than `since` (less the step's `max_age_s`)
+        and their facts, or a failed step and no facts."""
         assert step.agent is not None and step.domain is not None
         topic = READING.filter(domain=step.domain, agent=step.agent)
         started = time.perf_counter()
-        agent = step.agent
+        agent, after = step.agent, since - (step.max_age_s or 0.0)
         fresh = await self.data.changes.until(
-            lambda: (self.data.last_seen(agent) or 0.0) >= since, timeout=deadline - time.time()
+            lambda: (self.data.last_seen(agent) or 0.0) >= after, timeout=deadline - time.time()
         )
         if not fresh:
             detail = f"no fresh reading from {agent} before the step's deadline"
-            return None, record(step.name, topic, agent, started, "failed", detail=detail)
-        summary = self.data.summary(step.domain, agents=[step.agent])
-        return summary, record(step.name, topic, step.agent, started, "ok")
+            return None, record(step.name, topic, agent, started, "failed", detail=detail), []
+        summary = self.data.summary(step.domain, agents=[agent])
+        facts = self.data.facts(step.domain, agents=[agent])
+        found = "discovered from its readings" if step.max_age_s is not None else None
+        return summary, record(step.name, topic, agent, started, "ok", detail=found), facts
 
     async def ask(
         self, step: PlanStep, question: str, *, request_id: str, deadline: float

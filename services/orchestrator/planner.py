@@ -9,6 +9,10 @@ Shapes follow the paper's scenarios (Fig. 5): `health` is sequential (vitals, th
 then the medical expert, then the answer); `environment` fans out to every sensor and an expert
 in parallel, then aggregates; other domains are one generation, preceded by an expert's answer
 when the domain is covered by an expert in the CMS.
+
+A plan with data steps is grounded: the orchestrator composes the measured part of its answer
+from the readings (services/data/grounding.py); the final generation writes only the advice
+around them, and its prompts say so.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class PlanStep:
     domain: str | None = None
     prompt: str = ""
     max_tokens: int = 128
+    # data steps: a reading that arrived this long before the plan began is fresh enough
+    # (a device discovered from its data); None: only one newer than the plan (a sensor agent)
+    max_age_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,11 @@ class Plan:
     def final(self) -> PlanStep:
         return self.steps[-1]
 
+    @property
+    def sensed(self) -> list[PlanStep]:
+        """The data steps: when there are any, the answer's measured part is composed from them."""
+        return [s for s in self.steps if s.kind == "data"]
+
     def phases(self) -> list[list[PlanStep]]:
         """Layers of steps whose dependencies are all in earlier layers (run each in parallel)."""
         done: set[str] = set()
@@ -68,10 +80,12 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Sensor:
-    """A sensor agent the CMS knows: id and the domain of its streams."""
+    """A sensor of a domain: an agent with a card in the CMS, or a device discovered from its
+    readings (`max_age_s`: how old its newest reading may be; see PlanStep)."""
 
     agent: str
     domain: str
+    max_age_s: float | None = None
 
 
 def make_plan(
@@ -83,7 +97,7 @@ def make_plan(
 ) -> Plan:
     """The plan for a query of `domain` given the sensors and experts online."""
     data = [
-        PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain)
+        PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain, max_age_s=s.max_age_s)
         for s in sensors
         if s.domain == domain
     ]
@@ -109,7 +123,11 @@ def _health(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
     if expert:
         steps.append(_expert("health", ("analysis",)))
     answer = PlanStep(
-        "answer", "generate", after=(steps[-1].name,), prompt=HEALTH_ANSWER, max_tokens=max_tokens
+        "answer",
+        "generate",
+        after=(*vitals, steps[-1].name),  # the vitals too: the advice is about them
+        prompt=HEALTH_ANSWER,
+        max_tokens=max_tokens,
     )
     return Plan("health", (*steps, answer), "sequential")
 
@@ -139,14 +157,18 @@ ANALYSIS = (
     "Vital signs from the user's wearable:\n{context}\n\nThe user says: {query}\n"
     "In two sentences, which of these vital signs are normal and which are not?"
 )
+# Grounded answers: the measured values and the clinician report are composed by code and shown
+# above the advice, so the model is asked for the advice only, without numbers.
 HEALTH_ANSWER = (
-    "{context}\n\nThe user says: {query}\n"
-    "Give the user short personal advice. Then write 'Clinician report:' and list the measured "
-    "values that matter."
+    "Vital signs from the user's wearables, and a medical expert's notes:\n{context}\n\n"
+    "The user says: {query}\n"
+    "The measured values are already shown to the user. In two or three sentences, give short "
+    "personal advice: what to do now and when to see a doctor. Do not repeat the numbers."
 )
 CITY_ANSWER = (
     "Live readings from the city's sensors, and an expert's notes:\n{context}\n\n"
-    "{query}. Name the main risks with their numbers, then give one recommendation."
+    "{query}. The risks and their numbers are already shown to the organisers. In two "
+    "sentences, give one recommendation about the main risks. Do not repeat the numbers."
 )
 
 

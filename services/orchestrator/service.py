@@ -3,6 +3,13 @@
 Independent steps of a phase run in parallel, phases in sequence; every step has a deadline.
 A failed data or knowledge step leaves the answer partial; the final generation decides the
 outcome (edge, cloud, rejected, failed), counted the same way as the simulator counts it.
+
+Sensors of a plan: the online sensor agents of its domain in the CMS, and devices discovered
+from their data (heard publishing readings of the domain in the last `DEVICE_FRESH_S`, with no
+card in the CMS). A plan with data steps is answered grounded: the measured part and the
+clinician report are composed from the readings' facts, the model's advice is checked against
+them (services/data/grounding.py), and the final generation is not streamed, since what a
+model writes is only shown once checked.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ from collections import deque
 
 import structlog
 
-from schemas import Answer, Classification, ClassifyRequest, Query, Step
+from schemas import Answer, Classification, ClassifyRequest, Fact, Query, Step
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
 from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
+from services.data import grounding
+from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
@@ -54,10 +63,13 @@ class Orchestrator:
         steps: list[Step] = []
         classification = await self._classify(query, steps)
         plan = self.plan(query, classification)
+        if plan.sensed:  # grounded: the advice is checked before anyone sees it
+            query = query.model_copy(update={"stream": False})
         outputs: dict[str, str] = {}
+        facts: dict[str, list[Fact]] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            runs = [self._run(s, query, outputs, since) for s in phase]
+            runs = [self._run(s, query, outputs, since, facts) for s in phase]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
@@ -68,7 +80,8 @@ class Orchestrator:
                 await self._record_phase(query.request_id, number, phase, outputs)
         assert final is not None
         partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
-        return self._answer(query, started, final, steps, partial)
+        measured = [f for s in plan.sensed for f in facts.get(s.name, [])]
+        return self._answer(query, started, final, steps, partial, plan, measured)
 
     def plan(self, query: Query, classification: Classification | None) -> Plan:
         """The plan for this query given the agents online now."""
@@ -80,6 +93,11 @@ class Orchestrator:
             for a in self.view.agents("sensor")
             if a.online and domain in a.card.domains
         ]
+        sensors += [  # devices that joined by publishing (README "Plug in a device")
+            Sensor(agent, domain, max_age_s=DEVICE_FRESH_S)
+            for agent in self.cooperation.data.live(domain, within_s=DEVICE_FRESH_S)
+            if agent not in self.view.cards
+        ]
         experts = [a for a in self.view.agents("worker") if a.online and domain in a.card.domains]
         return make_plan(
             domain=domain,
@@ -89,12 +107,18 @@ class Orchestrator:
         )
 
     async def _run(
-        self, step: PlanStep, query: Query, outputs: dict[str, str], since: float
+        self,
+        step: PlanStep,
+        query: Query,
+        outputs: dict[str, str],
+        since: float,
+        facts: dict[str, list[Fact]],
     ) -> tuple[str | None, list[Step], Generated | None]:
-        """One step: its output text (None if it failed), its records, and the generation."""
+        """One step: its output text (None if it failed), its records, and the generation;
+        a data step's facts go to `facts` under its name."""
         if step.kind == "data":
             deadline = min(query.deadline, time.time() + DATA_STEP_S)
-            text, record = await self.cooperation.sense(step, since, deadline)
+            text, record, facts[step.name] = await self.cooperation.sense(step, since, deadline)
             return text, [record], None
         prompt = render(step, query.text, outputs)
         if step.kind == "knowledge":
@@ -137,13 +161,32 @@ class Orchestrator:
         return reply
 
     def _answer(
-        self, query: Query, started: float, final: Generated, steps: list[Step], partial: bool
+        self,
+        query: Query,
+        started: float,
+        final: Generated,
+        steps: list[Step],
+        partial: bool,
+        plan: Plan,
+        facts: list[Fact],
     ) -> Answer:
         seconds = time.perf_counter() - started
         cost = sum(s.cost_usd for s in steps)
         answered = final.text is not None
         self.tally.record(final.outcome, latency_s=seconds if answered else None, cost_usd=cost)
         text = final.text if answered else _refusal(final, steps)
+        verified, unverified = None, []
+        if plan.sensed:  # the measured part from the readings, the model's advice checked
+            checked = grounding.check(final.text or "", facts)
+            verified, unverified = checked.verified, checked.unverified
+            text = grounding.compose(
+                plan.domain,
+                facts,
+                advice=checked.text,
+                removed=checked.removed,
+                report=plan.domain == "health" and bool(facts),
+                missing=None if answered else text,
+            )
         return Answer(
             request_id=query.request_id,
             text=text or "",
@@ -152,6 +195,9 @@ class Orchestrator:
             steps=steps,
             ms=round(seconds * 1000, 3),
             cost_usd=round(cost, 8),
+            facts=facts,
+            verified=verified,
+            unverified=unverified,
         )
 
     async def _record_phase(

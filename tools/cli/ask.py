@@ -88,10 +88,17 @@ async def ask(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         where = ".".join(str(p) for p in exc.errors()[0]["loc"])
         raise SystemExit(f"edgecollab: {where}: {exc.errors()[0]['msg']}") from None
+    streamed: list[int] = []  # a grounded answer is not streamed: its text is printed at the end
+
+    def print_chunk(request: Request[TokenChunk]) -> None:
+        streamed.append(request.body.seq)
+        sys.stdout.write(request.body.text)
+        sys.stdout.flush()
+
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         assert view is not None
         if stream:
-            await bus.follow(STREAM, _print_chunk, request=query.request_id)
+            await bus.follow(STREAM, print_chunk, request=query.request_id)
         try:
             answer = await QueryClient(bus, view).ask(query)
         except (DeadlineExceeded, RemoteError) as exc:
@@ -101,14 +108,9 @@ async def ask(args: argparse.Namespace) -> int:
     if args.json:
         print_json(answer.model_dump(mode="json"))
     else:
-        print(("\n" if stream else "") + ("" if stream else answer.text))
+        print("\n" if streamed else answer.text)
         print(provenance(answer))
     return 0 if answer.outcome in ("edge", "cloud", "rejected_to_cloud") else 1
-
-
-def _print_chunk(request: Request[TokenChunk]) -> None:
-    sys.stdout.write(request.body.text)
-    sys.stdout.flush()
 
 
 def provenance(answer: Answer) -> str:
@@ -117,6 +119,12 @@ def provenance(answer: Answer) -> str:
         f"-- {answer.outcome}{' (partial)' if answer.partial else ''} in {answer.ms:.0f} ms, "
         f"cloud cost ${answer.cost_usd:.6f}"
     )
+    if answer.verified is not None:
+        head += f", {len(answer.facts)} measured values from the readings, " + (
+            "the model's text cites no value they do not support"
+            if answer.verified
+            else f"removed the model's unmatched {', '.join(answer.unverified)}"
+        )
     rows = [
         {
             "step": step.name,

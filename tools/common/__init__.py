@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import orjson
@@ -44,9 +44,13 @@ def mqtt_settings(args: argparse.Namespace) -> MqttSettings:
 
 @asynccontextmanager
 async def connected_bus(
-    args: argparse.Namespace, *, mirror_cms: bool = False
+    args: argparse.Namespace,
+    *,
+    mirror_cms: bool = False,
+    setup: Callable[[Bus], object] | None = None,
 ) -> AsyncIterator[tuple[Bus, CmsView | None]]:
-    """A CLI client on the bus for a block; with `mirror_cms` its CmsView is synced first.
+    """A CLI client on the bus for a block; with `mirror_cms` its CmsView is synced first
+    (and whatever `setup` attached to the bus before it connected, e.g. a DataView).
 
     Fails fast with a clear message when no broker answers.
     """
@@ -54,6 +58,8 @@ async def connected_bus(
     settings = mqtt_settings(args)
     bus = Bus(settings=settings, client_id=f"cli-{uuid.uuid4().hex[:10]}", service="cli")
     view = CmsView(bus, qos=0) if mirror_cms else None  # a read-only snapshot: no acks needed
+    if setup is not None:
+        setup(bus)
     async with running(bus):
         try:
             async with asyncio.timeout(5):
