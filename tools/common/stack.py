@@ -35,6 +35,8 @@ STACK: tuple[ServiceSpec, ...] = (
         ("--agent-id", "worker-1", "--backend", "onnx", "--model-dir", "SmolLM2-135M-Instruct",
          "--concurrency", "4", "--domains", '["health","environment","general"]'),
     ),
+    # The sandboxed calculator peer (knowledge/arithmetic/run): math answered by a program.
+    ServiceSpec("sandbox", "services.sandbox", ("--agent-id", "sandbox-1")),
     # Simulated devices: a feverish wearer (Fig. 5a) and a city block before an event (Fig. 5b).
     ServiceSpec(
         "wearable-1",
