@@ -4,11 +4,15 @@ Step kinds, each addressed to a semantic topic:
   data       fresh readings of one sensor agent   (data/<domain>/+/<agent>, mirrored locally)
   knowledge  an expert peer's answer              (knowledge/<domain>/ask)
   generate   an SLM generation on an edge worker  (computation/tasks/<agent>, allocated by policy)
+  program    a program written by the code expert (or any worker), run by the sandboxed
+             calculator peer (knowledge/arithmetic/run); its output is what it printed
 
 Shapes follow the paper's scenarios (Fig. 5): `health` is sequential (vitals, then an analysis,
 then the medical expert, then the answer); `environment` fans out to every sensor and an expert
 in parallel, then aggregates; other domains are one generation, preceded by an expert's answer
-when the domain is covered by an expert in the CMS.
+when the domain is covered by an expert in the CMS. `math` with a sandbox online is answered by
+a program (`programs.py`): the answer is what the program printed, and a plain generation only
+when no program ran to success (the fallback, marked so in the provenance).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-StepKind = Literal["data", "knowledge", "generate"]
+StepKind = Literal["data", "knowledge", "generate", "program"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,9 @@ class PlanStep:
     domain: str | None = None
     prompt: str = ""
     max_tokens: int = 128
+    # A fallback: when the step named here produced an output, that output is this step's, and
+    # this one runs (as a plain generation) only when it did not.
+    fallback_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,11 @@ def make_plan(
     max_tokens: int,
     sensors: Sequence[Sensor] = (),
     expert_available: bool = False,
+    sandbox_available: bool = False,
+    program_writer: str | None = None,
 ) -> Plan:
-    """The plan for a query of `domain` given the sensors and experts online."""
+    """The plan for a query of `domain` given the sensors, experts and sandboxes online;
+    `program_writer` is the expert domain asked for programs (None: any worker writes them)."""
     data = [
         PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain)
         for s in sensors
@@ -91,6 +101,8 @@ def make_plan(
         return _health(data, max_tokens, expert_available)
     if domain == "environment" and data:
         return _environment(data, max_tokens, expert_available)
+    if domain == "math" and sandbox_available:
+        return _by_program(domain, max_tokens, program_writer)
     expert = [_expert(domain, ())] if expert_available else []
     answer = PlanStep(
         "answer",
@@ -127,6 +139,21 @@ def _environment(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
     return Plan("environment", (*fan_out, answer), "parallel")
 
 
+def _by_program(domain: str, max_tokens: int, writer: str | None) -> Plan:
+    program = PlanStep(
+        "program", "program", domain=writer, prompt=PROGRAM, max_tokens=PROGRAM_TOKENS
+    )
+    answer = PlanStep(
+        "answer",
+        "generate",
+        after=("program",),
+        prompt=ANSWER,
+        max_tokens=max_tokens,
+        fallback_of="program",
+    )
+    return Plan(domain, (program, answer), "sequential")
+
+
 def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
     return PlanStep(
         f"knowledge:{domain}", "knowledge", after=after, domain=domain, prompt=EXPERT, max_tokens=96
@@ -135,6 +162,12 @@ def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
 
 # Prompt templates: {query} is the user's text, {context} the outputs of the step's `after`.
 ANSWER = "{context}\n\nQuestion: {query}"
+PROGRAM = (
+    "Write a short Python program that solves this problem and prints only the final answer, "
+    "and nothing else. Give the whole program in one ```python code block.\n\n"
+    "Problem: {query}"
+)
+PROGRAM_TOKENS = 320
 EXPERT = "{query}\n\n{context}"
 ANALYSIS = (
     "Vital signs from the user's wearable:\n{context}\n\nThe user says: {query}\n"
