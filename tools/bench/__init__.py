@@ -13,6 +13,7 @@ BENCH_MODULES = (
     "tools.bench.data",
     "tools.bench.fig6",
     "tools.bench.faults",
+    "tools.bench.quality",
 )
 
 
