@@ -18,7 +18,14 @@ from schemas.ids import AgentIdField, Domain, RequestIdField, TaskIdField
 SCHEMA_VERSION: Literal[1] = 1
 
 AgentKind = Literal[
-    "worker", "sensor", "orchestrator", "classifier", "replicator", "gateway", "client"
+    "worker",
+    "sensor",
+    "orchestrator",
+    "classifier",
+    "replicator",
+    "gateway",
+    "sandbox",
+    "client",
 ]
 
 
@@ -222,6 +229,7 @@ class Step(BaseModel):
     ms: float = 0.0
     cost_usd: float = 0.0
     detail: str | None = None
+    program: str | None = Field(None, description="the program this step wrote or ran")
 
 
 class Accepted(Message):
@@ -391,6 +399,7 @@ class KnowledgeQuery(Message):
     asker: AgentIdField
     max_tokens: int = Field(128, ge=1, le=4096)
     deadline: float
+    sampling: SamplingOptions = SamplingOptions()
 
 
 class KnowledgeAnswer(Message):
@@ -403,6 +412,37 @@ class KnowledgeAnswer(Message):
     answer: str
     output_tokens: int = Field(0, ge=0)
     ms: float = Field(0.0, ge=0)
+
+
+class ProgramRun(Message):
+    """A program for the sandboxed calculator peer, on knowledge/arithmetic/run: run it and
+    say what it printed."""
+
+    type: Literal["program_run"] = "program_run"
+    request_id: RequestIdField
+    language: Literal["python"] = "python"
+    program: str = Field(min_length=1, max_length=65536)
+    timeout_s: float = Field(5.0, gt=0, le=60, description="wall clock; the peer may cap it")
+    deadline: float
+
+
+class ProgramResult(Message):
+    """What a program printed, and how its run ended (ok: exit 0, in time, output complete)."""
+
+    type: Literal["program_result"] = "program_result"
+    request_id: RequestIdField
+    agent: AgentIdField
+    stdout: str
+    stderr: str = Field("", description="its last few KiB")
+    exit_code: int | None = Field(description="None when the sandbox killed it")
+    timed_out: bool = False
+    truncated: bool = Field(False, description="stdout over the peer's cap: killed there")
+    error: str | None = Field(None, description="one line on why it did not succeed")
+    ms: float = Field(ge=0)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out and not self.truncated
 
 
 class Error(Message):
@@ -433,6 +473,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     TokenChunk,
     KnowledgeQuery,
     KnowledgeAnswer,
+    ProgramRun,
+    ProgramResult,
     Error,
 )
 
@@ -453,6 +495,8 @@ AnyMessage = Annotated[
     | TokenChunk
     | KnowledgeQuery
     | KnowledgeAnswer
+    | ProgramRun
+    | ProgramResult
     | Error,
     Field(discriminator="type"),
 ]

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Each layer and what it may import of ours besides itself ("x.*": x and all below it; "tools":
 # the package root alone, for ROOT). Services never import one another.
-SERVICES = ("classifier", "orchestrator", "sensor", "worker", "replicator", "gateway")
+SERVICES = ("classifier", "orchestrator", "sensor", "worker", "replicator", "gateway", "sandbox")
 LAYERS: dict[str, tuple[str, ...]] = {
     "schemas": (),
     "services": (),

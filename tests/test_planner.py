@@ -73,3 +73,22 @@ def test_a_discovered_device_is_a_data_step_with_its_freshness_and_the_answer_se
     ]
     assert plan.final.after == ("data:wearable-1", "data:watch-7", "analysis")
     assert make_plan(domain="math", max_tokens=50, sensors=[watch]).sensed == []
+
+
+def test_math_with_a_sandbox_is_a_program_then_its_fallback():
+    plan = make_plan(
+        domain="math", max_tokens=60, expert_available=True, sandbox_available=True,
+        program_writer="code",
+    )  # fmt: skip
+    assert [names(p) for p in plan.phases()] == [["program"], ["answer"]]
+    program, answer = plan.steps
+    assert program.kind == "program" and program.domain == "code" and "{query}" in program.prompt
+    assert answer.kind == "generate" and answer.fallback_of == "program"
+    assert answer.max_tokens == 60
+    # the fallback's prompt is the plain one: a failed program leaves no output behind
+    assert render(answer, "2+2?", {}) == render(make_plan(domain="math", max_tokens=60).final,
+                                                "2+2?", {})  # fmt: skip
+    anyone = make_plan(domain="math", max_tokens=60, sandbox_available=True)
+    assert anyone.steps[0].domain is None  # no expert: any worker writes it
+    assert [names(p) for p in make_plan(domain="code", max_tokens=9, sandbox_available=True)
+            .phases()] == [["answer"]]  # fmt: skip

@@ -24,6 +24,8 @@ from schemas import (
     KnowledgeAnswer,
     KnowledgeQuery,
     Message,
+    ProgramResult,
+    ProgramRun,
     Query,
     Reading,
     Rejected,
@@ -158,6 +160,9 @@ STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
 # Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))
 SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies=(KnowledgeAnswer,))
+# The paper's knowledge.gpt/arithmetic: a sandboxed calculator peer runs a program, says what it
+# printed (sandboxes share it: one of them answers).
+ARITHMETIC = Topic("knowledge/arithmetic/run", ProgramRun, replies=(ProgramResult,))
 
 # Errors about input a service dropped with no response topic to answer on.
 ERRORS = Topic("errors/{service}", Error)

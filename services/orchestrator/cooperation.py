@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import time
 
-from schemas import CachedAnswer, Fact, KnowledgeAnswer, KnowledgeQuery, Step
+from schemas import CachedAnswer, Fact, KnowledgeAnswer, KnowledgeQuery, SamplingOptions, Step
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
-from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
 from services.core.topics import CACHE, KNOWLEDGE, READING
 from services.data.view import DataView
 from services.orchestrator.planner import PlanStep
@@ -58,7 +58,13 @@ class Cooperation:
         return summary, record(step.name, topic, agent, started, "ok", detail=found), facts
 
     async def ask(
-        self, step: PlanStep, question: str, *, request_id: str, deadline: float
+        self,
+        step: PlanStep,
+        question: str,
+        *,
+        request_id: str,
+        deadline: float,
+        sampling: SamplingOptions | None = None,
     ) -> tuple[str | None, Step]:
         """An expert's answer: from the cache when a fresh one is there, else asked for."""
         assert step.domain is not None
@@ -77,10 +83,11 @@ class Cooperation:
             asker=self.bus.client_id,
             max_tokens=step.max_tokens,
             deadline=deadline,
+            sampling=sampling or SamplingOptions(),
         )
         try:
             reply = await self.bus.request(topic, query, deadline=deadline)
-        except (DeadlineExceeded, RemoteError) as exc:
+        except (DeadlineExceeded, RemoteError, PeerGone) as exc:  # PeerGone: nobody subscribed
             return None, record(step.name, topic, None, started, "failed", detail=str(exc))
         assert isinstance(reply, KnowledgeAnswer)
         await self._remember(key, reply)

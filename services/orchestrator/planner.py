@@ -4,6 +4,8 @@ Step kinds, each addressed to a semantic topic:
   data       fresh readings of one sensor agent   (data/<domain>/+/<agent>, mirrored locally)
   knowledge  an expert peer's answer              (knowledge/<domain>/ask)
   generate   an SLM generation on an edge worker  (computation/tasks/<agent>, allocated by policy)
+  program    a program written by the code expert (or any worker), run by the sandboxed
+             calculator peer (knowledge/arithmetic/run); its output is what it printed
 
 Shapes follow the paper's scenarios (Fig. 5): `health` is sequential (vitals, then an analysis,
 then the medical expert, then the answer); `environment` fans out to every sensor and an expert
@@ -13,6 +15,10 @@ when the domain is covered by an expert in the CMS.
 A plan with data steps is grounded: the orchestrator composes the measured part of its answer
 from the readings (services/data/grounding.py); the final generation writes only the advice
 around them, and its prompts say so.
+
+`math` with a sandbox online is answered by
+a program (`programs.py`): the answer is what the program printed, and a plain generation only
+when no program ran to success (the fallback, marked so in the provenance).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-StepKind = Literal["data", "knowledge", "generate"]
+StepKind = Literal["data", "knowledge", "generate", "program"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,9 @@ class PlanStep:
     # data steps: a reading that arrived this long before the plan began is fresh enough
     # (a device discovered from its data); None: only one newer than the plan (a sensor agent)
     max_age_s: float | None = None
+    # A fallback: when the step named here produced an output, that output is this step's, and
+    # this one runs (as a plain generation) only when it did not.
+    fallback_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,11 @@ def make_plan(
     max_tokens: int,
     sensors: Sequence[Sensor] = (),
     expert_available: bool = False,
+    sandbox_available: bool = False,
+    program_writer: str | None = None,
 ) -> Plan:
-    """The plan for a query of `domain` given the sensors and experts online."""
+    """The plan for a query of `domain` given the sensors, experts and sandboxes online;
+    `program_writer` is the expert domain asked for programs (None: any worker writes them)."""
     data = [
         PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain, max_age_s=s.max_age_s)
         for s in sensors
@@ -105,6 +117,8 @@ def make_plan(
         return _health(data, max_tokens, expert_available)
     if domain == "environment" and data:
         return _environment(data, max_tokens, expert_available)
+    if domain == "math" and sandbox_available:
+        return _by_program(domain, max_tokens, program_writer)
     expert = [_expert(domain, ())] if expert_available else []
     answer = PlanStep(
         "answer",
@@ -144,6 +158,21 @@ def _environment(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
     return Plan("environment", (*fan_out, answer), "parallel")
 
 
+def _by_program(domain: str, max_tokens: int, writer: str | None) -> Plan:
+    program = PlanStep(
+        "program", "program", domain=writer, prompt=PROGRAM, max_tokens=PROGRAM_TOKENS
+    )
+    answer = PlanStep(
+        "answer",
+        "generate",
+        after=("program",),
+        prompt=ANSWER,
+        max_tokens=max_tokens,
+        fallback_of="program",
+    )
+    return Plan(domain, (program, answer), "sequential")
+
+
 def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
     return PlanStep(
         f"knowledge:{domain}", "knowledge", after=after, domain=domain, prompt=EXPERT, max_tokens=96
@@ -152,6 +181,12 @@ def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
 
 # Prompt templates: {query} is the user's text, {context} the outputs of the step's `after`.
 ANSWER = "{context}\n\nQuestion: {query}"
+PROGRAM = (
+    "Write a short Python program that solves this problem and prints only the final answer, "
+    "and nothing else. Give the whole program in one ```python code block.\n\n"
+    "Problem: {query}"
+)
+PROGRAM_TOKENS = 320
 EXPERT = "{query}\n\n{context}"
 ANALYSIS = (
     "Vital signs from the user's wearable:\n{context}\n\nThe user says: {query}\n"

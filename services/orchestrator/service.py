@@ -1,8 +1,10 @@
 """The Task Orchestrator: classify a query, plan it, run the plan's steps, answer.
 
 Independent steps of a phase run in parallel, phases in sequence; every step has a deadline.
-A failed data or knowledge step leaves the answer partial; the final generation decides the
-outcome (edge, cloud, rejected, failed), counted the same way as the simulator counts it.
+A failed data, knowledge or program step leaves the answer partial; the final generation decides
+the outcome (edge, cloud, rejected, failed), counted the same way as the simulator counts it. A
+fallback step (the plain generation after a program) answers with its origin's output when that
+one succeeded, and says it is the fallback when it runs.
 
 Sensors of a plan: the online sensor agents of its domain in the CMS, and devices discovered
 from their data (heard publishing readings of the domain in the last `DEVICE_FRESH_S`, with no
@@ -31,6 +33,7 @@ from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
+from services.orchestrator.programs import Programs
 from services.orchestrator.provenance import record
 from services.scheduling.outcomes import Outcome, Tally
 
@@ -40,18 +43,28 @@ LATENCY_WINDOW = 10_000  # latencies kept for the metrics' percentiles
 CLASSIFY_TIMEOUT_S = 2.0
 DATA_STEP_S = 3.0  # a sensor publishes at least this often when alive
 STATE_EXPIRY_S = 300.0  # cms/inference/<request>/... outlives its request by this much
+PROGRAM_WRITERS = ("math", "code")  # expert domains asked for programs, in this order
 
 
 class Orchestrator:
     """Plans each query over the CMS view and runs it on edge agents (else the cloud)."""
 
     def __init__(
-        self, *, bus: Bus, view: CmsView, dispatcher: Dispatcher, cooperation: Cooperation
+        self,
+        *,
+        bus: Bus,
+        view: CmsView,
+        dispatcher: Dispatcher,
+        cooperation: Cooperation,
+        programs: Programs | None = None,
     ) -> None:
         self.bus = bus
         self.view = view
         self.dispatcher = dispatcher
         self.cooperation = cooperation
+        self.programs = programs or Programs(
+            bus=bus, dispatcher=dispatcher, cooperation=cooperation
+        )
         self.tally = Tally(latencies_s=deque(maxlen=LATENCY_WINDOW))  # type: ignore[arg-type]
         bus.serve(QUERIES, self.handle_query, shared="orchestrators")
 
@@ -98,12 +111,18 @@ class Orchestrator:
             for agent in self.cooperation.data.live(domain, within_s=DEVICE_FRESH_S)
             if agent not in self.view.cards
         ]
-        experts = [a for a in self.view.agents("worker") if a.online and domain in a.card.domains]
+        workers = [a for a in self.view.agents("worker") if a.online]
+        experts = [a for a in workers if domain in a.card.domains]
+        writer = next(
+            (d for d in PROGRAM_WRITERS if any(d in a.card.domains for a in workers)), None
+        )
         return make_plan(
             domain=domain,
             max_tokens=query.max_tokens,
             sensors=sensors,
             expert_available=bool(experts) and domain != "general",
+            sandbox_available=any(a.online for a in self.view.agents("sandbox")),
+            program_writer=writer,
         )
 
     async def _run(
@@ -120,6 +139,12 @@ class Orchestrator:
             deadline = min(query.deadline, time.time() + DATA_STEP_S)
             text, record, facts[step.name] = await self.cooperation.sense(step, since, deadline)
             return text, [record], None
+        if step.kind == "program":
+            text, records = await self.programs.run(step, query)
+            return text, records, None
+        done = outputs.get(step.fallback_of) if step.fallback_of else None
+        if done is not None:  # what the fallback stands in for succeeded: that is the output
+            return done, [], Generated(done, Outcome.EDGE)
         prompt = render(step, query.text, outputs)
         if step.kind == "knowledge":
             text, record = await self.cooperation.ask(
@@ -136,6 +161,11 @@ class Orchestrator:
             sampling=query.sampling,
         )
         generated = await self.dispatcher.run(job)
+        if step.fallback_of and generated.steps:
+            note = f"fallback: a plain generation, as {step.fallback_of} gave no answer"
+            last = generated.steps[-1]
+            detail = f"{note}; {last.detail}" if last.detail else note
+            generated.steps[-1] = last.model_copy(update={"detail": detail})
         return generated.text, generated.steps, generated
 
     async def _classify(self, query: Query, steps: list[Step]) -> Classification | None:

@@ -117,6 +117,7 @@ class Worker:
             system=EXPERT_PROMPT.format(domain=query.domain),
             max_tokens=query.max_tokens,
             deadline=query.deadline,
+            sampling=query.sampling,
         )
         text, stats = await self._generate(task, None)
         return KnowledgeAnswer(

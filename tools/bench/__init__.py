@@ -14,6 +14,7 @@ BENCH_MODULES = (
     "tools.bench.fig6",
     "tools.bench.faults",
     "tools.bench.grounding",
+    "tools.bench.quality",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -140,4 +141,10 @@ def provenance(answer: Answer) -> str:
         for step in answer.steps
     ]
     table = format_table(rows) if rows else ""
-    return "\n".join([head, *("   " + line for line in table.splitlines())])
+    programs = [
+        f"   program of step {step.name} ({step.agent or '-'}):\n"
+        + textwrap.indent(step.program.rstrip("\n"), "     | ")
+        for step in answer.steps
+        if step.program
+    ]
+    return "\n".join([head, *("   " + line for line in table.splitlines()), *programs])

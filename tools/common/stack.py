@@ -37,6 +37,8 @@ STACK: tuple[ServiceSpec, ...] = (
     ),
     # The OpenAI-compatible HTTP API and the dashboard (127.0.0.1:8080 unless configured).
     ServiceSpec("gateway", "services.gateway", ("--agent-id", "gateway-1")),
+    # The sandboxed calculator peer (knowledge/arithmetic/run): math answered by a program.
+    ServiceSpec("sandbox", "services.sandbox", ("--agent-id", "sandbox-1")),
     # Simulated devices: a feverish wearer (Fig. 5a) and a city block before an event (Fig. 5b).
     ServiceSpec(
         "wearable-1",
