@@ -92,3 +92,11 @@ def test_math_with_a_sandbox_is_a_program_then_its_fallback():
     assert anyone.steps[0].domain is None  # no expert: any worker writes it
     assert [names(p) for p in make_plan(domain="code", max_tokens=9, sandbox_available=True)
             .phases()] == [["answer"]]  # fmt: skip
+
+
+def test_the_code_experts_answer_is_the_answer_decoded_exactly():
+    plan = make_plan(domain="code", max_tokens=200, expert_available=True)
+    expert, answer = plan.steps
+    assert expert.max_tokens == 200 and expert.sampling is not None
+    assert (expert.sampling.temperature, expert.sampling.repetition_penalty) == (0.0, 1.0)
+    assert answer.fallback_of == expert.name  # a plain generation only when the expert gave none

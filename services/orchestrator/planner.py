@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from schemas import SamplingOptions
+
 StepKind = Literal["data", "knowledge", "generate", "program"]
 
 
@@ -47,6 +49,8 @@ class PlanStep:
     # A fallback: when the step named here produced an output, that output is this step's, and
     # this one runs (as a plain generation) only when it did not.
     fallback_of: str | None = None
+    # knowledge steps: decoding asked of the expert (None: its model's defaults)
+    sampling: SamplingOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ def make_plan(
         return _environment(data, max_tokens, expert_available)
     if domain == "math" and sandbox_available:
         return _by_program(domain, max_tokens, program_writer)
+    if domain in EXPERT_ANSWERS and expert_available:
+        return _by_expert(domain, max_tokens)
     expert = [_expert(domain, ())] if expert_available else []
     answer = PlanStep(
         "answer",
@@ -173,11 +179,30 @@ def _by_program(domain: str, max_tokens: int, writer: str | None) -> Plan:
     return Plan(domain, (program, answer), "sequential")
 
 
+def _by_expert(domain: str, max_tokens: int) -> Plan:
+    """The expert's answer is the answer (a general model rewriting code breaks it); a plain
+    generation only when the expert gave none."""
+    expert = PlanStep(
+        f"knowledge:{domain}", "knowledge", domain=domain, prompt="{query}",
+        max_tokens=max_tokens, sampling=EXACT,
+    )  # fmt: skip
+    answer = PlanStep(
+        "answer", "generate", after=(expert.name,), prompt=ANSWER, max_tokens=max_tokens,
+        fallback_of=expert.name,
+    )  # fmt: skip
+    return Plan(domain, (expert, answer), "sequential")
+
+
 def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
     return PlanStep(
         f"knowledge:{domain}", "knowledge", after=after, domain=domain, prompt=EXPERT, max_tokens=96
     )
 
+
+# Domains whose expert's answer is the answer; code must repeat identifiers, so its expert
+# decodes greedily without a repetition penalty (measured: 1.15 turned 5/20 functions into 0/20).
+EXPERT_ANSWERS = frozenset({"code"})
+EXACT = SamplingOptions(temperature=0.0, repetition_penalty=1.0)
 
 # Prompt templates: {query} is the user's text, {context} the outputs of the step's `after`.
 ANSWER = "{context}\n\nQuestion: {query}"

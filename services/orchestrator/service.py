@@ -148,8 +148,9 @@ class Orchestrator:
         prompt = render(step, query.text, outputs)
         if step.kind == "knowledge":
             text, record = await self.cooperation.ask(
-                step, prompt, request_id=query.request_id, deadline=query.deadline
-            )
+                step, prompt, request_id=query.request_id, deadline=query.deadline,
+                sampling=step.sampling,
+            )  # fmt: skip
             return text, [record], None
         job = Job(
             request_id=query.request_id,
