@@ -26,9 +26,14 @@ from schemas import (
     Query,
     Reading,
     Rejected,
+    ReplicaChanges,
+    ReplicaDigest,
+    ReplicaVersions,
+    ReplicaWant,
     Task,
     TaskResult,
     TokenChunk,
+    Tombstone,
 )
 
 M = TypeVar("M", bound=Message)
@@ -140,6 +145,12 @@ METRIC = Topic("cms/metrics/{scope}/{name}", CmsEntry, retained=True)
 INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
 
+# Other sites' entries, as the replicator mirrors them here (only it writes under cms/sites/):
+# site b's `cms/agents/w1` is `cms/sites/b/agents/w1` at every other site.
+SITE_KEY = Topic("cms/sites/{site}/{key*}", CmsEntry, retained=True)
+REMOTE_AGENT_CARD = Topic("cms/sites/{site}/agents/{agent}", CmsEntry, retained=True)
+REMOTE_AGENT_STATUS = Topic("cms/sites/{site}/agents/{agent}/status", CmsEntry, retained=True)
+
 # Data cooperation.
 # A reading is retained as its stream's last value, so a new consumer starts with one.
 READING = Topic("data/{domain}/{stream}/{agent}", Reading, retained=True, qos=0)
@@ -154,6 +165,14 @@ STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
 # Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))
 SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies=(KnowledgeAnswer,))
+
+# Across sites: what a peer site's replicator publishes on this site's broker, `site` being the
+# sender: its own changes, and anti-entropy (digest → versions, want → changes).
+REPLICA_CHANGES = Topic("replication/from/{site}/changes", ReplicaChanges)
+REPLICA_DIGEST = Topic("replication/from/{site}/digest", ReplicaDigest, replies=(ReplicaVersions,))
+REPLICA_WANT = Topic("replication/from/{site}/want", ReplicaWant, replies=(ReplicaChanges,))
+# This site's replicator remembers deleted keys here, each with an MQTT message expiry.
+TOMBSTONE = Topic("replication/tombstones/{key*}", Tombstone, retained=True)
 
 # Errors about input a service dropped with no response topic to answer on.
 ERRORS = Topic("errors/{service}", Error)
