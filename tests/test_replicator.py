@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -449,37 +450,58 @@ async def test_bad_input_gets_an_error_and_the_replicator_keeps_running(brokers,
         await wait_for(lambda: wb.value(f"cms/parameters/{uid}/after") == "still replicating")
 
 
-async def test_replicator_processes_with_peers_replicate(brokers, uid, tmp_path):
-    broker_a, broker_b = brokers(2)
-    procs = []
+async def test_edgecollab_up_runs_sites_that_replicate(tmp_path, uid):
+    from tools.common.broker import broker_answers, free_port
+
+    ports = {"a": free_port(), "b": free_port()}
+    env = {**service_env(MqttSettings()), "EDGECOLLAB_STATE_DIR": str(tmp_path)}
+    ups = {
+        site: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.cli.main",
+                "up",
+                "--only",
+                "replicator",
+                "--broker",
+                f"127.0.0.1:{ports[site]}",
+                "--site",
+                site,
+                "--peer",
+                f"mqtt://127.0.0.1:{ports[other]}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for site, other in (("a", "b"), ("b", "a"))
+    }
     try:
-        for name, mine, peer in (("a", broker_a, broker_b), ("b", broker_b, broker_a)):
-            env = service_env(MqttSettings(host=mine.host, port=mine.port))
-            log = (tmp_path / f"replicator-{name}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "services.replicator", "--agent-id", f"rep-{name}",
-                     "--site", name, "--peers", f'["mqtt://{peer.host}:{peer.port}"]'],
-                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                )
-            )  # fmt: skip
+        await wait_for(lambda: all(broker_answers("127.0.0.1", p) for p in ports.values()), 30)
         a = Bus(
-            settings=MqttSettings(host=broker_a.host, port=broker_a.port),
+            settings=MqttSettings(host="127.0.0.1", port=ports["a"]),
             client_id=f"t-{uid}",
             service="t",
         )
-        watcher_b = Watcher(Site("b", broker_b), uid)
-        async with running(a), running(watcher_b.bus):
-            await watcher_b.bus.barrier()
-            # each replicator's own card reaches the other site under its name
-            await wait_for(lambda: watcher_b.value("cms/sites/a/agents/rep-a") is not None, 30)
-            await cms.put(a, f"slm/{uid}/architecture", "llama", version=1)
-            await wait_for(lambda: watcher_b.value(f"cms/slm/{uid}/architecture") == "llama", 30)
+        b = Bus(
+            settings=MqttSettings(host="127.0.0.1", port=ports["b"]),
+            client_id=f"t-{uid}",
+            service="t",
+        )
+        seen: dict[str, bytes] = {}
+        b.listen_raw("cms/#", lambda topic, payload: seen.__setitem__(topic, payload))
+        async with running(a), running(b):
+            await wait_for(lambda: "cms/sites/a/agents/replicator-1" in seen, 30)
+            await cms.put(a, f"tenants/{uid}/model", "qwen", version=1)
+            await wait_for(lambda: f"cms/tenants/{uid}/model" in seen, 30)
+        assert (tmp_path / "site-a" / "mosquitto.conf").exists()  # each site's broker apart
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-    for name in "ab":
-        text = (tmp_path / f"replicator-{name}.log").read_text()
-        assert "Traceback" not in text, text[-3000:]
+        for up in ups.values():
+            up.send_signal(signal.SIGINT)
+        outs = {site: up.communicate(timeout=30)[0] for site, up in ups.items()}
+    for site, up in ups.items():
+        assert up.returncode == 0, outs[site]
+        assert "Traceback" not in outs[site], outs[site][-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="SERVICE", help=f"start only these of: {_names()}"
     )
+    parser.add_argument(
+        "--site", help="this site's name (for the replicator; its broker state apart)"
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a peer site's broker, mqtt://host:port (repeat for each peer)",
+    )
     add_broker_option(parser)
     parser.set_defaults(func=up)
 
@@ -39,17 +50,23 @@ def up(args: argparse.Namespace) -> int:
     if args.only and len(specs) != len(args.only):
         raise SystemExit(f"edgecollab: unknown service in {args.only}; known: {_names()}")
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    if args.peer and not args.site:
+        raise SystemExit("edgecollab: --peer needs --site (every site needs its own name)")
     if not broker_answers(settings.host, settings.port):
         if settings.host not in ("localhost", "127.0.0.1"):
             raise SystemExit(f"edgecollab: no broker answers at {settings.address}")
-        print(f"up: starting mosquitto on port {settings.port} ({STATE_DIR})", flush=True)
-        children.append(("mosquitto", start_mosquitto(settings.port, STATE_DIR)))
+        state = STATE_DIR / f"site-{args.site}" if args.site else STATE_DIR
+        print(f"up: starting mosquitto on port {settings.port} ({state})", flush=True)
+        children.append(("mosquitto", start_mosquitto(settings.port, state)))
     env = {
         "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
         **os.environ,
         "EDGECOLLAB_MQTT_HOST": settings.host,
         "EDGECOLLAB_MQTT_PORT": str(settings.port),
     }
+    if args.site:
+        env["EDGECOLLAB_REPLICATOR_SITE"] = args.site
+        env["EDGECOLLAB_REPLICATOR_PEERS"] = json.dumps(args.peer)
     children += [(spec.name, _start(spec, env)) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
     try:
