@@ -191,8 +191,8 @@ def test_peer_urls_become_mqtt_settings():
 class Site:
     """One site: a mosquitto of its own and an in-process replicator (restartable)."""
 
-    def __init__(self, name: str, broker: Broker) -> None:
-        self.name, self.broker = name, broker
+    def __init__(self, name: str, broker: Broker, rules: tuple[Rule, ...] = DEFAULT_RULES) -> None:
+        self.name, self.broker, self.rules = name, broker, rules
         self.mqtt = MqttSettings(host=broker.host, port=broker.port)
         self.peers: list[Site] = []
         self.replicator: Replicator | None = None
@@ -204,6 +204,7 @@ class Site:
             bus,
             site=self.name,
             peers=[p.mqtt for p in self.peers],
+            rules=self.rules,
             anti_entropy_s=600,  # pulls happen on (re)connect and when a test asks
             request_timeout_s=5,
         )
@@ -244,9 +245,9 @@ def brokers(tmp_path: Path) -> Iterator[Callable[[int], list[Broker]]]:
 
 
 @asynccontextmanager
-async def sites(brokers, n: int = 3) -> AsyncIterator[list[Site]]:  # type: ignore[no-untyped-def]
+async def sites(brokers, n: int = 3, rules=DEFAULT_RULES) -> AsyncIterator[list[Site]]:  # type: ignore[no-untyped-def]
     """`n` fully meshed sites a, b, c..., settled (every link has pulled once)."""
-    group = [Site(chr(ord("a") + i), b) for i, b in enumerate(brokers(n))]
+    group = [Site(chr(ord("a") + i), b, rules) for i, b in enumerate(brokers(n))]
     for site in group:
         site.peers = [p for p in group if p is not site]
     try:
@@ -330,8 +331,16 @@ async def test_an_entry_written_at_one_site_reaches_every_other_site_once(broker
             assert w.count(f"cms/{key}") == 1 and w.count(remote) == 1
             assert w.value(f"cms/agents/w-{uid}") is None
         assert wa.count(f"cms/{key}") == 1  # no echo back to where it was written
+        # a client at b writing an older version does not win: b's replicator puts it back
+        await put(wa.bus, key, 0.9, 3)
+        await wait_for(lambda: wb.value(f"cms/{key}") == 0.9 and wc.value(f"cms/{key}") == 0.9)
+        await put(wb.bus, key, 0.1, 2)
+        await wait_for(lambda: wb.count(f"cms/{key}") == 4)  # 0.7, 0.9, the stale 0.1, 0.9
+        assert wb.value(f"cms/{key}") == 0.9 and wb.state[f"cms/{key}"].version == 3
+        await group[1].replicator.sync_now()  # type: ignore[union-attr]
+        assert wa.count(f"cms/{key}") == 2 and wc.count(f"cms/{key}") == 2  # never saw 0.1
         live = {n: v - live0[n] for n, v in totals(group, "live_records").items()}
-        assert live == {"a": 4, "b": 0, "c": 0}  # two entries, once over each of a's two links
+        assert live == {"a": 6, "b": 0, "c": 0}  # three changes, once over each of a's links
         assert totals(group, "pulled_records") == pulled0
 
 
@@ -387,6 +396,21 @@ async def test_a_delete_propagates_and_a_stale_site_cannot_bring_it_back(brokers
         assert not [t for t, p in wb.seen[deleted_at[1] :] if t == topic and p]
         tombstones = [s.replicator.replica.get(key) for s in group]  # type: ignore[union-attr]
         assert all(t is not None and t.deleted and t.version == 4 for t in tombstones)
+        # a site's own entries: deleted live, and deleted while c is away (c drops its copy
+        # when it pulls from the owner, who no longer has it)
+        cards = [f"agents/w{i}-{uid}" for i in range(2)]
+        for card in cards:
+            await put(wa.bus, card, {"kind": "worker"}, 1_000_000)
+        remote = [f"cms/sites/a/{card}" for card in cards]
+        await wait_for(lambda: all(w.value(t) is not None for w in (wb, wc) for t in remote))
+        await cms.delete(wa.bus, cards[0])
+        await wait_for(lambda: wb.value(remote[0]) is None and wc.value(remote[0]) is None)
+        await group[2].stop()
+        await cms.delete(wa.bus, cards[1])
+        await wait_for(lambda: wb.value(remote[1]) is None)
+        assert wc.value(remote[1]) is not None
+        c = await group[2].restart()
+        await wait_for(lambda: wc.value(remote[1]) is None)
         # a key written again after its delete lives again (one version above its tombstone)
         await put(wc.bus, key, 200, 1)
         await wait_for(
@@ -505,3 +529,35 @@ async def test_edgecollab_up_runs_sites_that_replicate(tmp_path, uid):
     for site, up in ups.items():
         assert up.returncode == 0, outs[site]
         assert "Traceback" not in outs[site], outs[site][-3000:]
+
+
+async def test_a_volatile_entry_is_summarised_not_sent_at_every_change(brokers, uid):
+    rules = (Rule(filter="agents/+/status", scope="site", min_interval_s=0.5), *DEFAULT_RULES)
+    async with sites(brokers, 2, rules) as group, watching(group, uid) as (wa, wb):
+        for i in range(30):
+            await put(wa.bus, f"agents/w-{uid}/status", {"active": i}, 1_000_000 + i)
+        topic = f"cms/sites/a/agents/w-{uid}/status"
+        await wait_for(lambda: wb.value(topic) == {"active": 29})  # the latest one arrives
+        await group[0].replicator.sync_now()  # type: ignore[union-attr]
+        assert wb.count(topic) < 30
+        assert wb.value(topic) == {"active": 29}
+
+
+def test_bench_replicate_reports_what_it_promises():
+    """The benchmark's plumbing and counts at a small size (its timings are not asserted)."""
+    sizes = ["--entries", "40", "--changed", "15", "--deleted", "5", "--conflicts", "5"]
+    sizes += ["--quiet-s", "0.3"]
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.cli.main", "bench", "replicate", *sizes, "--deletes", "5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = orjson.loads(run.stdout)
+    spread, partition = result["spread"], result["partition"]
+    assert spread["records_per_update"] == 2.0  # once to each of the two other sites
+    assert spread["most_copies_one_site_received_of_an_update"] == 1
+    assert partition["of_which_bench_entries"] == 20  # exactly what differed, once
+    assert partition["bench_entries_repaired_twice"] == 0
+    assert result["conflicts"]["identical_at_every_site"]
+    assert result["conflicts"]["winner_as_the_rule_predicts"]
+    assert result["deletes"]["came_back"] == 0 and result["deletes"]["identical_at_every_site"]

@@ -30,7 +30,7 @@ class ReplicatorSettings(BaseSettings):
     rules: list[Rule] = Field(list(DEFAULT_RULES), description="what replicates; first match")
     anti_entropy_s: float = Field(30.0, gt=0, description="digest comparison with each peer")
     tombstone_ttl_s: float = Field(7 * 86400.0, gt=0, description="how long deletes are kept")
-    request_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(2.0, gt=0, description="a digest or want unanswered")
 
     @field_validator("peers")
     @classmethod

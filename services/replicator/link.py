@@ -50,6 +50,10 @@ class LinkCounters:
     wants: int = 0  # want requests sent
 
 
+class _PeerRestarted(Exception):
+    """A digest the peer never saw was given up: it (re)started meanwhile."""
+
+
 class PeerLink:
     """This site's connection to one peer's broker: live pushes out, pulls in."""
 
@@ -70,6 +74,7 @@ class PeerLink:
         self._outbox: dict[str, None] = {}  # keys to push (their record is read when sent)
         self._ready = asyncio.Event()
         self._pull_wanted = asyncio.Event()
+        self._asking: asyncio.Task[Any] | None = None  # a digest still unanswered
 
     @property
     def address(self) -> str:
@@ -146,8 +151,12 @@ class PeerLink:
 
     # -- pulls (anti-entropy) -------------------------------------------------------------------
 
-    def want_pull(self) -> None:
+    def want_pull(self, *, peer_restarted: bool = False) -> None:
+        """Pull soon; when the peer has just (re)started, a digest it never saw (sent before
+        it subscribed) is given up at once instead of at its timeout."""
         self._pull_wanted.set()
+        if peer_restarted and self._asking is not None and not self._asking.done():
+            self._asking.cancel()
 
     async def _pull_loop(self) -> None:
         period = self.replicator.anti_entropy_s
@@ -164,6 +173,8 @@ class PeerLink:
                 async with self.replicator.pull_lock:  # one pull at a time: no entry twice
                     await self._pull()
                 backoff = 0.5
+            except _PeerRestarted:
+                log.info("replicator.peer_restarted", peer=self.address, site=self.site)
             except (EdgecollabError, ConnectionLost, TimeoutError) as exc:
                 log.warning("replicator.pull_failed", peer=self.address, reason=str(exc))
                 await asyncio.sleep(backoff)
@@ -182,9 +193,19 @@ class PeerLink:
                 site=site, session=session, buckets=BUCKETS, groups=_wire(groups), after=after
             )
             started = time.perf_counter()
-            reply = await self.bus.request(
-                REPLICA_DIGEST.format(site=site), digest, deadline=time.time() + self._timeout_s
+            self._asking = asyncio.ensure_future(
+                self.bus.request(
+                    REPLICA_DIGEST.format(site=site), digest, deadline=time.time() + self._timeout_s
+                )
             )
+            try:
+                reply = await self._asking
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # we are being stopped
+                raise _PeerRestarted from None
+            finally:
+                self._asking = None
             self.rtt_ms = round((time.perf_counter() - started) * 1000, 2)
             self.counters.pull_rounds += 1
             if not isinstance(reply, ReplicaVersions) or reply.site == site:

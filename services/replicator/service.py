@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import math
 import time
 import uuid
@@ -36,6 +37,7 @@ from schemas import (
     ReplicaWant,
     Tombstone,
 )
+from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.connection import ConnectionLost
 from services.core.errors import BadInput
@@ -106,7 +108,7 @@ class Replicator:
         rules: Iterable[Rule] = DEFAULT_RULES,
         anti_entropy_s: float = 30.0,
         tombstone_ttl_s: float = 7 * 86400.0,
-        request_timeout_s: float = 5.0,
+        request_timeout_s: float = 2.0,
     ) -> None:
         self.bus, self.site = bus, site
         self.keys = KeyMap(site, tuple(rules))
@@ -128,6 +130,7 @@ class Replicator:
         self._last_push: dict[str, float] = {}
         self._deferred: set[str] = set()
         self._peer_sessions: dict[str, str] = {}
+        self._links_published: dict[str, dict[str, Any]] = {}
         self._writes: collections.deque[tuple[Address[Any], Message | None, float | None]] = (
             collections.deque()
         )
@@ -480,7 +483,7 @@ class Replicator:
             self._peer_sessions[sender] = body.session  # it restarted or reconnected: pull back
             for link in self.links:
                 if link.site in (sender, None):
-                    link.want_pull()
+                    link.want_pull(peer_restarted=True)
         self.counters.digests_served += 1
 
         def include(group: str) -> bool:  # shared keys, and this site's own entries
@@ -602,6 +605,26 @@ class Replicator:
                 del self._gone[key]
             for key in [k for k, t in self._last_push.items() if t < cutoff]:
                 del self._last_push[key]
+            await self._publish_links()
+
+    async def _publish_links(self) -> None:
+        """`cms/replication/peers/<site>` (local, not replicated): each link's state."""
+        for link in self.links:
+            if link.site is None:
+                continue
+            value = {
+                "address": link.address,
+                "connected": link.connected,
+                "rtt_ms": link.rtt_ms,
+                "pulls": link.pulls,
+                "last_pull_at": link.last_pull_at,
+                **dataclasses.asdict(link.counters),
+            }
+            if self._links_published.get(link.site) == value or not self.bus.connected.is_set():
+                continue
+            self._links_published[link.site] = value
+            version = time.time_ns() // 1_000_000  # grows across restarts too
+            await cms.put(self.bus, f"replication/peers/{link.site}", value, version=version)
 
     async def settled(self, timeout: float = 60.0) -> None:
         """Wait until loaded, every link connected and pulled, and nothing is in flight (tests
