@@ -531,6 +531,27 @@ async def test_edgecollab_up_runs_sites_that_replicate(tmp_path, uid):
         assert "Traceback" not in outs[site], outs[site][-3000:]
 
 
+async def test_a_broker_that_restarts_empty_loses_only_its_own_entries(brokers, uid):
+    async with sites(brokers, 2) as group, watching(group, uid) as (wa, wb):
+        shared, own = f"parameters/{uid}/top_k", f"agents/w-{uid}"
+        await put(wb.bus, shared, 40, 1)
+        await put(wa.bus, own, {"kind": "worker"}, 1_000_000)
+        await wait_for(lambda: wa.value(f"cms/{shared}") == 40)
+        await wait_for(lambda: wb.value(f"cms/sites/a/{own}") is not None)
+        a = group[0].replicator
+        assert a is not None
+        sessions = a.bus.sessions
+        group[0].broker.stop()  # these test brokers keep no store: it comes back empty
+        group[0].broker.start()
+        await wait_for(lambda: a.bus.sessions > sessions and a.bus.connected.is_set())
+        await a.settled()
+        async with watching(group[:1], f"{uid}-2") as (wa2,):
+            # the shared key is put back at a and never deleted at b; a's own entry is gone
+            await wait_for(lambda: wa2.value(f"cms/{shared}") == 40)
+            await wait_for(lambda: wb.value(f"cms/sites/a/{own}") is None)
+        assert wb.value(f"cms/{shared}") == 40 and wb.count(f"cms/{shared}") == 1
+
+
 async def test_a_volatile_entry_is_summarised_not_sent_at_every_change(brokers, uid):
     rules = (Rule(filter="agents/+/status", scope="site", min_interval_s=0.5), *DEFAULT_RULES)
     async with sites(brokers, 2, rules) as group, watching(group, uid) as (wa, wb):

@@ -175,14 +175,18 @@ class Replicator:
                 link.want_pull()
 
     def _vanished(self, topic: str) -> None:
-        """`topic` was not in the snapshot of a new session: deleted while we were away, or
-        lost by a broker that restarted empty (another site's entries are then put back)."""
+        """`topic` was not in the snapshot of a new session: lost by a broker that restarted
+        empty, or deleted while we were away; the two look alike. This site's own entries
+        follow its broker (its agents announce themselves again); shared keys and other sites'
+        entries are put back: a broker's restart must not delete them at every site."""
         self._actual.pop(topic, None)
         place = self.keys.from_local(topic)
-        if place is not None and place.rule is None:
-            self._materialize(place.key)
-        else:
+        if place is None:
+            return
+        if place.owner == self.site:
             self._local_state(topic, None)
+        else:
+            self._materialize(place.key)
 
     def _on_local(self, topic: str, payload: bytes) -> None:
         self._heard[topic] = self.bus.sessions
