@@ -184,6 +184,13 @@ class Replica:
             g: GroupState(self._counts[g], tuple(self._sums[g])) for g in self._counts if include(g)
         }
 
+    def by_bucket(self, group: str) -> dict[int, list[tuple[str, Record]]]:
+        """The records of `group` per bucket, each list sorted by key."""
+        out: dict[int, list[tuple[str, Record]]] = {}
+        for key in sorted(self._keys.get(group, ())):
+            out.setdefault(bucket_of(key), []).append((key, self.records[key]))
+        return out
+
     def in_buckets(self, group: str, buckets: Iterable[int]) -> Iterator[tuple[str, Record]]:
         """The records of `group` that fall in `buckets`, sorted by key."""
         wanted = set(buckets)

@@ -502,12 +502,15 @@ class Replicator:
         differ: dict[str, list[int]] = {}
         versions: list[tuple[str, int, str, bool, str]] = []
         size, nxt, last = 0, None, None
+        buckets: dict[str, dict[int, list[tuple[str, Record]]]] = {}
         for group, bucket in pairs:
             if size > VERSIONS_BUDGET:
                 nxt = last
                 break
             differ.setdefault(group, []).append(bucket)
-            for key, record in self.replica.in_buckets(group, (bucket,)):
+            if group not in buckets:
+                buckets[group] = self.replica.by_bucket(group)
+            for key, record in buckets[group].get(bucket, ()):
                 version, origin, deleted, content = record.rank
                 versions.append((key, version, origin, deleted, f"{content:x}"))
                 size += len(key) + len(origin) + 48
