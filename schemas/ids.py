@@ -15,3 +15,6 @@ AgentIdField = Annotated[str, StringConstraints(pattern=AGENT_ID_PATTERN)]
 RequestIdField = Annotated[str, StringConstraints(pattern=TOKEN_ID_PATTERN)]
 TaskIdField = Annotated[str, StringConstraints(pattern=TOKEN_ID_PATTERN)]
 Domain = Annotated[str, StringConstraints(pattern=DOMAIN_PATTERN)]
+
+# A site (one broker and its agents) is named like an agent: it is a topic level and a client id.
+SiteIdField = Annotated[str, StringConstraints(pattern=AGENT_ID_PATTERN)]

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.ids import AgentIdField, Domain, RequestIdField, TaskIdField
+from schemas.ids import AgentIdField, Domain, RequestIdField, SiteIdField, TaskIdField
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -456,6 +456,102 @@ class Error(Message):
     request_id: str | None = None
 
 
+# -- across sites: the CMS replicator -------------------------------------------------------
+
+ReplicaKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1000,
+        pattern=r"^[^+#/\x00]+(/[^+#/\x00]+)*$",
+        description="a key as all sites name it: `parameters/...` (shared by every site) or "
+        "`sites/<site>/...` (one site's own entries, e.g. its agents)",
+    ),
+]
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{1,16}$")]
+
+
+class ReplicaRecord(BaseModel):
+    """One key's state as sites exchange it: a CMS entry, or a tombstone (`deleted`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: ReplicaKey
+    version: int = Field(ge=1)
+    origin: str = Field(min_length=1, max_length=200)
+    updated_at: float
+    deleted: bool = False
+    value: Any = None
+
+
+class ReplicaChanges(Message):
+    """Records one site sends another: its own changes as they happen, or the ones asked for
+    with a `replica_want` (then `repair`, with `missing` naming asked-for keys it lacks)."""
+
+    type: Literal["replica_changes"] = "replica_changes"
+    site: SiteIdField = Field(description="the sending site")
+    repair: bool = False
+    records: list[ReplicaRecord] = Field([], max_length=5000)
+    missing: list[ReplicaKey] = Field([], max_length=5000)
+
+
+class GroupDigest(BaseModel):
+    """One group of keys (`parameters`, `sites/<site>/agents`) summarised: key count, the sum of
+    its records' hashes, and that sum per bucket (omitted for a small group)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    count: int = Field(ge=0)
+    total: Hex64
+    buckets: list[Hex64] | None = None
+
+
+class ReplicaDigest(Message):
+    """A site's digest of its CMS, sent to a peer that answers with the versions of the keys
+    in the buckets where the two differ (anti-entropy)."""
+
+    type: Literal["replica_digest"] = "replica_digest"
+    site: SiteIdField = Field(description="the asking site")
+    session: str = Field(
+        pattern=r"^[A-Za-z0-9._:-]{1,64}$",
+        description="changes when the asker restarts or reconnects: the peer then asks back",
+    )
+    buckets: int = Field(ge=1, le=4096, description="buckets per group")
+    groups: dict[str, GroupDigest] = Field(max_length=10000)
+    after: tuple[str, int] | None = Field(None, description="continue after this group, bucket")
+
+
+class ReplicaVersions(Message):
+    """The answer to a `replica_digest`: where the digests differ, and the answering site's
+    `[key, version, origin, deleted, content hash]` in those buckets."""
+
+    type: Literal["replica_versions"] = "replica_versions"
+    site: SiteIdField = Field(description="the answering site")
+    differ: dict[str, list[int]] = {}
+    versions: list[tuple[ReplicaKey, int, str, bool, Hex64]] = Field([], max_length=20000)
+    next: tuple[str, int] | None = Field(None, description="more differ after this bucket")
+
+
+class ReplicaWant(Message):
+    """Keys a site asks a peer for (after comparing versions); answered by `replica_changes`."""
+
+    type: Literal["replica_want"] = "replica_want"
+    site: SiteIdField = Field(description="the asking site")
+    keys: list[ReplicaKey] = Field(min_length=1, max_length=5000)
+
+
+class Tombstone(Message):
+    """A deleted CMS key remembered by its site's replicator until it expires (retained under
+    replication/tombstones/<key> with an MQTT message expiry), so a stale peer cannot bring the
+    key back."""
+
+    type: Literal["tombstone"] = "tombstone"
+    key: ReplicaKey
+    version: int = Field(ge=1)
+    origin: str = Field(min_length=1, max_length=200)
+    deleted_at: float
+
+
 ALL_MESSAGES: tuple[type[Message], ...] = (
     AgentCard,
     AgentStatus,
@@ -476,6 +572,11 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     ProgramRun,
     ProgramResult,
     Error,
+    ReplicaChanges,
+    ReplicaDigest,
+    ReplicaVersions,
+    ReplicaWant,
+    Tombstone,
 )
 
 AnyMessage = Annotated[
@@ -497,6 +598,11 @@ AnyMessage = Annotated[
     | KnowledgeAnswer
     | ProgramRun
     | ProgramResult
-    | Error,
+    | Error
+    | ReplicaChanges
+    | ReplicaDigest
+    | ReplicaVersions
+    | ReplicaWant
+    | Tombstone,
     Field(discriminator="type"),
 ]

@@ -97,6 +97,7 @@ class Bus:
         self._tasks: asyncio.TaskGroup | None = None
         self._adapters: dict[tuple[type[Message], ...], TypeAdapter[Any]] = {}
         self.errors_sent = 0  # bad input answered; tests and benchmarks read it
+        self.sessions = 0  # connections made so far; counted before each one subscribes
 
     # -- declaring what this service listens to -------------------------------------------
 
@@ -175,6 +176,7 @@ class Bus:
             self._fail_sent("the connection to the broker was lost before the answer")
 
     async def _session(self, connection: Connection) -> None:
+        self.sessions += 1  # what arrives from here on belongs to this session
         subscriptions = [(self.reply_topic, 1)] + [(r.subscription, r.qos) for r in self._routes]
         await connection.subscribe(subscriptions)
         self._client = connection

@@ -29,9 +29,14 @@ from schemas import (
     Query,
     Reading,
     Rejected,
+    ReplicaChanges,
+    ReplicaDigest,
+    ReplicaVersions,
+    ReplicaWant,
     Task,
     TaskResult,
     TokenChunk,
+    Tombstone,
 )
 
 M = TypeVar("M", bound=Message)
@@ -145,6 +150,12 @@ CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
 # Tenants (API keys of the gateway): config/model, usage_limit, tokens_used.
 TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 
+# Other sites' entries, as the replicator mirrors them here (only it writes under cms/sites/):
+# site b's `cms/agents/w1` is `cms/sites/b/agents/w1` at every other site.
+SITE_KEY = Topic("cms/sites/{site}/{key*}", CmsEntry, retained=True)
+REMOTE_AGENT_CARD = Topic("cms/sites/{site}/agents/{agent}", CmsEntry, retained=True)
+REMOTE_AGENT_STATUS = Topic("cms/sites/{site}/agents/{agent}/status", CmsEntry, retained=True)
+
 # Data cooperation.
 # A reading is retained as its stream's last value, so a new consumer starts with one.
 READING = Topic("data/{domain}/{stream}/{agent}", Reading, retained=True, qos=0)
@@ -163,6 +174,14 @@ SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies
 # The paper's knowledge.gpt/arithmetic: a sandboxed calculator peer runs a program, says what it
 # printed (sandboxes share it: one of them answers).
 ARITHMETIC = Topic("knowledge/arithmetic/run", ProgramRun, replies=(ProgramResult,))
+
+# Across sites: what a peer site's replicator publishes on this site's broker, `site` being the
+# sender: its own changes, and anti-entropy (digest → versions, want → changes).
+REPLICA_CHANGES = Topic("replication/from/{site}/changes", ReplicaChanges)
+REPLICA_DIGEST = Topic("replication/from/{site}/digest", ReplicaDigest, replies=(ReplicaVersions,))
+REPLICA_WANT = Topic("replication/from/{site}/want", ReplicaWant, replies=(ReplicaChanges,))
+# This site's replicator remembers deleted keys here, each with an MQTT message expiry.
+TOMBSTONE = Topic("replication/tombstones/{key*}", Tombstone, retained=True)
 
 # Errors about input a service dropped with no response topic to answer on.
 ERRORS = Topic("errors/{service}", Error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--emulated-workers", type=_count, default=0, metavar="N",
         help="also N emulated devices emulated-1 ... emulated-N (sleep per token)",
     )  # fmt: skip
+    parser.add_argument(
+        "--site", help="this site's name (for the replicator; its broker state apart)"
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a peer site's broker, mqtt://host:port (repeat for each peer)",
+    )
     add_broker_option(parser)
     parser.set_defaults(func=up)
 
@@ -57,11 +68,14 @@ def up(args: argparse.Namespace) -> int:
     if args.only and not specs:
         raise SystemExit(f"edgecollab: unknown service in {args.only}; known: {_names()}")
     children: list[Child] = []
+    if args.peer and not args.site:
+        raise SystemExit("edgecollab: --peer needs --site (every site needs its own name)")
     if not broker_answers(settings.host, settings.port):
         if settings.host not in ("localhost", "127.0.0.1"):
             raise SystemExit(f"edgecollab: no broker answers at {settings.address}")
-        print(f"up: starting mosquitto on port {settings.port} ({state_dir})", flush=True)
-        start = functools.partial(start_mosquitto, settings.port, state_dir)
+        state = state_dir / f"site-{args.site}" if args.site else state_dir
+        print(f"up: starting mosquitto on port {settings.port} ({state})", flush=True)
+        start = functools.partial(start_mosquitto, settings.port, state)
         children.append(Child("mosquitto", start, broker=True))
     env = {
         "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
@@ -70,6 +84,9 @@ def up(args: argparse.Namespace) -> int:
         "EDGECOLLAB_MQTT_HOST": settings.host,
         "EDGECOLLAB_MQTT_PORT": str(settings.port),
     }
+    if args.site:
+        env["EDGECOLLAB_REPLICATOR_SITE"] = args.site
+        env["EDGECOLLAB_REPLICATOR_PEERS"] = json.dumps(args.peer)
     gateway = _gateway_banner() if any(s.module == "services.gateway" for s in specs) else None
     children += [Child(spec.name, functools.partial(_start, spec, env)) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)

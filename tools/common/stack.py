@@ -24,6 +24,9 @@ class ServiceSpec:
 # Model folders are names under EDGECOLLAB_MODELS_DIR (made by tools/setup.sh, mounted in compose).
 STACK: tuple[ServiceSpec, ...] = (
     ServiceSpec("orchestrator", "services.orchestrator", ("--agent-id", "orchestrator-1")),
+    # Across sites: its site name and peers come from EDGECOLLAB_REPLICATOR_SITE / _PEERS
+    # (`edgecollab up --site NAME --peer URL`); with no peers it only keeps the tombstones.
+    ServiceSpec("replicator", "services.replicator", ("--agent-id", "replicator-1")),
     ServiceSpec(
         "classifier",
         "services.classifier",
