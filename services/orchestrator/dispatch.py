@@ -13,6 +13,7 @@ from services.core.topics import AGENT_STATUS, TASKS
 from services.orchestrator.allocator import Allocator
 from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.provenance import record
+from services.scheduling.lengths import CLOUD_MODEL
 from services.scheduling.outcomes import Outcome
 from services.scheduling.policies import Demand
 
@@ -28,6 +29,8 @@ class Job:
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    domain: str | None = None  # the Classifier Engine's labels: what predicts its length
+    difficulty: str | None = None
 
 
 @dataclass(slots=True)
@@ -57,22 +60,28 @@ class Dispatcher:
         view.on_change(self._on_cms_change)
 
     async def run(self, job: Job) -> Generated:
-        demand = Demand(prompt_tokens=estimate_tokens(job.prompt), output_tokens=job.max_tokens)
+        demand = self.allocator.demand(
+            prompt_tokens=estimate_tokens(job.prompt),
+            max_tokens=job.max_tokens,
+            domain=job.domain,
+            difficulty=job.difficulty,
+        )
         grant = await self.allocator.acquire(demand)
         if grant.agent is None:
             if grant.reason == "cloud":
-                return await self._cloud(job, [], Outcome.CLOUD)
+                return await self._cloud(job, [], Outcome.CLOUD, demand)
             refused = record(
                 job.name, "-", None, None, "rejected", where="none", detail=grant.reason
             )
-            return await self._cloud(job, [refused], Outcome.REJECTED_TO_CLOUD)
+            return await self._cloud(job, [refused], Outcome.REJECTED_TO_CLOUD, demand)
+        result: TaskResult | None = None
         try:
             step, result = await self.dispatch(grant.agent, job)
         finally:
-            self.allocator.release(grant.agent, demand)
+            self.allocator.release(grant, demand, result)  # a whole answer's length is learned
         if result is not None:
             return Generated(result.text, Outcome.EDGE, [step])
-        return await self._cloud(job, [step], Outcome.REJECTED_TO_CLOUD)
+        return await self._cloud(job, [step], Outcome.REJECTED_TO_CLOUD, demand)
 
     async def dispatch(self, agent: str, job: Job) -> tuple[Step, TaskResult | None]:
         """Send a task to one worker; a reject, an error, a deadline or a death is a Step too."""
@@ -98,7 +107,9 @@ class Dispatcher:
         tokens = {"prompt_tokens": reply.prompt_tokens, "output_tokens": reply.output_tokens}
         return record(job.name, topic, agent, started, "ok", **tokens), reply
 
-    async def _cloud(self, job: Job, steps: list[Step], outcome: Outcome) -> Generated:
+    async def _cloud(
+        self, job: Job, steps: list[Step], outcome: Outcome, demand: Demand
+    ) -> Generated:
         """The cloud serves what the edge did not; without a cloud the request is refused."""
         if self.cloud is None:
             edge_failed = bool(steps) and steps[-1].outcome == "failed"
@@ -116,6 +127,7 @@ class Dispatcher:
                 record(job.name, topic, None, started, "failed", where="cloud", detail=str(exc))
             )
             return Generated(None, Outcome.FAILED, steps)
+        self.allocator.learn(demand, reply.output_tokens, "stop", CLOUD_MODEL)  # a whole answer
         usage = {"prompt_tokens": reply.prompt_tokens, "output_tokens": reply.output_tokens}
         cost = reply.cost_usd
         steps.append(

@@ -55,7 +55,7 @@ class Orchestrator:
         outputs: dict[str, str] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            runs = [self._run(s, query, outputs, since) for s in phase]
+            runs = [self._run(s, query, outputs, since, classification) for s in phase]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
@@ -87,7 +87,12 @@ class Orchestrator:
         )
 
     async def _run(
-        self, step: PlanStep, query: Query, outputs: dict[str, str], since: float
+        self,
+        step: PlanStep,
+        query: Query,
+        outputs: dict[str, str],
+        since: float,
+        classification: Classification | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation."""
         if step.kind == "data":
@@ -108,6 +113,7 @@ class Orchestrator:
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
             sampling=query.sampling,
+            **_length_labels(step, classification),
         )
         generated = await self.dispatcher.run(job)
         return generated.text, generated.steps, generated
@@ -174,6 +180,18 @@ class Orchestrator:
                     "knowledge_cache_misses": self.cooperation.cache_misses,
                 }
                 await cms.put(self.bus, key, summary, version=version)
+
+
+def _length_labels(step: PlanStep, classification: Classification | None) -> dict[str, str]:
+    """What predicts a generation's length: the query's domain (with the step's name for a
+    step other than the answer, e.g. `health:analysis`) and difficulty."""
+    if classification is None:
+        return {}
+    domain = classification.domain
+    return {
+        "domain": domain if step.name == "answer" else f"{domain}:{step.name}",
+        "difficulty": classification.complexity.difficulty,
+    }
 
 
 def _refusal(final: Generated, steps: list[Step]) -> str:
