@@ -475,3 +475,24 @@ def test_cli_reports_every_knowledge_level(capsys: pytest.CaptureFixture[str]) -
     assert "valid: oracle, predicted, max_tokens, all" in capsys.readouterr().err
     assert main(["simulate", "--label-fidelity", "1.5"]) == 2
     assert "--label-fidelity must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_live_queries_carry_the_truth_only_where_emulated_models_read_it() -> None:
+    from services.worker.emulated import planned_tokens
+    from tools.bench.fake_cloud import FakeCloud
+    from tools.bench.fig6 import query_text
+    from tools.bench.labels import classify
+
+    request = Arrival(0.0, 6, 300, 512, "code", "hard")
+    text = query_text(request)
+    assert text.split() == ["eos@300", "label@code/hard", "w", "w", "w", "w"]  # 6 "tokens"
+    assert planned_tokens(text, 512) == 300 and planned_tokens(text, 100) == 100
+    assert planned_tokens("no marker", 64) == 64
+    labels = classify("r1", text, "fig6-labels")
+    assert (labels.domain, labels.complexity.difficulty, labels.confidence) == ("code", "hard", 1)
+    unlabelled = classify("r1", query_text(Arrival(0.0, 3, 50)), "fig6-labels")
+    assert (unlabelled.domain, unlabelled.confidence) == ("general", 0.0)
+    with FakeCloud(echo_max_tokens=True) as cloud:
+        body = {"messages": [{"role": "user", "content": text}], "max_tokens": 512}
+        usage = cloud.completion(body)["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (6, 300)
