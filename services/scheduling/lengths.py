@@ -147,6 +147,8 @@ class LengthPredictor:
     distribution is its counts plus `prior_weight` pseudo-requests drawn from its parent's
     (model, domain, difficulty) -> (domain, difficulty) -> (domain) -> all -> a log-normal of
     median `prior_median` and log-sd `prior_sigma`. Memory: 2 arrays of ~50 floats per key.
+    A prediction is recomputed once the counts under its key, or all counts, grew by 1% (at
+    every new observation below 100): a few more observations change nothing that matters.
     """
 
     def __init__(
@@ -174,8 +176,7 @@ class LengthPredictor:
         mass /= mass.sum()
         self._prior = (mass, mass * centers)
         self._keys: dict[tuple[str | None, ...], _Histogram] = {}
-        self._version = 0
-        self._cache: dict[tuple[object, ...], tuple[int, LengthEstimate]] = {}
+        self._cache: dict[tuple[object, ...], tuple[float, float, LengthEstimate]] = {}
         self.observed = 0
 
     def bin_of(self, length: float) -> int:
@@ -216,7 +217,6 @@ class LengthPredictor:
                 h = self._keys[key] = _Histogram(np.zeros(self.bins), np.zeros(self.bins))
             h.counts[b] += 1.0
             h.sums[b] += length
-        self._version += 1
         self.observed += 1
 
     def count(
@@ -252,9 +252,11 @@ class LengthPredictor:
     ) -> LengthEstimate:
         """The length distribution of a new request, capped at its `max_tokens`."""
         key = (domain, difficulty, model, max_tokens)
+        own = self._keys.get(self._chain(domain, difficulty, model)[-1])
+        n_key, n_all = (own.n if own else 0.0), float(self.observed)
         cached = self._cache.get(key)
-        if cached is not None and cached[0] == self._version:
-            return cached[1]
+        if cached is not None and _fresh(cached[0], n_key) and _fresh(cached[1], n_all):
+            return cached[2]
         mass, means = self.distribution(domain, difficulty, model)
         keep = mass >= _PRUNE
         over = means >= max_tokens
@@ -267,8 +269,13 @@ class LengthPredictor:
         estimate = LengthEstimate(support, probs, max_tokens)
         if len(self._cache) > 4096:
             self._cache.clear()
-        self._cache[key] = (self._version, estimate)
+        self._cache[key] = (n_key, n_all, estimate)
         return estimate
+
+
+def _fresh(then: float, now: float) -> bool:
+    """A cached prediction stands while its counts grew by at most 1% (none below 100)."""
+    return now - then <= (0.01 * then if then >= 100 else 0.0)
 
 
 def prediction_errors(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:
