@@ -15,7 +15,7 @@ from services.core.presence import Presence
 from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.data.view import DataView
-from services.orchestrator.allocator import Allocator
+from services.orchestrator.allocator import Allocator, LiveKnowledge
 from services.orchestrator.cloud import CloudClient, CloudSettings
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher
@@ -33,6 +33,11 @@ class OrchestratorSettings(BaseSettings):
     policy: str = Field("earliest_finish", description=f"one of: {', '.join(POLICIES)}")
     policy_params: dict[str, float] = Field({}, description='e.g. {"deadline_s": 20}')
     seed: int | None = Field(None, description="random policies: a fixed seed")
+    knowledge: LiveKnowledge = Field(
+        "predicted",
+        description="what the policy knows of output lengths: predicted (learned from finished "
+        "answers per domain, difficulty and model) or max_tokens (the cap alone)",
+    )
     cloud_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. .../v1")
     cloud_api_key: SecretStr | None = None
     cloud_model: str = "gpt-4"
@@ -70,7 +75,9 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
 
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
         view = CmsView(bus)
-        allocator = Allocator(view, policy, rng=random.Random(settings.seed))
+        allocator = Allocator(
+            view, policy, rng=random.Random(settings.seed), knowledge=settings.knowledge
+        )
         dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=cloud)
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
         orchestrator = Orchestrator(

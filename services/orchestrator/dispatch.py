@@ -16,6 +16,7 @@ from services.core.topics import AGENT_STATUS, TASKS
 from services.orchestrator.allocator import Allocator, Grant
 from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.provenance import record
+from services.scheduling.lengths import CLOUD_MODEL
 from services.scheduling.outcomes import Outcome
 from services.scheduling.policies import Demand
 
@@ -33,6 +34,8 @@ class Job:
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    domain: str | None = None  # the Classifier Engine's labels: what predicts its length
+    difficulty: str | None = None
 
 
 @dataclass(slots=True)
@@ -86,18 +89,24 @@ class Dispatcher:
         """The policy's agent first; a task it rejects, fails or dies on goes to another
         agent with a free slot (each agent tried once) while the deadline allows, then the
         cloud. Every attempt is a step of the answer's provenance."""
-        demand = Demand(prompt_tokens=estimate_tokens(job.prompt), output_tokens=job.max_tokens)
+        demand = self.allocator.demand(
+            prompt_tokens=estimate_tokens(job.prompt),
+            max_tokens=job.max_tokens,
+            domain=job.domain,
+            difficulty=job.difficulty,
+        )
         grant = await self.allocator.acquire(demand)
         if grant.agent is None and grant.reason == "cloud":
-            return await self._cloud(job, [], Outcome.CLOUD)
+            return await self._cloud(job, [], Outcome.CLOUD, demand)
         steps: list[Step] = []
         tried: set[str] = set()
         while grant.agent is not None:
             tried.add(grant.agent)
+            result: TaskResult | None = None
             try:
                 step, result = await self.dispatch(grant.agent, job, attempt=len(tried))
             finally:
-                self.allocator.release(grant.agent, demand)
+                self.allocator.release(grant, demand, result)  # a whole answer's length is learned
             steps.append(step)
             if result is not None:
                 return Generated(result.text, Outcome.EDGE, steps)
@@ -108,7 +117,7 @@ class Dispatcher:
             steps.append(
                 record(job.name, "-", None, None, "rejected", where="none", detail=grant.reason)
             )
-        return await self._cloud(job, steps, Outcome.REJECTED_TO_CLOUD)
+        return await self._cloud(job, steps, Outcome.REJECTED_TO_CLOUD, demand)
 
     async def _another(self, demand: Demand, tried: set[str]) -> Grant:
         """A free slot elsewhere at once, else whatever the policy would wait for, if that is
@@ -118,7 +127,7 @@ class Dispatcher:
             return grant
         grant = await self.allocator.acquire(demand)
         if grant.agent in tried:
-            self.allocator.release(grant.agent, demand)
+            self.allocator.release(grant, demand)
             return Grant(None, f"full: only {grant.agent}, tried already, has room")
         return grant
 
@@ -154,7 +163,9 @@ class Dispatcher:
         )  # fmt: skip
         return step, reply
 
-    async def _cloud(self, job: Job, steps: list[Step], outcome: Outcome) -> Generated:
+    async def _cloud(
+        self, job: Job, steps: list[Step], outcome: Outcome, demand: Demand
+    ) -> Generated:
         """The cloud serves what the edge did not; without a cloud the request is refused."""
         if self.cloud is None:
             edge_failed = bool(steps) and steps[-1].outcome == "failed"
@@ -172,6 +183,7 @@ class Dispatcher:
                 record(job.name, topic, None, started, "failed", where="cloud", detail=str(exc))
             )
             return Generated(None, Outcome.FAILED, steps)
+        self.allocator.learn(demand, reply.output_tokens, "stop", CLOUD_MODEL)  # a whole answer
         steps.append(
             record(
                 job.name, topic, None, started, "ok", where="cloud", cost_usd=reply.cost_usd,

@@ -82,7 +82,7 @@ class Orchestrator:
         facts: dict[str, list[Fact]] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            runs = [self._run(s, query, outputs, since, facts) for s in phase]
+            runs = [self._run(s, query, outputs, since, facts, classification) for s in phase]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
@@ -132,6 +132,7 @@ class Orchestrator:
         outputs: dict[str, str],
         since: float,
         facts: dict[str, list[Fact]],
+        classification: Classification | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation;
         a data step's facts go to `facts` under its name."""
@@ -160,6 +161,7 @@ class Orchestrator:
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
             sampling=query.sampling,
+            **_length_labels(step, classification),
         )
         generated = await self.dispatcher.run(job)
         if step.fallback_of and generated.steps:
@@ -280,6 +282,18 @@ class Orchestrator:
                 await cms.put(
                     self.bus, METRIC.format(scope=agent, name=name), value, version=usage.tasks
                 )
+
+
+def _length_labels(step: PlanStep, classification: Classification | None) -> dict[str, str]:
+    """What predicts a generation's length: the query's domain (with the step's name for a
+    step other than the answer, e.g. `health:analysis`) and difficulty."""
+    if classification is None:
+        return {}
+    domain = classification.domain
+    return {
+        "domain": domain if step.name == "answer" else f"{domain}:{step.name}",
+        "difficulty": classification.complexity.difficulty,
+    }
 
 
 def _refusal(final: Generated, steps: list[Step]) -> str:

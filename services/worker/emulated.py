@@ -3,11 +3,17 @@
 It stands for a Jetson-class device in experiments with many devices on one box. With k
 requests in flight it decodes `tokens_per_s * k**beta` tokens/s in total, shared equally: the
 same node model as the simulator, so live runs and simulations agree.
+
+Where a real model ends its answer by itself (EOS), an emulated one ends it where its prompt
+says: a word `eos@N` in the prompt makes it write min(N, max_tokens) tokens (finish reason
+`stop` below the cap); without one it writes to max_tokens. Benchmarks put a trace's true
+lengths there; the orchestrator never reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,6 +22,18 @@ from schemas import FinishReason, GenerationStats, SamplingOptions, Task
 _WORDS = ("edge", "models", "cooperate", "over", "the", "bus", "and", "answer", "fast", "locally")
 _TICK_S = 0.02  # granularity of the emulated decode loop
 _TIMER_S = 0.001  # epoll's resolution: a shorter asyncio.sleep still waits this long
+_EOS = re.compile(r"(?<!\S)eos@(\d{1,6})(?!\S)")
+
+
+def planned_tokens(prompt: str, max_tokens: int) -> int:
+    """How many tokens an emulated model writes for `prompt`: its `eos@N`, capped."""
+    found = _EOS.search(prompt)
+    return min(int(found.group(1)), max_tokens) if found else max_tokens
+
+
+def eos_word(tokens: int) -> str:
+    """The prompt word that makes an emulated model (or the fake cloud) stop after `tokens`."""
+    return f"eos@{tokens}"
 
 
 class EmulatedBackend:
@@ -67,23 +85,24 @@ class EmulatedBackend:
         """Tokens accrue with elapsed time at the stream rate of the moment, so a late wake-up
         (a busy machine) delays a chunk but never slows the emulated device down. A wait
         shorter than the loop's timers can time is counted as waited, not slept."""
+        target = planned_tokens(task.prompt, task.max_tokens)
         progress, emitted = 0.0, 0
         last = time.monotonic()
-        while emitted < task.max_tokens:
+        while emitted < target:
             if time.time() >= task.deadline:
                 return emitted, "deadline"
             rate = self.stream_rate()
-            wait = min(_TICK_S, (task.max_tokens - progress) / rate)
+            wait = min(_TICK_S, (target - progress) / rate)
             if wait >= _TIMER_S:
                 await asyncio.sleep(wait)
             now = time.monotonic()
-            progress = min(float(task.max_tokens), progress + rate * max(now - last, wait))
+            progress = min(float(target), progress + rate * max(now - last, wait))
             last = now
             ready = int(progress + 1e-9) - emitted
             if ready > 0 and emit is not None:
                 await emit(_text(ready, offset=emitted) + " ")
             emitted += ready
-        return emitted, "length"
+        return emitted, "stop" if target < task.max_tokens else "length"
 
     async def close(self) -> None:
         """Nothing to release."""

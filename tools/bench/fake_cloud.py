@@ -5,7 +5,8 @@ in a thread), for tests and benchmarks.
         settings = CloudSettings(base_url=cloud.url, api_key=SecretStr(cloud.api_key))
 
 Without `usage`, prompt tokens are the words of the messages and, with `echo_max_tokens`, the
-reply has exactly `max_tokens` words (as a model that always writes to its limit). `latency`
+reply has exactly `max_tokens` words (as a model that always writes to its limit), or N when a
+message holds the word `eos@N` with N below it (as the emulated worker does). `latency`
 = (ttft_s, tokens_per_s) makes each answer take ttft + output / rate, like a real endpoint.
 
 Each request consumes one fault from `faults` (a deque tests may refill), then gets the normal
@@ -25,6 +26,8 @@ from collections import deque
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
+
+from services.worker.emulated import planned_tokens
 
 
 class FakeCloud:
@@ -78,7 +81,8 @@ class FakeCloud:
         words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         reply = self.reply
         if self.echo_max_tokens:
-            reply = " ".join(["token"] * int(body.get("max_tokens") or 1))
+            text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+            reply = " ".join(["token"] * planned_tokens(text, int(body.get("max_tokens") or 1)))
         prompt, output = self.usage or (words, len(reply.split()))
         if self.latency is not None:
             ttft_s, tokens_per_s = self.latency

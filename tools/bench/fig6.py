@@ -1,10 +1,17 @@
 """`edgecollab bench fig6`: the paper's experiment live, beside the simulator on the same trace.
 
-Eight emulated workers (the default fleet) and the real orchestrator run as processes on a
-broker this bench starts; the cloud is a local OpenAI-compatible server with the simulator's
-latency model. Everything runs `--speedup` times faster than real time: token rates × S, trace
-times, cloud latency and policy time constants ÷ S; latencies are reported in real seconds.
-Prints JSON: per policy the live and simulated columns and whether they agree.
+Eight emulated workers (the default fleet), the real orchestrator and a stand-in classifier
+(`tools/bench/labels.py`: the trace's domain and difficulty) run as processes on a broker this
+bench starts; the cloud is a local OpenAI-compatible server with the simulator's latency
+model. Everything runs `--speedup` times faster than real time: token rates × S, trace times,
+cloud latency and policy time constants ÷ S; latencies are reported in real seconds.
+
+Each query carries its request's true length as the word `eos@N`, where the emulated workers
+and the fake cloud end their answers (a real model decides by itself); the orchestrator never
+reads it. Knowledge levels, as in the simulator: `predicted` (the orchestrator's length
+predictor, learned from finished answers), `max_tokens` (the cap alone), `oracle` (each query's
+max_tokens is its true length, and the orchestrator uses max_tokens: clairvoyant).
+Prints JSON: per policy and knowledge the live and simulated columns and whether they agree.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import POLICIES
+from services.worker.emulated import eos_word
 from tools.bench.fake_cloud import FakeCloud
+from tools.bench.labels import label_word
 from tools.common import print_json, running, spawn, stop
 from tools.common.broker import free_port, start_mosquitto
-from tools.sim.engine import simulate
+from tools.sim.engine import KNOWLEDGE, Knowledge, simulate
+from tools.sim.experiment import Experiment, runs_of
 from tools.sim.workload import (
     Arrival,
     NodeSpec,
@@ -54,6 +64,7 @@ COLUMNS = (
     "utilization_mean",
 )
 TOLERANCE = 0.10  # relative, against the simulator
+LABELS = "fig6-labels"  # the stand-in classifier's agent id
 COUNT_FLOOR = 0.005  # counts may also differ by 0.5% of all requests (small counts are noise)
 
 
@@ -64,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--horizon", type=float, help="simulated seconds (default: the file's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--knowledge",
+        action="append",
+        choices=[*KNOWLEDGE, "all"],
+        help="what the policy knows of output lengths, repeatable (default: all)",
+    )
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
 
 
@@ -71,6 +88,8 @@ async def bench(args: argparse.Namespace) -> int:
     configure_logging("bench", level="warning")
     scenario = load_scenario()
     policies = list(POLICIES) if not args.policy or "all" in args.policy else args.policy
+    levels = args.knowledge or ["all"]
+    knowledge: list[Knowledge] = list(KNOWLEDGE) if "all" in levels else list(dict.fromkeys(levels))
     horizon = args.horizon or scenario.horizon_s
     requests = generate_workload(
         scenario.workload, horizon_s=horizon, seed=args.seed, load_scale=args.load_scale
@@ -82,26 +101,35 @@ async def bench(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "requests": len(requests),
         "tolerance": TOLERANCE,
+        "knowledge": knowledge,
         "policies": {},
     }
+    runs = runs_of(Experiment(nodes, {args.seed: requests}, policies, None, knowledge=knowledge))
     with tempfile.TemporaryDirectory() as tmp, _cloud(scenario, args.speedup) as cloud:
         port = free_port()
         broker = start_mosquitto(port, Path(tmp))
         mqtt = MqttSettings(host="127.0.0.1", port=port)
         workers = [_start_worker(node, args.speedup, mqtt) for node in nodes]
+        workers.append(_spawn(["tools.bench.labels", LABELS], mqtt))
         try:
-            for name in policies:
-                live = await _run_live(name, requests, nodes, mqtt, cloud, args)
+            for key, name, k in runs:
+                live = await _run_live(name, k, requests, nodes, mqtt, cloud, args)
                 sim = simulate(
-                    requests, nodes, POLICIES[name](), seed=args.seed, cloud=scenario.cloud
+                    requests,
+                    nodes,
+                    POLICIES[name](),
+                    seed=args.seed,
+                    cloud=scenario.cloud,
+                    knowledge=k,
                 )
                 simulated = _columns(sim.tally, sim.utilization)
-                report["policies"][name] = {
+                report["policies"][key] = {
+                    "knowledge": k if POLICIES[name].uses_lengths else "any",
                     "live": live,
                     "simulated": simulated,
                     "agreement": _agreement(live, simulated, len(requests)),
                 }
-                _progress(f"{name}: done")
+                _progress(f"{key}: done")
         finally:
             stop(*workers)
             broker.terminate()
@@ -136,7 +164,13 @@ def _start_worker(node: NodeSpec, speedup: float, mqtt: MqttSettings) -> subproc
 
 
 def _start_orchestrator(
-    name: str, agent: str, speedup: float, mqtt: MqttSettings, cloud: FakeCloud, seed: int
+    name: str,
+    knowledge: Knowledge,
+    agent: str,
+    speedup: float,
+    mqtt: MqttSettings,
+    cloud: FakeCloud,
+    seed: int,
 ) -> subprocess.Popen[bytes]:
     policy = POLICIES[name]
     params: dict[
@@ -156,6 +190,8 @@ def _start_orchestrator(
             orjson.dumps(params).decode(),
             "--seed",
             str(seed),
+            "--knowledge",
+            "predicted" if knowledge == "predicted" else "max_tokens",  # oracle: max_tokens = truth
             "--cloud-url",
             cloud.url,
             "--cloud-api-key",
@@ -169,6 +205,7 @@ def _start_orchestrator(
 
 async def _run_live(
     name: str,
+    knowledge: Knowledge,
     requests: list[Arrival],
     nodes: list[NodeSpec],
     mqtt: MqttSettings,
@@ -176,22 +213,34 @@ async def _run_live(
     args: argparse.Namespace,
 ) -> dict[str, object]:
     agent = f"fig6-{name.replace('_', '-')}-{uuid.uuid4().hex[:4]}"
-    orchestrator = _start_orchestrator(name, agent, args.speedup, mqtt, cloud, args.seed)
+    orchestrator = _start_orchestrator(name, knowledge, agent, args.speedup, mqtt, cloud, args.seed)
     bus = Bus(settings=mqtt, client_id=f"fig6-client-{uuid.uuid4().hex[:6]}", service="bench")
     view = CmsView(bus)
     try:
         async with running(bus):
-            if not await view.wait_online([agent, *(n.id for n in nodes)]):
+            if not await view.wait_online([agent, LABELS, *(n.id for n in nodes)]):
                 raise SystemExit(f"fig6: the stack did not come online ({agent})")
-            tally, busy, span = await _replay(bus, view, requests, args.speedup, name)
+            tally, busy, span = await _replay(bus, view, requests, args.speedup, name, knowledge)
     finally:
         await asyncio.to_thread(stop, orchestrator)
     utilization = [busy.get(n.id, 0.0) / (n.concurrency * span) for n in nodes]
     return _columns(tally, utilization)
 
 
+def query_text(r: Arrival) -> str:
+    """A query of `r.prompt_tokens` words (the fake cloud counts words as prompt tokens), two
+    of them where the emulated models end (`eos@N`) and the stand-in classifier's labels."""
+    marks = [w for w in (eos_word(r.output_tokens), label_word(r.domain, r.difficulty)) if w]
+    return " ".join([*marks, *["w"] * max(r.prompt_tokens - len(marks), 0)])
+
+
 async def _replay(
-    bus: Bus, view: CmsView, requests: list[Arrival], speedup: float, name: str
+    bus: Bus,
+    view: CmsView,
+    requests: list[Arrival],
+    speedup: float,
+    name: str,
+    knowledge: Knowledge,
 ) -> tuple[Tally, dict[str, float], float]:
     """Send each request at its (compressed) time; latency and busy time in real seconds."""
     loop = asyncio.get_running_loop()
@@ -202,9 +251,9 @@ async def _replay(
     async def one(r: Arrival) -> None:
         nonlocal last_end
         deadline = time.time() + 600 / speedup + 30
-        text = "w " * r.prompt_tokens  # the fake cloud counts words as prompt tokens
+        cap = r.output_tokens if knowledge == "oracle" else r.max_tokens
         query = Query(
-            request_id=uuid.uuid4().hex, text=text, max_tokens=r.output_tokens, deadline=deadline
+            request_id=uuid.uuid4().hex, text=query_text(r), max_tokens=cap, deadline=deadline
         )
         sent = loop.time()
         try:

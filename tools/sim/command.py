@@ -9,12 +9,15 @@ from pathlib import Path
 import orjson
 
 from services.scheduling.policies import POLICIES
+from tools.sim.engine import KNOWLEDGE, Knowledge
 from tools.sim.experiment import Experiment, run_experiment
 from tools.sim.report import PlotUnavailable, plot, table
 from tools.sim.workload import (
     DEFAULT_SCENARIO,
+    MAX_TOKENS_LIMIT,
     Arrival,
     InputFileError,
+    LabelSpec,
     NodeSpec,
     Scenario,
     generate_workload,
@@ -38,9 +41,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--fleet", type=_mix, help="node types and counts, e.g. agx_orin=1,orin_nano=7")
     p.add_argument(
-        "--trace", type=Path, help="trace file: JSON Lines of {t, prompt_tokens, output_tokens}"
+        "--trace",
+        type=Path,
+        help="trace file: JSON Lines of {t, prompt_tokens, output_tokens[, max_tokens, domain, "
+        "difficulty]}",
+    )
+    p.add_argument(
+        "--knowledge",
+        action="append",
+        help="what a policy knows of output lengths, repeatable or 'all': predicted (default: "
+        "learned online), max_tokens (the cap only), oracle (the true length, for comparison)",
+    )
+    p.add_argument(
+        "--clairvoyant", action="store_true", help="the oracle: same as --knowledge oracle"
     )
     p.add_argument("--load-scale", type=_positive, default=1.0, help="multiply arrival rates")
+    p.add_argument(
+        "--label-fidelity",
+        type=float,
+        help="generated load: how often a request's domain/difficulty fit its length (0-1)",
+    )
+    p.add_argument(
+        "--length-sigma",
+        type=float,
+        help="generated load: log-normal jitter of each output length (0: the five sizes)",
+    )
+    p.add_argument("--max-tokens", type=int, help="generated load: every request's max_tokens")
     p.add_argument(
         "--horizon", type=_positive, help="seconds of generated load (default: scenario)"
     )
@@ -59,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         policies = _policies(args.policy)
-        scenario = load_scenario(args.scenario)
+        knowledge = _knowledge(args.knowledge, clairvoyant=args.clairvoyant)
+        scenario = _adjusted(load_scenario(args.scenario), args)
         nodes = load_nodes(args.nodes) if args.nodes else scenario.nodes(args.fleet)
         seeds = range(args.seed, args.seed + max(args.seeds, 1))
         workloads = {seed: _workload(args, scenario, seed) for seed in seeds}
@@ -68,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.write_trace or args.write_nodes:
         return _write_examples(args, nodes, workloads[args.seed])
-    exp = Experiment(
-        nodes, workloads, policies, None if args.no_cloud else scenario.cloud, args.bound_latency
-    )
+    cloud = None if args.no_cloud else scenario.cloud
+    exp = Experiment(nodes, workloads, policies, cloud, args.bound_latency, knowledge)
     report = run_experiment(exp)
     print(
         orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
@@ -103,6 +129,41 @@ def _write_examples(args: argparse.Namespace, nodes: list[NodeSpec], trace: list
         write_trace(args.write_trace, trace)
         print(f"wrote {len(trace)} requests to {args.write_trace}", file=sys.stderr)
     return 0
+
+
+def _adjusted(scenario: Scenario, args: argparse.Namespace) -> Scenario:
+    """The scenario with the workload options of the command line."""
+    update: dict[str, object] = {}
+    if args.label_fidelity is not None:
+        if not 0 <= args.label_fidelity <= 1:
+            raise ValueError(f"--label-fidelity must be in [0, 1], got {args.label_fidelity}")
+        update["labels"] = LabelSpec(fidelity=args.label_fidelity)
+    if args.length_sigma is not None:
+        if not 0 <= args.length_sigma <= 3:
+            raise ValueError(f"--length-sigma must be in [0, 3], got {args.length_sigma}")
+        update["length_sigma"] = args.length_sigma
+    if args.max_tokens is not None:
+        if not 1 <= args.max_tokens <= MAX_TOKENS_LIMIT:
+            raise ValueError(f"--max-tokens must be in [1, {MAX_TOKENS_LIMIT}]")
+        update["max_tokens"] = args.max_tokens
+    if not update:
+        return scenario
+    return scenario.model_copy(update={"workload": scenario.workload.model_copy(update=update)})
+
+
+def _knowledge(names: list[str] | None, *, clairvoyant: bool) -> list[Knowledge]:
+    if clairvoyant:
+        if names and set(names) != {"oracle"}:
+            raise ValueError("--clairvoyant is --knowledge oracle; give one of them")
+        return ["oracle"]
+    if not names:
+        return ["predicted"]
+    if "all" in names:
+        return list(KNOWLEDGE)
+    unknown = [n for n in names if n not in KNOWLEDGE]
+    if unknown:
+        raise ValueError(f"unknown knowledge {unknown[0]!r}; valid: {', '.join(KNOWLEDGE)}, all")
+    return list(dict.fromkeys(names))  # type: ignore[arg-type]
 
 
 def _policies(names: list[str] | None) -> list[str]:

@@ -15,12 +15,23 @@ import heapq
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
+from services.scheduling.lengths import CLOUD_MODEL, EDGE_MODEL, LengthEstimate, LengthPredictor
 from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import Demand, Fleet, Policy
 from tools.sim.workload import Arrival, CloudModel, NodeSpec
 
 _EPS = 1e-9
+_EXPIRE, _CLOUD_DONE = -1, -2  # event kinds other than a node's completion
+
+Knowledge = Literal["oracle", "predicted", "max_tokens"]
+KNOWLEDGE: tuple[Knowledge, ...] = get_args(Knowledge)
+
+
+def model_of(spec: NodeSpec) -> str:
+    """The model a node serves: its spec's `model` field, else the scenario's one SLM."""
+    return str((spec.model_extra or {}).get("model") or EDGE_MODEL)
 
 
 @dataclass(slots=True)
@@ -59,6 +70,8 @@ class SimResult:
     end_s: float
     outcomes: list[Outcome]  # per request, in workload order
     latencies_s: list[float | None]
+    knowledge: Knowledge = "predicted"
+    predicted_tokens: list[float] = field(default_factory=list)  # per request: the mean at arrival
 
 
 class Simulation:
@@ -72,8 +85,14 @@ class Simulation:
         *,
         seed: int,
         cloud: CloudModel | None,
+        knowledge: Knowledge = "predicted",
+        predictor: LengthPredictor | None = None,
     ) -> None:
+        if knowledge not in KNOWLEDGE:
+            raise ValueError(f"unknown knowledge {knowledge!r}; valid: {', '.join(KNOWLEDGE)}")
         self.requests, self.policy, self.cloud = requests, policy, cloud
+        self.knowledge = knowledge
+        self.predictor = predictor or LengthPredictor()
         self.prices = cloud.prices if cloud else None
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -91,6 +110,10 @@ class Simulation:
         self.max_edge_latency = 0.0
         self.outcomes: list[Outcome] = [Outcome.FAILED] * len(requests)
         self.latencies: list[float | None] = [None] * len(requests)
+        self.estimates: list[LengthEstimate | None] = [None] * len(requests)
+        self.tickets: list[int] = [0] * len(requests)
+        self.predicted: list[float] = [0.0] * len(requests)
+        self.models = [model_of(n) for n in nodes]
 
     def run(self) -> SimResult:
         """Replay every request, then drain; returns the counts."""
@@ -104,7 +127,14 @@ class Simulation:
             node.advance(end)
         util = [n.slot_seconds / (n.spec.concurrency * end) for n in self.nodes]
         return SimResult(
-            self.tally, util, self.max_edge_latency, end, self.outcomes, self.latencies
+            self.tally,
+            util,
+            self.max_edge_latency,
+            end,
+            self.outcomes,
+            self.latencies,
+            self.knowledge,
+            self.predicted,
         )
 
     def _push(self, t: float, node: int, payload: int) -> None:
@@ -115,16 +145,37 @@ class Simulation:
         while self.events and self.events[0][0] <= until:
             t, _, node, payload = heapq.heappop(self.events)
             self.now = t
-            if node < 0:
+            if node == _EXPIRE:
                 self._expire(payload)
+            elif node == _CLOUD_DONE:
+                self._learn(payload, CLOUD_MODEL)
             elif payload == self.nodes[node].version:
                 self._complete(node)
 
+    def _estimate(self, req: Arrival, model: str | None = None) -> LengthEstimate:
+        """What is known of a request's output length, by the simulation's knowledge."""
+        if self.knowledge == "oracle":
+            return LengthEstimate.exactly(req.output_tokens, req.max_tokens)
+        if self.knowledge == "max_tokens":
+            return LengthEstimate.exactly(req.max_tokens)
+        return self.predictor.predict(
+            max_tokens=req.max_tokens, domain=req.domain, difficulty=req.difficulty, model=model
+        )
+
+    def _learn(self, r: int, model: str) -> None:
+        """Request r's answer is complete: its length is known now."""
+        if self.knowledge == "predicted":
+            req = self.requests[r]
+            self.predictor.observe(
+                req.output_tokens, domain=req.domain, difficulty=req.difficulty, model=model
+            )
+
     def _arrive(self, r: int) -> None:
         req = self.requests[r]
-        decision = self.policy.choose(
-            Demand(req.prompt_tokens, req.output_tokens), self.fleet, self.rng
-        )
+        estimate = self.estimates[r] = self._estimate(req)
+        self.predicted[r] = estimate.mean
+        demand = Demand(req.prompt_tokens, estimate, req.max_tokens, req.domain, req.difficulty)
+        decision = self.policy.choose(demand, self.fleet, self.rng)
         if decision.agent is None:
             self._to_cloud(r, Outcome.CLOUD)
             return
@@ -135,8 +186,8 @@ class Simulation:
         elif decision.max_wait_s > 0:
             node.waiting.append(r)
             self.waiting_at[r] = i
-            self.fleet.enqueued(node.spec.id, req.output_tokens)
-            self._push(self.now + decision.max_wait_s, -1, r)
+            self.fleet.enqueued(node.spec.id, estimate)
+            self._push(self.now + decision.max_wait_s, _EXPIRE, r)
         else:
             self._to_cloud(r, Outcome.REJECTED_TO_CLOUD)
 
@@ -145,7 +196,11 @@ class Simulation:
         node.advance(self.now)
         heapq.heappush(node.streams, (node.vs + self.requests[r].output_tokens, r))
         node.k += 1
-        self.fleet.started(node.spec.id, self.requests[r].output_tokens)
+        estimate = self.estimates[r]
+        if self.knowledge == "predicted":  # on this node: what this node's model writes
+            estimate = self._estimate(self.requests[r], self.models[i])
+        assert estimate is not None
+        self.tickets[r] = self.fleet.started(node.spec.id, estimate)
         self._reschedule(i)
 
     def _reschedule(self, i: int) -> None:
@@ -160,7 +215,8 @@ class Simulation:
         while node.streams and node.streams[0][0] <= node.vs + _EPS * max(1.0, node.vs):
             _, r = heapq.heappop(node.streams)
             node.k -= 1
-            self.fleet.finished(node.spec.id, self.requests[r].output_tokens)
+            self.fleet.finished(node.spec.id, self.tickets[r])
+            self._learn(r, self.models[i])
             latency = self.now - self.requests[r].t
             self.max_edge_latency = max(self.max_edge_latency, latency)
             self._record(r, Outcome.EDGE, latency)
@@ -169,7 +225,7 @@ class Simulation:
         while node.waiting and node.k < node.spec.concurrency:
             r = node.waiting.popleft()
             del self.waiting_at[r]
-            self.fleet.dequeued(node.spec.id, self.requests[r].output_tokens)
+            self.fleet.dequeued(node.spec.id, self.estimates[r] or 0)
             self._start(i, r)
         self._reschedule(i)
 
@@ -179,7 +235,7 @@ class Simulation:
             return  # it got a slot in time
         node = self.nodes[i]
         node.waiting.remove(r)
-        self.fleet.dequeued(node.spec.id, self.requests[r].output_tokens)
+        self.fleet.dequeued(node.spec.id, self.estimates[r] or 0)
         self._to_cloud(r, Outcome.REJECTED_TO_CLOUD)
 
     def _to_cloud(self, r: int, outcome: Outcome) -> None:
@@ -189,7 +245,10 @@ class Simulation:
             return
         waited = self.now - req.t
         cost = self.prices.cost(req.prompt_tokens, req.output_tokens)
-        self._record(r, outcome, waited + self.cloud.latency_s(req.output_tokens), cost)
+        latency = self.cloud.latency_s(req.output_tokens)
+        if self.knowledge == "predicted":
+            self._push(self.now + latency, _CLOUD_DONE, r)
+        self._record(r, outcome, waited + latency, cost)
 
     def _record(self, r: int, outcome: Outcome, latency: float | None, cost: float = 0.0) -> None:
         self.outcomes[r], self.latencies[r] = outcome, latency
@@ -203,6 +262,14 @@ def simulate(
     *,
     seed: int = 0,
     cloud: CloudModel | None = None,
+    knowledge: Knowledge = "predicted",
+    predictor: LengthPredictor | None = None,
 ) -> SimResult:
-    """Run `policy` over `requests` on `nodes`; `cloud` None means no cloud (rejections stay)."""
-    return Simulation(requests, nodes, policy, seed=seed, cloud=cloud).run()
+    """Run `policy` over `requests` on `nodes`; `cloud` None means no cloud (rejections stay).
+
+    `knowledge` is what the policy may know of output lengths (see the module); a fresh
+    predictor learns from nothing unless one is given."""
+    sim = Simulation(
+        requests, nodes, policy, seed=seed, cloud=cloud, knowledge=knowledge, predictor=predictor
+    )
+    return sim.run()

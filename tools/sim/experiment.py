@@ -1,14 +1,23 @@
-"""Run several policies over several seeds of one workload and fleet; aggregate the report."""
+"""Run several policies over several seeds of one workload and fleet; aggregate the report.
+
+Each policy that reads length estimates runs once per knowledge level (`oracle`, `predicted`,
+`max_tokens`; its report key is `policy@knowledge` when more than one level is asked); the
+others run once, as what they decide does not depend on it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
+from services.scheduling.lengths import prediction_errors
 from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import make_policy
 from tools.sim.bound import lower_bound_cost
-from tools.sim.engine import SimResult, simulate
+from tools.sim.engine import Knowledge, SimResult, simulate
 from tools.sim.workload import Arrival, CloudModel, NodeSpec
+
+BASELINE = "load_aware"
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,23 +29,102 @@ class Experiment:
     policies: list[str]
     cloud: CloudModel | None
     bound_latency_s: float | None = None  # None: the longest edge latency any policy had
+    knowledge: list[Knowledge] = field(default_factory=lambda: ["predicted"])
+
+
+def runs_of(exp: Experiment) -> list[tuple[str, str, Knowledge]]:
+    """(report key, policy, knowledge) of every run the experiment asks for."""
+    runs: list[tuple[str, str, Knowledge]] = []
+    for name in exp.policies:
+        if not make_policy(name).uses_lengths:
+            runs.append((name, name, exp.knowledge[0]))
+            continue
+        for k in exp.knowledge:
+            runs.append((name if len(exp.knowledge) == 1 else f"{name}@{k}", name, k))
+    return runs
 
 
 def run_experiment(exp: Experiment) -> dict[str, object]:
     """The `edgecollab simulate --json` report."""
-    results = {
-        name: {seed: simulate(w, exp.nodes, make_policy(name), seed=seed, cloud=exp.cloud)
-               for seed, w in exp.workloads.items()}
-        for name in exp.policies
-    }  # fmt: skip
+    results: dict[str, dict[int, SimResult]] = {}
+    for key, name, k in runs_of(exp):
+        results[key] = {
+            seed: simulate(w, exp.nodes, make_policy(name), seed=seed, cloud=exp.cloud, knowledge=k)
+            for seed, w in exp.workloads.items()
+        }
+    policies = {}
+    for key, name, k in runs_of(exp):
+        uses = make_policy(name).uses_lengths
+        policies[key] = {**_policy_report(results[key]), "knowledge": k if uses else "any"}
+        if uses and k == "predicted":
+            policies[key]["length_prediction"] = _prediction_report(exp, results[key])
     report: dict[str, object] = {
         "nodes": [n.id for n in exp.nodes],
         "seeds": list(exp.workloads),
-        "policies": {name: _policy_report(runs) for name, runs in results.items()},
+        "knowledge": list(exp.knowledge),
+        "policies": policies,
+        "label_signal": label_signal(exp.workloads),
     }
+    if BASELINE in policies:
+        report["versus_load_aware"] = _versus(policies, runs_of(exp))
     if exp.cloud is not None and exp.policies:
         report["lower_bound"] = _bound_report(exp, results)
     return report
+
+
+def _prediction_report(exp: Experiment, runs: dict[int, SimResult]) -> dict[str, object]:
+    """Error of the lengths predicted at arrival (the estimate's mean), over every seed."""
+    predicted = [x for r in runs.values() for x in r.predicted_tokens]
+    true = [a.output_tokens for seed in runs for a in exp.workloads[seed]]
+    return prediction_errors(predicted, true)
+
+
+def label_signal(workloads: dict[int, list[Arrival]]) -> dict[str, object]:
+    """How much the labels tell of lengths: the errors of the best point prediction from
+    (domain, difficulty) alone, the per-key mean fitted on the whole trace in hindsight."""
+    groups: dict[tuple[str, str | None], list[int]] = defaultdict(list)
+    for w in workloads.values():
+        for a in w:
+            groups[(a.domain, a.difficulty)].append(a.output_tokens)
+    means = {key: sum(v) / len(v) for key, v in groups.items()}
+    arrivals = [a for w in workloads.values() for a in w]
+    return {
+        "keys": len(groups),
+        **prediction_errors(
+            [means[(a.domain, a.difficulty)] for a in arrivals], [a.output_tokens for a in arrivals]
+        ),
+    }
+
+
+def _versus(
+    policies: dict[str, dict[str, object]], runs: list[tuple[str, str, Knowledge]]
+) -> dict[str, object]:
+    """Cloud cost and p95 latency of each run over load_aware's; the share of the oracle's
+    cost saving (below load_aware) that each other knowledge level keeps."""
+
+    def number(key: str, column: str) -> float:
+        value = policies[key][column]
+        return float(value) if isinstance(value, int | float) else 0.0
+
+    base_cost, base_p95 = number(BASELINE, "cloud_cost_usd"), number(BASELINE, "latency_p95_s")
+    ratios = {
+        key: {
+            "cost": round(number(key, "cloud_cost_usd") / base_cost, 4) if base_cost else None,
+            "p95": round(number(key, "latency_p95_s") / base_p95, 4) if base_p95 else None,
+        }
+        for key in policies
+    }
+    levels: dict[str, dict[str, str]] = defaultdict(dict)
+    for key, name, k in runs:
+        levels[name][k] = key
+    kept: dict[str, float] = {}
+    for by_level in levels.values():
+        oracle = by_level.get("oracle")
+        gain = base_cost - number(oracle, "cloud_cost_usd") if oracle else 0.0
+        for k, key in by_level.items():
+            if k != "oracle" and gain > 0:
+                kept[key] = round((base_cost - number(key, "cloud_cost_usd")) / gain, 4)
+    return {"ratios": ratios, "oracle_gain_kept": kept}
 
 
 def _policy_report(runs: dict[int, SimResult]) -> dict[str, object]:

@@ -34,6 +34,34 @@ def table(report: dict[str, Any]) -> str:
         rows.append([_fmt(fmt, values[name]) for name, fmt in COLUMNS])
     widths = [max(len(row[c]) for row in rows) for c in range(len(COLUMNS))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    versus = report.get("versus_load_aware")
+    if versus:
+        lines.append(
+            "over load_aware (cloud cost / p95): "
+            + ", ".join(
+                f"{k} {v['cost']}/{v['p95']}"
+                for k, v in versus["ratios"].items()
+                if k != "load_aware"
+            )
+        )
+        if versus["oracle_gain_kept"]:
+            lines.append(
+                "share of the oracle's saving kept: "
+                + ", ".join(f"{k} {v}" for k, v in versus["oracle_gain_kept"].items())
+            )
+    for policy, stats in report["policies"].items():
+        errors = stats.get("length_prediction")
+        if errors:
+            lines.append(
+                f"{policy}: lengths predicted at arrival: MAPE {errors['mape']}, pairwise order "
+                f"{errors['pairwise']}, Kendall tau-b {errors['tau_b']}"
+            )
+    signal = report.get("label_signal")
+    if signal and any("length_prediction" in s for s in report["policies"].values()):
+        lines.append(
+            f"best from the labels alone (per-key mean in hindsight, {signal['keys']} keys): "
+            f"MAPE {signal['mape']}, pairwise order {signal['pairwise']}, tau-b {signal['tau_b']}"
+        )
     bound = report.get("lower_bound")
     if bound:
         lines.append(

@@ -12,16 +12,23 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.ids import AgentIdField
+from schemas.ids import AgentIdField, Domain
+from services.classifier.complexity import BASE_BIN, TOKEN_BINS
 from services.core.errors import ConfigError
 from services.scheduling.outcomes import Prices
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "data" / "fig6.json"
+DEFAULT_MAX_TOKENS = 512  # a request's cap when its trace line gives none
+MAX_TOKENS_LIMIT = 4096  # the largest max_tokens a Query or Task may carry
+MAX_PROMPT_TOKENS = 131_072  # a 128k-token context
+MAX_TRACE_S = 1e8  # about three years of arrivals
+Difficulty = Literal["easy", "medium", "hard"]
+DIFFICULTIES: tuple[Difficulty, ...] = ("easy", "medium", "hard")
 
 
 class InputFileError(ConfigError):
@@ -40,22 +47,30 @@ class NodeSpec(BaseModel):
 
 
 class TraceLine(BaseModel):
-    """One line of a trace file (JSON Lines)."""
+    """One line of a trace file (JSON Lines): the request as it arrives (time, prompt tokens,
+    max_tokens, the classifier's domain and difficulty) and its true output length."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
-    t: float = Field(ge=0)
-    prompt_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=1)
+    t: float = Field(ge=0, le=MAX_TRACE_S)
+    prompt_tokens: int = Field(ge=0, le=MAX_PROMPT_TOKENS)
+    output_tokens: int = Field(ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    domain: Domain = "general"
+    difficulty: Difficulty | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """One request of a workload: arrival time (s), prompt and output tokens."""
+    """One request of a workload: arrival time (s), prompt tokens and its true output tokens,
+    with what is known of it at arrival (max_tokens, domain, difficulty)."""
 
     t: float
     prompt_tokens: int
-    output_tokens: int
+    output_tokens: int  # the truth: known to the simulator, never to a policy
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    domain: str = "general"
+    difficulty: str | None = None
 
 
 class PromptSpec(BaseModel):
@@ -67,6 +82,31 @@ class PromptSpec(BaseModel):
     sigma: float = Field(ge=0)
     min: int = Field(ge=0)
     max: int = Field(ge=1)
+
+
+class LabelSpec(BaseModel):
+    """How the generated requests get a domain and a difficulty (the Classifier Engine's labels).
+
+    With probability `fidelity` a request's (domain, difficulty) is one of the pairs whose
+    expected tokens in the classifier's table (services/classifier/complexity.py) is the
+    request's output size (the nearest table value); otherwise it is any of the 15 pairs,
+    uniformly. So `fidelity` sets how much a length predictor can learn from the labels.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    fidelity: float = Field(ge=0, le=1)
+
+
+def label_pairs() -> list[tuple[str, str]]:
+    """Every (domain, difficulty) the classifier's table knows."""
+    return [(d, f) for d in BASE_BIN for f in DIFFICULTIES]
+
+
+def consistent_pairs(output_tokens: int) -> list[tuple[str, str]]:
+    """The pairs whose table value is the bin nearest `output_tokens` (maybe none)."""
+    nearest = min(range(len(TOKEN_BINS)), key=lambda i: abs(TOKEN_BINS[i] - output_tokens))
+    return [(d, f) for d, f in label_pairs() if BASE_BIN[d][f] == nearest]
 
 
 class WorkloadSpec(BaseModel):
@@ -82,6 +122,9 @@ class WorkloadSpec(BaseModel):
     output_tokens: list[int]
     output_weights: list[float]
     prompt_tokens: PromptSpec
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
+    labels: LabelSpec | None = None
+    length_sigma: float = Field(0.0, ge=0, le=3)  # log-normal jitter of each output size
 
     def rate_pieces(self, horizon_s: float) -> list[tuple[float, float, float]]:
         """(start, end, rate) pieces covering [0, horizon_s)."""
@@ -179,11 +222,18 @@ def load_scenario(path: Path = DEFAULT_SCENARIO) -> Scenario:
 def generate_workload(
     spec: WorkloadSpec, *, horizon_s: float, seed: int, load_scale: float = 1.0
 ) -> list[Arrival]:
-    """The bursty workload: requests sorted by arrival time, reproducible from `seed`."""
+    """The bursty workload: requests sorted by arrival time, reproducible from `seed`.
+
+    Times, prompts and output sizes come from one random stream, labels and the length jitter
+    from others, so a seed's arrivals and sizes do not depend on the label settings.
+    """
     rng = random.Random(seed)
+    labels_rng, jitter_rng = random.Random(f"{seed}:labels"), random.Random(f"{seed}:jitter")
     p = spec.prompt_tokens
     mu = math.log(p.median)
     cum_weights = list(itertools.accumulate(spec.output_weights))
+    pairs = label_pairs()
+    consistent = {size: consistent_pairs(size) for size in spec.output_tokens}
     requests: list[Arrival] = []
     for start, end, rate in spec.rate_pieces(horizon_s):
         t, scaled = start, rate * load_scale
@@ -192,8 +242,17 @@ def generate_workload(
             if t >= end:
                 break
             prompt = min(max(round(rng.lognormvariate(mu, p.sigma)), p.min), p.max)
-            output = rng.choices(spec.output_tokens, cum_weights=cum_weights)[0]
-            requests.append(Arrival(t, prompt, output))
+            size = rng.choices(spec.output_tokens, cum_weights=cum_weights)[0]
+            domain, difficulty = "general", None
+            if spec.labels is not None:
+                fits = consistent[size]
+                use = fits if fits and labels_rng.random() < spec.labels.fidelity else pairs
+                domain, difficulty = labels_rng.choice(use)
+            output = size
+            if spec.length_sigma > 0:
+                output = round(size * jitter_rng.lognormvariate(0.0, spec.length_sigma))
+            output = min(max(output, 1), spec.max_tokens)
+            requests.append(Arrival(t, prompt, output, spec.max_tokens, domain, difficulty))
     return requests
 
 
@@ -226,12 +285,29 @@ def load_trace(path: Path) -> list[Arrival]:
             line = TraceLine.model_validate_json(raw)
         except ValidationError as e:
             raise InputFileError(f"{path}: line {number}: {_describe(e)}") from None
+        if line.output_tokens > line.max_tokens:
+            default = "" if "max_tokens" in line.model_fields_set else ", the default"
+            raise InputFileError(
+                f"{path}: line {number}: field 'output_tokens': {line.output_tokens} is more "
+                f"than max_tokens ({line.max_tokens}{default}); a generation stops at max_tokens"
+            )
         if requests and line.t < requests[-1].t:
             raise InputFileError(
                 f"{path}: line {number}: field 't': {line.t} is earlier than the line before "
                 f"({requests[-1].t}); times must be sorted"
             )
-        requests.append(Arrival(line.t, line.prompt_tokens, line.output_tokens))
+        requests.append(
+            Arrival(
+                line.t,
+                line.prompt_tokens,
+                line.output_tokens,
+                line.max_tokens,
+                line.domain,
+                line.difficulty,
+            )
+        )
+    if not requests:
+        raise InputFileError(f"{path}: no requests (an empty trace)")
     return requests
 
 
@@ -245,16 +321,16 @@ def write_trace(path: Path, requests: list[Arrival]) -> None:
     """Write a trace file (JSON Lines)."""
     with Path(path).open("wb") as f:
         for r in requests:
-            f.write(
-                orjson.dumps(
-                    {
-                        "t": round(r.t, 6),
-                        "prompt_tokens": r.prompt_tokens,
-                        "output_tokens": r.output_tokens,
-                    }
-                )
-                + b"\n"
-            )
+            line: dict[str, object] = {
+                "t": round(r.t, 6),
+                "prompt_tokens": r.prompt_tokens,
+                "output_tokens": r.output_tokens,
+                "max_tokens": r.max_tokens,
+                "domain": r.domain,
+            }
+            if r.difficulty is not None:
+                line["difficulty"] = r.difficulty
+            f.write(orjson.dumps(line) + b"\n")
 
 
 def _read(path: Path) -> str:
