@@ -28,6 +28,7 @@ class Job:
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    client: str | None = None  # the requester, whose streams these tokens are
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class Dispatcher:
             deadline=job.deadline,
             stream=job.stream,
             sampling=job.sampling,
+            client=job.client,
         )
         started = time.perf_counter()
         try:

@@ -18,7 +18,7 @@ from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
-from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
+from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES, REPLIES
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
@@ -48,6 +48,7 @@ class Orchestrator:
 
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
+        client = requester(request.reply_to)
         started, since = time.perf_counter(), time.time()
         steps: list[Step] = []
         classification = await self._classify(query, steps)
@@ -55,7 +56,7 @@ class Orchestrator:
         outputs: dict[str, str] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            runs = [self._run(s, query, outputs, since) for s in phase]
+            runs = [self._run(s, query, outputs, since, client) for s in phase]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
@@ -87,7 +88,12 @@ class Orchestrator:
         )
 
     async def _run(
-        self, step: PlanStep, query: Query, outputs: dict[str, str], since: float
+        self,
+        step: PlanStep,
+        query: Query,
+        outputs: dict[str, str],
+        since: float,
+        client: str | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation."""
         if step.kind == "data":
@@ -108,6 +114,7 @@ class Orchestrator:
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
             sampling=query.sampling,
+            client=client,
         )
         generated = await self.dispatcher.run(job)
         return generated.text, generated.steps, generated
@@ -177,6 +184,13 @@ class Orchestrator:
                     "knowledge_cache_misses": self.cooperation.cache_misses,
                 }
                 await cms.put(self.bus, key, summary, version=version)
+
+
+def requester(reply_to: str | None) -> str | None:
+    """The client a request came from: the owner of its response topic, replies/<client>
+    (the broker lets only that client read it)."""
+    params = REPLIES.match(reply_to) if reply_to else None
+    return params["client"] if params else None
 
 
 def _refusal(final: Generated, steps: list[Step]) -> str:

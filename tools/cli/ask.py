@@ -40,7 +40,7 @@ async def ask(args: argparse.Namespace) -> int:
     )
     async with connected_bus(args) as (bus, _):
         if stream:
-            await bus.follow(STREAM, _print_chunk, request=query.request_id)
+            await bus.follow(STREAM, _print_chunk, client=bus.client_id, request=query.request_id)
         try:
             answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
         except (DeadlineExceeded, RemoteError) as exc:
