@@ -1,4 +1,10 @@
-"""`edgecollab up`: the whole stack on this box, one process per service, as in compose."""
+"""`edgecollab up`: the whole stack on this box, one process per service, as in compose.
+
+Secure by default: on first start it makes every account, the ACL and the TLS certificates
+under $EDGECOLLAB_STATE_DIR/security (`edgecollab credentials init`); the broker it starts
+listens for plain MQTT on 127.0.0.1 only and for TLS on the network; each service connects
+with its own account, its secret passed as a file.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,9 @@ import time
 
 from services.core.settings import RuntimeSettings
 from tools import ROOT
-from tools.common import add_broker_option, mqtt_settings
-from tools.common.broker import broker_answers, start_mosquitto
+from tools.common import add_broker_option, child_env, mqtt_settings
+from tools.common.broker import CERT, TLS, broker_answers, reload_broker, start_mosquitto
+from tools.common.credentials import Credentials, stack_identities
 from tools.common.stack import STACK, ServiceSpec
 
 MODELS_DIR = ROOT / "models"  # what tools/setup.sh exports
@@ -24,6 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--only", nargs="+", metavar="SERVICE", help=f"start only these of: {_names()}"
     )
+    parser.add_argument(
+        "--tls-port", type=int, default=TLS, help=f"TLS + password listener ({TLS}; 0: none)"
+    )
+    parser.add_argument(
+        "--cert-port", type=int, default=CERT, help=f"TLS + client certificate ({CERT}; 0: none)"
+    )
+    parser.add_argument(
+        "--listen",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="where the TLS listeners listen (default: every interface); plain MQTT is 127.0.0.1",
+    )
     add_broker_option(parser)
     parser.set_defaults(func=up)
 
@@ -33,23 +52,34 @@ def _names() -> str:
 
 
 def up(args: argparse.Namespace) -> int:
-    settings, state_dir = mqtt_settings(args), RuntimeSettings().state_dir
+    settings, state_dir = mqtt_settings(args, account=False), RuntimeSettings().state_dir
     specs = [s for s in STACK if not args.only or s.name in args.only]
     if args.only and len(specs) != len(args.only):
         raise SystemExit(f"edgecollab: unknown service in {args.only}; known: {_names()}")
+    credentials = Credentials.of_state_dir(state_dir)
+    if credentials.add(stack_identities()):
+        print(f"up: made the stack's accounts in {credentials.root}", flush=True)
+    credentials.ensure_tls()
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     if not broker_answers(settings.host, settings.port):
         if settings.host not in ("localhost", "127.0.0.1"):
             raise SystemExit(f"edgecollab: no broker answers at {settings.address}")
         print(f"up: starting mosquitto on port {settings.port} ({state_dir})", flush=True)
-        children.append(("mosquitto", start_mosquitto(settings.port, state_dir)))
-    env = {
-        "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
-        **os.environ,
-        "EDGECOLLAB_MQTT_HOST": settings.host,
-        "EDGECOLLAB_MQTT_PORT": str(settings.port),
-    }
-    children += [(spec.name, _start(spec, env)) for spec in specs]
+        broker = start_mosquitto(
+            settings.port,
+            state_dir,
+            security_dir=credentials.root,
+            tls_port=args.tls_port or None,
+            cert_port=args.cert_port or None,
+            tls_bind=args.listen,
+        )
+        children.append(("mosquitto", broker))
+    else:
+        reload_broker(state_dir)  # ours from before: it takes accounts made since
+    models = os.environ.get("EDGECOLLAB_MODELS_DIR", str(MODELS_DIR))
+    for spec in specs:
+        env = child_env(credentials.settings(spec.agent, settings), EDGECOLLAB_MODELS_DIR=models)
+        children.append((spec.name, _start(spec, env)))
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
     try:
         return _wait(children)
