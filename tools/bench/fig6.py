@@ -32,7 +32,7 @@ from services.scheduling.outcomes import Outcome, Tally
 from services.scheduling.policies import POLICIES
 from tools.bench.fake_cloud import FakeCloud
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 from tools.sim.engine import simulate
 from tools.sim.workload import (
     Arrival,
@@ -85,13 +85,12 @@ async def bench(args: argparse.Namespace) -> int:
         "policies": {},
     }
     with tempfile.TemporaryDirectory() as tmp, _cloud(scenario, args.speedup) as cloud:
-        port = free_port()
-        broker = start_mosquitto(port, Path(tmp))
-        mqtt = MqttSettings(host="127.0.0.1", port=port)
-        workers = [_start_worker(node, args.speedup, mqtt) for node in nodes]
+        broker = LocalBroker(Path(tmp))
+        broker.start()
+        workers = [_start_worker(node, args.speedup, broker) for node in nodes]
         try:
             for name in policies:
-                live = await _run_live(name, requests, nodes, mqtt, cloud, args)
+                live = await _run_live(name, requests, nodes, broker, cloud, args)
                 sim = simulate(
                     requests, nodes, POLICIES[name](), seed=args.seed, cloud=scenario.cloud
                 )
@@ -104,7 +103,7 @@ async def bench(args: argparse.Namespace) -> int:
                 _progress(f"{name}: done")
         finally:
             stop(*workers)
-            broker.terminate()
+            broker.stop()
     report["all_agree"] = all(
         p["agreement"]["all"]
         for p in report["policies"].values()  # type: ignore[union-attr]
@@ -118,7 +117,7 @@ def _cloud(scenario: Scenario, speedup: float) -> FakeCloud:
     return FakeCloud(echo_max_tokens=True, latency=latency)
 
 
-def _start_worker(node: NodeSpec, speedup: float, mqtt: MqttSettings) -> subprocess.Popen[bytes]:
+def _start_worker(node: NodeSpec, speedup: float, broker: LocalBroker) -> subprocess.Popen[bytes]:
     return _spawn(
         [
             "services.worker",
@@ -131,12 +130,12 @@ def _start_worker(node: NodeSpec, speedup: float, mqtt: MqttSettings) -> subproc
             "--batching-beta",
             str(node.batching_beta),
         ],
-        mqtt,
+        broker.login(node.id, "worker"),
     )
 
 
 def _start_orchestrator(
-    name: str, agent: str, speedup: float, mqtt: MqttSettings, cloud: FakeCloud, seed: int
+    name: str, agent: str, speedup: float, broker: LocalBroker, cloud: FakeCloud, seed: int
 ) -> subprocess.Popen[bytes]:
     policy = POLICIES[name]
     params = {}  # a policy's time constants are its fields named *_s: divide them by S
@@ -161,7 +160,7 @@ def _start_orchestrator(
             "--cloud-retries",
             "0",
         ],
-        mqtt,
+        broker.login(agent, "orchestrator"),
     )
 
 
@@ -169,13 +168,14 @@ async def _run_live(
     name: str,
     requests: list[Arrival],
     nodes: list[NodeSpec],
-    mqtt: MqttSettings,
+    broker: LocalBroker,
     cloud: FakeCloud,
     args: argparse.Namespace,
 ) -> dict[str, object]:
     agent = f"fig6-{name.replace('_', '-')}-{uuid.uuid4().hex[:4]}"
-    orchestrator = _start_orchestrator(name, agent, args.speedup, mqtt, cloud, args.seed)
-    bus = Bus(settings=mqtt, client_id=f"fig6-client-{uuid.uuid4().hex[:6]}", service="bench")
+    orchestrator = _start_orchestrator(name, agent, args.speedup, broker, cloud, args.seed)
+    client = f"fig6-client-{uuid.uuid4().hex[:6]}"
+    bus = Bus(settings=broker.login(client), client_id=client, service="bench")
     view = CmsView(bus)
     try:
         async with running(bus):
