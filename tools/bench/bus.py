@@ -426,7 +426,12 @@ async def _measure_stack(
         ),
     ]
     procs = [
-        spawn(spec.local_command(), broker.login(spec.agent, spec.role, tls=tls)) for spec in specs
+        spawn(
+            spec.local_command(),
+            broker.login(spec.agent, spec.role, tls=tls),
+            state_dir=broker.workdir,
+        )
+        for spec in specs
     ]
     try:
         await _wait_online(

@@ -131,6 +131,7 @@ def _start_worker(node: NodeSpec, speedup: float, broker: LocalBroker) -> subpro
             str(node.batching_beta),
         ],
         broker.login(node.id, "worker"),
+        broker,
     )
 
 
@@ -161,6 +162,7 @@ def _start_orchestrator(
             "0",
         ],
         broker.login(agent, "orchestrator"),
+        broker,
     )
 
 
@@ -251,8 +253,8 @@ def _agreement(live: dict, sim: dict, requests: int) -> dict[str, object]:
     return verdicts
 
 
-def _spawn(args: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
-    return spawn([sys.executable, "-m", *args], mqtt)
+def _spawn(args: list[str], mqtt: MqttSettings, broker: LocalBroker) -> subprocess.Popen[bytes]:
+    return spawn([sys.executable, "-m", *args], mqtt, state_dir=broker.workdir)
 
 
 def _progress(message: str) -> None:
