@@ -12,6 +12,7 @@ BENCH_MODULES = (
     "tools.bench.worker",
     "tools.bench.data",
     "tools.bench.fig6",
+    "tools.bench.security",
 )
 
 
