@@ -4,9 +4,11 @@ paho-mqtt on both ends (the bus runs on paho). The paho requester also drives th
 Prints JSON.
 
 The broker is secure as `edgecollab up` runs it (`--security auth`: accounts and ACLs over
-plain MQTT); `--security tls`: every connection over TLS too; `--security plain`: anonymous,
-no ACL, no TLS, as before security. `--compare-security` runs the stack path only, on a fresh
-broker of each kind in turn, `--rounds` times, and prints what security costs."""
+plain MQTT on loopback); `--security tls`: the clients over TLS as from another box (the
+services stay on loopback, as `up` and compose run them); `--security tls-all`: every
+connection over TLS; `--security plain`: anonymous, no ACL, no TLS, as before security.
+`--compare-security` runs the stack path only, on a fresh broker of each kind in turn,
+`--rounds` times, and prints what security costs."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ PROBE_EVERY_S = 0.5  # until a responder answers a first probe, one more probe t
 READY_TIMEOUT_S = 60.0
 
 
-SECURITY = ("plain", "auth", "tls")
+SECURITY = ("plain", "auth", "tls", "tls-all")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--security",
         choices=SECURITY,
         default="auth",
-        help="auth: accounts and ACLs (edgecollab up's broker); tls: and TLS; plain: neither",
+        help="auth: accounts and ACLs (edgecollab up's broker); tls: and the clients over TLS;"
+        " tls-all: every connection over TLS; plain: none of it",
     )
     parser.add_argument(
         "--compare-security",
@@ -80,13 +83,13 @@ async def bench(args: argparse.Namespace) -> int:
         broker = LocalBroker(Path(tmp), secure=args.security != "plain")
         broker.start()
         assert broker.proc is not None
-        tls = args.security == "tls"
+        tls = args.security.startswith("tls")
         try:
             bare = {
                 "aiomqtt": await _measure_bare(broker, tls, args),
                 "paho": await asyncio.to_thread(_measure_bare_paho, broker, tls, args),
             }
-            stack = await _measure_stack(broker, tls, args)
+            stack = await _measure_stack(broker, args.security, args)
         finally:
             broker.stop()
     print_json(
@@ -110,7 +113,7 @@ async def _compare_security(args: argparse.Namespace) -> dict[str, Any]:
                 broker = LocalBroker(Path(tmp), secure=mode != "plain")
                 broker.start()
                 try:
-                    runs[mode].append(await _measure_stack(broker, mode == "tls", args))
+                    runs[mode].append(await _measure_stack(broker, mode, args))
                 finally:
                     broker.stop()
 
@@ -130,7 +133,7 @@ async def _compare_security(args: argparse.Namespace) -> dict[str, Any]:
                 "throughput": round(summary[mode]["req_per_s"] / plain["req_per_s"], 3),
                 "p50": round(summary[mode]["p50_ms"] / plain["p50_ms"], 3),
             }
-            for mode in ("auth", "tls")
+            for mode in SECURITY[1:]
         },
         "runs": runs,
     }
@@ -411,10 +414,11 @@ class _PahoPinger:
 
 
 async def _measure_stack(
-    broker: LocalBroker, tls: bool, args: argparse.Namespace
+    broker: LocalBroker, security: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     """The bare paho requester again, now sending Queries to the orchestrator: both paths
     share one load generator, so the difference is the stack's."""
+    tls = security.startswith("tls")  # the clients: the requester and the one that waits
     tag = uuid.uuid4().hex[:6]
     orchestrator, worker = f"bench-orch-{tag}", f"bench-worker-{tag}"
     specs = [
@@ -428,7 +432,7 @@ async def _measure_stack(
     procs = [
         spawn(
             spec.local_command(),
-            broker.login(spec.agent, spec.role, tls=tls),
+            broker.login(spec.agent, spec.role, tls=security == "tls-all"),
             state_dir=broker.workdir,
         )
         for spec in specs
