@@ -45,6 +45,7 @@ ErrorCode = Literal[
     "cloud_error",
     "internal",
     "forbidden",
+    "quota",
 ]
 
 

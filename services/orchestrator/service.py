@@ -23,6 +23,7 @@ from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
 from services.orchestrator.provenance import record
+from services.orchestrator.tenants import Tenants
 from services.scheduling.outcomes import Outcome, Tally
 
 log = structlog.get_logger("edgecollab.orchestrator")
@@ -37,18 +38,27 @@ class Orchestrator:
     """Plans each query over the CMS view and runs it on edge agents (else the cloud)."""
 
     def __init__(
-        self, *, bus: Bus, view: CmsView, dispatcher: Dispatcher, cooperation: Cooperation
+        self,
+        *,
+        bus: Bus,
+        view: CmsView,
+        dispatcher: Dispatcher,
+        cooperation: Cooperation,
+        tenants: Tenants | None = None,
     ) -> None:
         self.bus = bus
         self.view = view
         self.dispatcher = dispatcher
         self.cooperation = cooperation
+        self.tenants = tenants
         self.tally = Tally(latencies_s=deque(maxlen=LATENCY_WINDOW))  # type: ignore[arg-type]
         bus.serve(QUERIES, self.handle_query, shared="orchestrators")
 
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
         client = requester(request.reply_to)
+        # a tenant at its quota is refused here, before any generation (Error code quota)
+        tenant = self.tenants.admit(client, query) if self.tenants is not None else None
         started, since = time.perf_counter(), time.time()
         steps: list[Step] = []
         classification = await self._classify(query, steps)
@@ -67,7 +77,10 @@ class Orchestrator:
                 await self._record_phase(query.request_id, number, phase, outputs)
         assert final is not None
         partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
-        return self._answer(query, started, final, steps, partial)
+        answer = self._answer(query, started, final, steps, partial)
+        if tenant is not None and self.tenants is not None:
+            await self.tenants.charge(tenant, client, query, answer)
+        return answer
 
     def plan(self, query: Query, classification: Classification | None) -> Plan:
         """The plan for this query given the agents online now."""
