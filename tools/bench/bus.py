@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -104,11 +105,12 @@ async def bench(args: argparse.Namespace) -> int:
 
 
 async def _compare_security(args: argparse.Namespace) -> dict[str, Any]:
-    """The stack on a fresh broker of each kind in turn, `rounds` times; medians and their
-    ratios to plain (rates move by a third between runs here: only turns in one run compare)."""
+    """The stack on a fresh broker of each kind in turn (in a shuffled order), `rounds` times;
+    medians and their ratios to plain (rates move by a third between runs here: only turns in
+    one run compare)."""
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in SECURITY}
-    for _ in range(args.rounds):
-        for mode in SECURITY:
+    for number in range(args.rounds):
+        for mode in random.Random(number).sample(SECURITY, len(SECURITY)):  # no fixed turn
             with tempfile.TemporaryDirectory() as tmp:
                 broker = LocalBroker(Path(tmp), secure=mode != "plain")
                 broker.start()
