@@ -13,11 +13,11 @@ import time
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from schemas import AgentStatus, Answer, CmsEntry, Query
+from schemas import Answer, CmsEntry, Query
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, NoSubscriber, PeerGone
-from services.core.topics import AGENT_STATUS, QUERIES
+from services.core.topics import QUERIES
 
 log = structlog.get_logger("edgecollab.client")
 
@@ -31,7 +31,7 @@ class QueryClient:
     (a bus delivers each message to one route, so the client shares the process's view)."""
 
     def __init__(self, bus: Bus, view: CmsView) -> None:
-        self.bus = bus
+        self.bus, self.view = bus, view
         self.retries = 0  # queries sent again (nobody subscribed, or their orchestrator died)
         view.on_change(self._on_change)
 
@@ -44,16 +44,13 @@ class QueryClient:
             before_sleep=lambda state: self._retried(query, state),
             reraise=True,
         )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if time.time() >= query.deadline:
-                        raise DeadlineExceeded(f"{query.request_id}: deadline passed")
-                    answer = await self.bus.request(
-                        QUERIES.format(), query, deadline=query.deadline, accept_within_s=ACCEPT_S
-                    )
-        except PeerGone as exc:  # the deadline came while nobody could take it
-            raise DeadlineExceeded(f"{query.request_id}: {exc}") from None
+        async for attempt in retrying:  # retries until an answer, an Error or the deadline
+            with attempt:
+                if time.time() >= query.deadline:
+                    raise DeadlineExceeded(f"{query.request_id}: deadline passed")
+                answer = await self.bus.request(
+                    QUERIES.format(), query, deadline=query.deadline, accept_within_s=ACCEPT_S
+                )
         assert isinstance(answer, Answer)
         return answer
 
@@ -63,9 +60,8 @@ class QueryClient:
         log.info("query.retry", request_id=query.request_id, reason=str(reason))
 
     def _on_change(self, key: str, entry: CmsEntry | None) -> None:
-        status = _status(entry) if entry is not None and AGENT_STATUS.match(key) else None
-        if status is not None and not status.online:
-            self.bus.abandon(status.agent)  # queries it accepted are sent again
+        if (gone := self.view.went_offline(key)) is not None:
+            self.bus.abandon(gone)  # queries it accepted are sent again
 
 
 def _wait(state: RetryCallState) -> float:
@@ -75,10 +71,3 @@ def _wait(state: RetryCallState) -> float:
     if isinstance(failure, NoSubscriber):
         return min(2.0, 0.1 * 2 ** (state.attempt_number - 1))
     return 0.0
-
-
-def _status(entry: CmsEntry) -> AgentStatus | None:
-    try:
-        return AgentStatus.model_validate(entry.value)
-    except ValueError:
-        return None

@@ -96,6 +96,13 @@ class CmsView:
         card = self.cards.get(agent)
         return AgentView(card, self.statuses.get(agent)) if card else None
 
+    def went_offline(self, key: str) -> str | None:
+        """The agent that change of `key` left not online, if `key` is an agent's status."""
+        params = AGENT_STATUS.match(key)
+        if params is None or self.online(params["agent"]):
+            return None
+        return params["agent"]
+
     def online(self, *agents: str) -> bool:
         """True when every one of `agents` is online."""
         return all((a := self.agent(name)) is not None and a.online for name in agents)

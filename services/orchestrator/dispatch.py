@@ -193,14 +193,10 @@ class Dispatcher:
         return Generated(reply.text, outcome, steps)
 
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
-        params = AGENT_STATUS.match(key)
-        if params is None:
-            return
-        agent = params["agent"]
-        self._heard[agent] = time.monotonic()
-        view = self.view.agent(agent)
-        if view is None or not view.online:
-            self.bus.abandon(agent)  # its requests in flight fail now, not at deadline
+        if (params := AGENT_STATUS.match(key)) is not None:
+            self._heard[params["agent"]] = time.monotonic()
+        if (gone := self.view.went_offline(key)) is not None:
+            self.bus.abandon(gone)  # its requests in flight fail now, not at deadline
 
     async def watch_silence(self, *, silent_after_s: float) -> None:
         """A worker whose status (sent twice per keepalive) has not come for `silent_after_s`

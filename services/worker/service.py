@@ -30,7 +30,7 @@ from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import BadInput
 from services.core.presence import Presence
-from services.core.topics import AGENT_STATUS, KNOWLEDGE, MODEL_DETAIL, REPLIES, STREAM, TASKS
+from services.core.topics import KNOWLEDGE, MODEL_DETAIL, REPLIES, STREAM, TASKS
 from services.worker.backend import Backend
 from services.worker.parameters import LiveParameters
 
@@ -168,12 +168,9 @@ class Worker:
 
     def _on_change(self, key: str, entry: CmsEntry | None) -> None:
         """A requester that went offline will take no result: free its slots now."""
-        params = AGENT_STATUS.match(key)
-        status = self.view.statuses.get(params["agent"]) if params else None
-        if params is None or (status is not None and status.online):
-            return
-        for task in self._by_requester.pop(params["agent"], set()):
-            log.info("task.cancelled", requester=params["agent"], reason="requester offline")
+        gone = self.view.went_offline(key)
+        for task in self._by_requester.pop(gone, set()) if gone else ():
+            log.info("task.cancelled", requester=gone, reason="requester offline")
             task.cancel()
 
     def _changed(self) -> None:
