@@ -95,8 +95,7 @@ class _Stack:
 async def _one(fault: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        mqtt = MqttSettings(host="127.0.0.1", port=port, keepalive=KEEPALIVE_S)
-        os.environ["EDGECOLLAB_MQTT_KEEPALIVE"] = str(KEEPALIVE_S)  # the services' too
+        mqtt = MqttSettings(host="127.0.0.1", port=port, keepalive=KEEPALIVE_S)  # services' too
         stack = _Stack(mqtt, Path(tmp), start_mosquitto(port, Path(tmp)))
         stack.orchestrator("orch-1")
         if fault == "orchestrator_kill_standby":

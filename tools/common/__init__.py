@@ -88,6 +88,7 @@ def spawn(argv: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
         **os.environ,
         "EDGECOLLAB_MQTT_HOST": mqtt.host,
         "EDGECOLLAB_MQTT_PORT": str(mqtt.port),
+        "EDGECOLLAB_MQTT_KEEPALIVE": str(mqtt.keepalive),
         "EDGECOLLAB_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
