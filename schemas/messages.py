@@ -198,6 +198,16 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field([], max_length=8)
 
 
+class Resume(BaseModel):
+    """Where a streamed answer stopped when its worker failed: the next worker continues it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str = Field(max_length=200_000, description="what the requester has been sent")
+    seq: int = Field(ge=0, description="the next chunk's sequence number")
+    attempt: int = Field(1, ge=1, le=1000, description="the attempt that wrote the last chunk")
+
+
 class Query(Message):
     """A user's request to the edge cluster, on computation/queries."""
 
@@ -211,6 +221,9 @@ class Query(Message):
     sampling: SamplingOptions = SamplingOptions()
     ack: bool = Field(
         False, description="send an `accepted` interim reply first (a client that retries)"
+    )
+    resume: Resume | None = Field(
+        None, description="sent again: what its stream had shown, for the answer to go on from"
     )
 
 
@@ -341,6 +354,8 @@ class Task(Message):
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = SamplingOptions()
+    attempt: int = Field(1, ge=1, le=1000, description="1 + the workers tried before this one")
+    resume: Resume | None = Field(None, description="a streamed answer to continue, not restart")
 
 
 class GenerationStats(BaseModel):
@@ -387,6 +402,7 @@ class TokenChunk(Message):
     seq: int = Field(ge=0)
     text: str
     done: bool = False
+    attempt: int = Field(1, ge=1, description="a later attempt's chunks supersede an earlier's")
 
 
 class KnowledgeQuery(Message):

@@ -160,6 +160,7 @@ class Orchestrator:
             max_tokens=step.max_tokens,
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
+            resume=query.resume if step.name == "answer" else None,
             sampling=query.sampling,
             **_length_labels(step, classification),
         )

@@ -44,9 +44,11 @@ class OnnxBackend:
             self._generator = Generator(self.engine, max_batch=self.concurrency)
         messages = [{"role": "system", "content": task.system}] if task.system else []
         messages.append({"role": "user", "content": task.prompt})
+        prefix = task.resume.text if task.resume is not None else ""  # continued, not redone
+        written = len(self.engine.tokenizer.encode(prefix, add_special_tokens=False).ids)
         try:
-            params = SamplingParams.resolve(sampling, max_tokens=task.max_tokens)
-            stream = self._generator.submit(messages, params, deadline=task.deadline)
+            params = SamplingParams.resolve(sampling, max_tokens=max(1, task.max_tokens - written))
+            stream = self._generator.submit(messages, params, deadline=task.deadline, prefix=prefix)
         except ValueError as exc:
             raise BadInput("bad_request", str(exc)) from None
         pieces = []

@@ -97,6 +97,8 @@ class Worker:
         started = time.perf_counter()
         with self._serving(request.reply_to):
             text, stats = await self._generate(task, self._streamer(task) if task.stream else None)
+        if task.resume is not None:  # the answer is what the requester was sent, then ours
+            text = task.resume.text + text
         return TaskResult(
             task_id=task.task_id,
             agent=self.agent,
@@ -179,11 +181,14 @@ class Worker:
 
     def _streamer(self, task: Task) -> Callable[[str], Awaitable[None]]:
         topic = STREAM.format(request=task.request_id)
-        seq = 0
+        seq = task.resume.seq if task.resume is not None else 0
 
         async def emit(text: str) -> None:
             nonlocal seq
-            chunk = TokenChunk(request_id=task.request_id, agent=self.agent, seq=seq, text=text)
+            chunk = TokenChunk(
+                request_id=task.request_id, agent=self.agent, seq=seq, text=text,
+                attempt=task.attempt,
+            )  # fmt: skip
             seq += 1
             await self.bus.publish(topic, chunk)
 
