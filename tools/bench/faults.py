@@ -45,6 +45,7 @@ FAULTS = (
     "orchestrator_kill",
     "orchestrator_kill_standby",
     "broker_restart",
+    "slow_subscriber",
 )
 STRIKE_AFTER_S = 3.0  # the fault comes this long after the first query
 FREEZE_S = 20.0
@@ -84,6 +85,7 @@ class _Stack:
     workdir: Path
     broker: subprocess.Popen[bytes]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    reader: subprocess.Popen[bytes] | None = None  # a `#` subscriber that stops reading
 
     def start(self, name: str, *argv: str) -> None:
         self.procs[name] = spawn([sys.executable, "-m", *argv], self.mqtt)
@@ -106,10 +108,15 @@ async def _one(fault: str, args: argparse.Namespace) -> dict[str, object]:
             stack.orchestrator("orch-2")
         for name in ("worker-1", "worker-2"):
             stack.worker(name)
+        if fault == "slow_subscriber":
+            stack.reader = subprocess.Popen(
+                ["mosquitto_sub", "-h", mqtt.host, "-p", str(port), "-t", "#", "-q", "1",
+                 "-V", "mqttv5"], stdout=subprocess.DEVNULL,
+            )  # fmt: skip
         try:
             return await _drive(fault, stack, args)
         finally:
-            stop(*stack.procs.values())
+            stop(*stack.procs.values(), *([stack.reader] if stack.reader else []))
             stop(stack.broker)
 
 
@@ -181,6 +188,7 @@ async def _strike(fault: str, stack: _Stack, view: CmsView, start: float) -> flo
         "orchestrator_kill": lambda: _kill_orchestrator(stack, view, struck, restart=True),
         "orchestrator_kill_standby": lambda: _kill_orchestrator(stack, view, struck),
         "broker_restart": lambda: _restart_broker(stack),
+        "slow_subscriber": lambda: _stall_reader(stack, struck),
     }
     return await actions[fault]()
 
@@ -208,6 +216,15 @@ async def _kill_orchestrator(
         await asyncio.sleep(max(0.0, struck + ORCHESTRATOR_RESTART_S - time.monotonic()))
         stack.orchestrator("orch-1")
     return detected
+
+
+async def _stall_reader(stack: _Stack, struck: float) -> None:
+    """A debugging `mosquitto_sub -t '#'` stops reading for FREEZE_S: the broker queues for it
+    (to its limits) while everyone else is served."""
+    assert stack.reader is not None
+    os.kill(stack.reader.pid, signal.SIGSTOP)
+    await asyncio.sleep(max(0.0, struck + FREEZE_S - time.monotonic()))
+    os.kill(stack.reader.pid, signal.SIGCONT)
 
 
 async def _restart_broker(stack: _Stack) -> None:
