@@ -235,6 +235,7 @@ class Step(BaseModel):
     name: str
     topic: str
     agent: str | None
+    site: str | None = Field(None, description="the neighbour site of `agent`; None: this one")
     where: Literal["edge", "cloud", "none"]
     outcome: Literal["ok", "rejected", "failed", "cached"]
     prompt_tokens: int = 0

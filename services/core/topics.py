@@ -155,6 +155,9 @@ TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 SITE_KEY = Topic("cms/sites/{site}/{key*}", CmsEntry, retained=True)
 REMOTE_AGENT_CARD = Topic("cms/sites/{site}/agents/{agent}", CmsEntry, retained=True)
 REMOTE_AGENT_STATUS = Topic("cms/sites/{site}/agents/{agent}/status", CmsEntry, retained=True)
+# This site's replicator's link to each peer site (local, not replicated): connected, rtt_ms (the
+# round trip to the peer's broker, what a task sent there pays on top), counters.
+REPLICATION_PEER = Topic("cms/replication/peers/{site}", CmsEntry, retained=True)
 
 # Data cooperation.
 # A reading is retained as its stream's last value, so a new consumer starts with one.
@@ -167,6 +170,9 @@ QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
+# A task for an agent of a neighbour site: this site's replicator takes it and sends it on as
+# computation/tasks/<agent> to that site's broker over its link, and brings the reply back.
+REMOTE_TASKS = Topic("computation/sites/{site}/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 
 # Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))

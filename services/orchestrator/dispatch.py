@@ -21,7 +21,7 @@ from schemas import (
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
-from services.core.topics import AGENT_STATUS, STREAM, TASKS
+from services.core.topics import AGENT_STATUS, REMOTE_AGENT_STATUS, REMOTE_TASKS, STREAM, TASKS
 from services.core.transcript import Transcript
 from services.orchestrator.allocator import Allocator, Grant
 from services.orchestrator.cloud import CloudClient, CloudError
@@ -128,13 +128,15 @@ class Dispatcher:
         if grant.agent is None and grant.reason == "cloud":
             return await self._cloud(job, [], Outcome.CLOUD, demand)
         steps: list[Step] = []
-        tried: set[str] = set()
+        tried: set[str | None] = set()
         before = job.resume.attempt if job.resume else 0  # attempts of an earlier orchestrator
         while grant.agent is not None:
-            tried.add(grant.agent)
+            tried.add(grant.key)
             result: TaskResult | None = None
             try:
-                step, result = await self.dispatch(grant.agent, job, attempt=before + len(tried))
+                step, result = await self.dispatch(
+                    grant.agent, job, attempt=before + len(tried), site=grant.site
+                )
             finally:
                 self.allocator.release(grant, demand, result)  # a whole answer's length is learned
             steps.append(step)
@@ -149,24 +151,28 @@ class Dispatcher:
             )
         return await self._cloud(job, steps, Outcome.REJECTED_TO_CLOUD, demand)
 
-    async def _another(self, demand: Demand, tried: set[str]) -> Grant:
+    async def _another(self, demand: Demand, tried: set[str | None]) -> Grant:
         """A free slot elsewhere at once, else whatever the policy would wait for, if that is
         not an agent already tried."""
         grant = self.allocator.acquire_free(demand, exclude=tried)
         if grant.agent is not None:
             return grant
         grant = await self.allocator.acquire(demand)
-        if grant.agent in tried:
+        if grant.key in tried:
             self.allocator.release(grant, demand)
-            return Grant(None, f"full: only {grant.agent}, tried already, has room")
+            return Grant(None, f"full: only {grant.key}, tried already, has room")
         return grant
 
     async def dispatch(
-        self, agent: str, job: Job, *, attempt: int = 1
+        self, agent: str, job: Job, *, attempt: int = 1, site: str | None = None
     ) -> tuple[Step, TaskResult | None]:
-        """Send a task to one worker; a reject, an error, a deadline or a death is a Step too.
-        Each attempt has its own task id, so a late result of an abandoned one is ignored."""
-        topic = TASKS.format(agent=agent)
+        """Send a task to one worker (of the neighbour `site`: through this site's replicator,
+        not streamed); a reject, an error, a deadline or a death is a Step too. Each attempt
+        has its own task id, so a late result of an abandoned one is ignored."""
+        if site is None:
+            topic, peer = TASKS.format(agent=agent), agent
+        else:
+            topic, peer = REMOTE_TASKS.format(site=site, agent=agent), f"{site}/{agent}"
         suffix = "" if attempt == 1 else f".{attempt}"
         resume = self._take_over(job.request_id, attempt)
         task = Task(
@@ -175,7 +181,7 @@ class Dispatcher:
             prompt=job.prompt,
             max_tokens=job.max_tokens,
             deadline=job.deadline,
-            stream=job.stream,
+            stream=job.stream and site is None,
             sampling=job.sampling,
             attempt=attempt,
             resume=resume,
@@ -183,16 +189,19 @@ class Dispatcher:
         resumed = f"continued after {resume.seq} streamed chunks" if resume else None
         started = time.perf_counter()
         try:
-            reply = await self.bus.request(topic, task, deadline=task.deadline, peer=agent)
+            reply = await self.bus.request(topic, task, deadline=task.deadline, peer=peer)
         except (DeadlineExceeded, RemoteError, PeerGone) as exc:
-            return record(job.name, topic, agent, started, "failed", detail=str(exc)), None
+            step = record(job.name, topic, agent, started, "failed", site=site, detail=str(exc))
+            return step, None
         if isinstance(reply, Rejected):
-            detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
-            return record(job.name, topic, agent, started, "rejected", detail=detail), None
+            detail = f"{peer} rejected: {reply.reason} ({reply.active}/{reply.limit})"
+            step = record(job.name, topic, agent, started, "rejected", site=site, detail=detail)
+            return step, None
         assert isinstance(reply, TaskResult)
-        self.usage.setdefault(agent, AgentUsage()).add(reply.ms / 1000, reply.output_tokens)
+        if site is None:  # a neighbour's agents are its own site's to account for
+            self.usage.setdefault(agent, AgentUsage()).add(reply.ms / 1000, reply.output_tokens)
         step = record(
-            job.name, topic, agent, started, "ok", detail=resumed,
+            job.name, topic, agent, started, "ok", site=site, detail=resumed,
             prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
         )  # fmt: skip
         return step, reply
@@ -251,6 +260,11 @@ class Dispatcher:
             self._heard[params["agent"]] = time.monotonic()
         if (gone := self.view.went_offline(key)) is not None:
             self.bus.abandon(gone)  # its requests in flight fail now, not at deadline
+        elif (params := REMOTE_AGENT_STATUS.match(key)) is not None:
+            site, agent = params["site"], params["agent"]
+            found = self.view.remote_agent(site, agent)
+            if found is None or not found.online:
+                self.bus.abandon(f"{site}/{agent}")
 
     async def watch_silence(self, *, silent_after_s: float) -> None:
         """A worker whose status (sent twice per keepalive) has not come for `silent_after_s`

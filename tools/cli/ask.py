@@ -131,7 +131,7 @@ def provenance(answer: Answer) -> str:
         {
             "step": step.name,
             "where": step.where,
-            "agent": step.agent or "-",
+            "agent": f"{step.agent} at site {step.site}" if step.site else step.agent or "-",
             "outcome": step.outcome,
             "tokens": f"{step.prompt_tokens}+{step.output_tokens}",
             "ms": f"{step.ms:.1f}",
