@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas import CmsEntry, TaskResult
+from schemas import AgentCard, CmsEntry, TaskResult
 from services.core.cms import CmsView
 from services.core.topics import AGENT_CARD, AGENT_STATUS
 from services.scheduling.lengths import COMPLETE, EDGE_MODEL, LengthEstimate, LengthPredictor
@@ -53,8 +54,11 @@ class Allocator:
         rng: random.Random | None = None,
         knowledge: LiveKnowledge = "predicted",
         predictor: LengthPredictor | None = None,
+        admits: Callable[[AgentCard], bool] = lambda card: True,
     ) -> None:
+        """`admits`: whether an online worker may take tasks (cms/configs/<model>/version)."""
         self.view = view
+        self.admits = admits
         self.policy = policy
         self.rng = rng or random.Random()
         self.knowledge = knowledge
@@ -169,14 +173,23 @@ class Allocator:
             if not waiter.granted.done():
                 waiter.granted.set_result(0)
 
+    def refresh(self) -> None:
+        """Judge every agent again (what `admits` says changed)."""
+        for agent in list(self.view.cards):
+            self._update(agent)
+
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         params = AGENT_CARD.match(key) or AGENT_STATUS.match(key)
-        if params is None:
-            return
-        agent = params["agent"]
+        if params is not None:
+            self._update(params["agent"])
+
+    def _update(self, agent: str) -> None:
         found = self.view.agent(agent)
         card = found.card if found else None
-        if found and found.online and card and card.kind == "worker" and card.tokens_per_s:
+        if (
+            found and found.online and card and card.kind == "worker" and card.tokens_per_s
+            and self.admits(card)
+        ):  # fmt: skip
             self._models[agent] = card.model.name if card.model else EDGE_MODEL
             self.fleet.upsert(
                 agent,

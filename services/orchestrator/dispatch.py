@@ -47,25 +47,6 @@ class Generated:
     steps: list[Step] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class AgentUsage:
-    """What one agent's generations for this orchestrator cost: count, seconds, tokens."""
-
-    tasks: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    published: int = 0  # `tasks` when last written to the CMS
-
-    def add(self, seconds: float, tokens: int) -> None:
-        self.tasks += 1
-        self.seconds += seconds
-        self.tokens += tokens
-
-    @property
-    def inference_time_avg(self) -> float:
-        return self.seconds / self.tasks if self.tasks else 0.0
-
-
 def estimate_tokens(text: str) -> int:
     """Prompt tokens before any tokenizer sees the text (~4 characters a token)."""
     return max(1, round(len(text) / 4))
@@ -82,7 +63,6 @@ class Dispatcher:
         self.allocator = allocator
         self.cloud = cloud
         self._heard: dict[str, float] = {}  # when each agent's status last came (monotonic)
-        self.usage: dict[str, AgentUsage] = {}  # per edge agent, for cms/metrics/<agent>/...
         view.on_change(self._on_cms_change)
 
     async def run(self, job: Job) -> Generated:
@@ -156,7 +136,6 @@ class Dispatcher:
             detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
             return record(job.name, topic, agent, started, "rejected", detail=detail), None
         assert isinstance(reply, TaskResult)
-        self.usage.setdefault(agent, AgentUsage()).add(reply.ms / 1000, reply.output_tokens)
         step = record(
             job.name, topic, agent, started, "ok",
             prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
