@@ -74,6 +74,7 @@ KEYS: dict[str, ConfigKey] = {
 }  # fmt: skip
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _UNSET = object()
+_SHAPE = "a config key is cms/configs/<name> or cms/configs/<model>/<name>"
 
 
 class LiveConfigs:
@@ -110,7 +111,7 @@ class LiveConfigs:
         params = MODEL_CONFIG.match(key) or SITE_CONFIG.match(key)
         if params is None:
             if key.startswith("cms/configs/") and self._judge_all and entry is not None:
-                self._refuse(key, "a config key is cms/configs/<name> or .../<model>/<name>")
+                self._refuse(key, _SHAPE)
             return
         model, name = params.get("model"), params["name"]
         if self._model is not None and model not in (None, self._model):
@@ -137,6 +138,12 @@ class LiveConfigs:
     def _notify(self) -> None:
         if self._on_change is not None:
             self._on_change()
+
+
+def problem(key: str, value: Any) -> str | None:
+    """Why services would refuse `value` at `key` (a cms/configs/... key); None: they take it."""
+    params = MODEL_CONFIG.match(key) or SITE_CONFIG.match(key)
+    return _SHAPE if params is None else _problem(params.get("model"), params["name"], value)
 
 
 def _problem(model: str | None, name: str, value: Any) -> str | None:
