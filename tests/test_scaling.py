@@ -15,12 +15,15 @@ from schemas import Error
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
-from services.core.settings import MqttSettings
+from services.core.settings import MqttSettings, RuntimeSettings
 from services.core.topics import ERRORS, SCALING
 from tests.broker import ROOT
 from tests.conftest import running, wait_for
 from tests.test_configs import tiny_named
 from tools.common.broker import broker_answers, free_port
+from tools.common.scaling import PROCESS_MB, Scaler, pools
+from tools.common.stack import ServiceSpec
+from tools.common.supervise import Child
 
 
 async def test_up_starts_and_stops_workers_to_match_desired_instances(tmp_path, tiny_model_dir):
@@ -91,3 +94,30 @@ async def test_up_starts_and_stops_workers_to_match_desired_instances(tmp_path, 
     assert all("not a whole number from 0 to 3" in m for m in refused), refused
     assert "no worker of model 'no-such-model' here (scalable: tiny-scaled)" in unknown
     assert "Traceback" not in output
+
+
+async def test_scaling_refuses_instances_that_do_not_fit_in_memory(mqtt, uid):
+    class Hands:  # what the Supervisor would be asked to do
+        def __init__(self) -> None:
+            self.added: list[str] = []
+
+        def add(self, child: Child) -> None:
+            self.added.append(child.name)
+
+    spec = ServiceSpec(f"e{uid}-1", "services.worker", ("--agent-id", f"e{uid}-1"))
+    found = pools([spec], RuntimeSettings())
+    hands, said = Hands(), []
+    scaler = Scaler(
+        hands, found, lambda s: Child(s.name, lambda: None), max_instances=8,  # type: ignore[arg-type]
+        say=said.append, available_mb=lambda: 2.5 * PROCESS_MB,
+    )  # fmt: skip
+    task = asyncio.create_task(scaler.run(mqtt))
+    try:
+        await wait_for(lambda: hasattr(scaler, "bus") and scaler.bus.connected.is_set())
+        scaler.desire("emulated", 4, "cms/scaling/emulated/desired_instances")
+        refused = list(hands.added)
+        scaler.desire("emulated", 3, "cms/scaling/emulated/desired_instances")
+    finally:
+        task.cancel()
+    assert refused == [] and hands.added == [f"e{uid}-2", f"e{uid}-3"]
+    assert "3 more instance(s) of emulated need ~450 MB, 375 MB available: at most 2" in said[0]
