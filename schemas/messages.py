@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.ids import AgentIdField, Domain, RequestIdField, SiteIdField, TaskIdField
+from schemas.ids import (
+    VERSION_PATTERN,
+    AgentIdField,
+    Domain,
+    RequestIdField,
+    SiteIdField,
+    TaskIdField,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -85,6 +92,11 @@ class ModelInfo(BaseModel):
     parameters: int | None = None
     quantization: str | None = None
     context_length: int | None = None
+    version: str | None = Field(
+        None,
+        pattern=VERSION_PATTERN,
+        description="the deployed version; cms/configs/<model>/version sends tasks only to it",
+    )
 
 
 class AgentCard(Message):

@@ -144,6 +144,13 @@ AGENT_CARD = Topic("cms/agents/{agent}", CmsEntry, retained=True)
 AGENT_STATUS = Topic("cms/agents/{agent}/status", CmsEntry, retained=True)
 MODEL_DETAIL = Topic("cms/slm/{model}/{field}", CmsEntry, retained=True)
 PARAMETER = Topic("cms/parameters/{model}/{name}", CmsEntry, retained=True)
+# Deployment configuration (services/core/configs.py lists the keys): the site's, and a model's.
+SITE_CONFIG = Topic("cms/configs/{name}", CmsEntry, retained=True)
+MODEL_CONFIG = Topic("cms/configs/{model}/{name}", CmsEntry, retained=True)
+# Scale events: an operator's desired instances of a model, `edgecollab up`'s current ones.
+SCALING = Topic("cms/scaling/{model}/{name}", CmsEntry, retained=True)
+# Results of the paper's experiments (`edgecollab simulate --publish`), for the dashboard.
+EXPERIMENT = Topic("cms/experiments/{name}", CmsEntry, retained=True)
 METRIC = Topic("cms/metrics/{scope}/{name}", CmsEntry, retained=True)
 INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)

@@ -173,7 +173,7 @@ class Gateway:
         return found
 
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
-        if key.startswith(("cms/agents/", "cms/metrics/")):
+        if key.startswith(("cms/agents/", "cms/metrics/", "cms/experiments/")):
             self.changed.set()
         params = TENANT.match(key)
         if params and params["name"] == "tokens_used" and entry is not None:

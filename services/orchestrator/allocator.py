@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from schemas import CmsEntry, TaskResult
+from schemas import AgentCard, CmsEntry, TaskResult
 from services.core.cms import AgentView, CmsView
 from services.core.topics import (
     AGENT_CARD,
@@ -82,8 +83,11 @@ class Allocator:
         rng: random.Random | None = None,
         knowledge: LiveKnowledge = "predicted",
         predictor: LengthPredictor | None = None,
+        admits: Callable[[AgentCard], bool] = lambda card: True,
     ) -> None:
+        """`admits`: whether an online worker may take tasks (cms/configs/<model>/version)."""
         self.view = view
+        self.admits = admits
         self.policy = policy
         self.rng = rng or random.Random()
         self.knowledge = knowledge
@@ -205,6 +209,11 @@ class Allocator:
             if not waiter.granted.done():
                 waiter.granted.set_result(0)
 
+    def refresh(self) -> None:
+        """Judge every agent again (what `admits` says changed)."""
+        for agent in list(self.view.cards):
+            self._update(self.fleet, agent, self.view.agent(agent))
+
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         if (params := AGENT_CARD.match(key) or AGENT_STATUS.match(key)) is not None:
             agent = params["agent"]
@@ -232,7 +241,10 @@ class Allocator:
     ) -> None:
         """An online worker joins `fleet` (or changes its capacity); anything else leaves."""
         card = found.card if found else None
-        if found and found.online and card and card.kind == "worker" and card.tokens_per_s:
+        if (
+            found and found.online and card and card.kind == "worker" and card.tokens_per_s
+            and self.admits(card)
+        ):  # fmt: skip
             self._models[key] = card.model.name if card.model else EDGE_MODEL
             fleet.upsert(
                 key,

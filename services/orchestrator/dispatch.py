@@ -58,25 +58,6 @@ class Generated:
     steps: list[Step] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class AgentUsage:
-    """What one agent's generations for this orchestrator cost: count, seconds, tokens."""
-
-    tasks: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    published: int = 0  # `tasks` when last written to the CMS
-
-    def add(self, seconds: float, tokens: int) -> None:
-        self.tasks += 1
-        self.seconds += seconds
-        self.tokens += tokens
-
-    @property
-    def inference_time_avg(self) -> float:
-        return self.seconds / self.tasks if self.tasks else 0.0
-
-
 CONTINUE = "Continue your answer exactly where it stopped, without repeating any of it."
 
 
@@ -96,7 +77,6 @@ class Dispatcher:
         self.allocator = allocator
         self.cloud = cloud
         self._heard: dict[str, float] = {}  # when each agent's status last came (monotonic)
-        self.usage: dict[str, AgentUsage] = {}  # per edge agent, for cms/metrics/<agent>/...
         self._streamed: dict[str, Transcript] = {}  # what requesters of streamed jobs were sent
         view.on_change(self._on_cms_change)
         bus.listen(STREAM, self._on_chunk)
@@ -198,8 +178,6 @@ class Dispatcher:
             step = record(job.name, topic, agent, started, "rejected", site=site, detail=detail)
             return step, None
         assert isinstance(reply, TaskResult)
-        if site is None:  # a neighbour's agents are its own site's to account for
-            self.usage.setdefault(agent, AgentUsage()).add(reply.ms / 1000, reply.output_tokens)
         step = record(
             job.name, topic, agent, started, "ok", site=site, detail=resumed,
             prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,

@@ -16,7 +16,7 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, engine: Engine, *, concurrency: int) -> None:
+    def __init__(self, engine: Engine, *, concurrency: int, version: str | None = None) -> None:
         self.engine = engine
         self.concurrency = concurrency
         self.tokens_per_s = round(measure_tokens_per_s(engine), 1)  # measured here, at start
@@ -27,6 +27,7 @@ class OnnxBackend:
             parameters=card.get("parameters"),
             quantization=card.get("quantization"),
             context_length=card.get("context_length"),
+            version=version or card.get("version"),
         )
         self._generator: Generator | None = None
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
 from pathlib import Path
 
 import orjson
 
+from services.core import cms
+from services.core.topics import EXPERIMENT
 from services.scheduling.policies import POLICIES
+from tools.common import add_broker_option, connected_bus
 from tools.sim.engine import KNOWLEDGE, Knowledge
 from tools.sim.experiment import Experiment, run_experiment
-from tools.sim.report import PlotUnavailable, plot, table
+from tools.sim.report import PlotUnavailable, fig6, plot, table
 from tools.sim.sites import check, run_sites, site_nodes, site_workload
 from tools.sim.sites import table as sites_table
 from tools.sim.workload import (
@@ -88,6 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bound-latency", type=_positive, help="Δ for the lower bound (default: auto)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw Fig. 6 (needs matplotlib)")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="also put Fig. 6's numbers in the CMS (cms/experiments/fig6) for the dashboard",
+    )
+    add_broker_option(p)
     p.add_argument("--write-trace", type=Path, metavar="FILE", help="write the workload and exit")
     p.add_argument("--write-nodes", type=Path, metavar="FILE", help="write the fleet and exit")
     p.set_defaults(func=run)
@@ -122,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         except PlotUnavailable as e:
             print(f"edgecollab simulate: {e}", file=sys.stderr)
             return 1
+    if args.publish:
+        asyncio.run(_publish(args, fig6(report)))
     return 0
 
 
@@ -166,6 +179,13 @@ def _run_sites(
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json else None
     print(text or sites_table(report))
     return 0
+
+
+async def _publish(args: argparse.Namespace, figure: dict[str, object]) -> None:
+    async with connected_bus(args) as (bus, _):
+        key = EXPERIMENT.format(name="fig6")
+        await cms.put(bus, key, figure, version=time.time_ns() // 1000)
+    print(f"edgecollab simulate: published {key}", file=sys.stderr)
 
 
 def _workload(args: argparse.Namespace, scenario: Scenario, seed: int) -> list[Arrival]:
