@@ -192,3 +192,34 @@ def test_the_grounding_bench_scores_an_answer_on_its_text_against_the_scenario()
     result = summary(scored)
     assert result["named_every_abnormal_value"] == 0.5
     assert result["answers_citing_unmeasured_values"] == 1
+
+
+def test_a_retrieved_range_stands_beside_its_stream_and_is_no_unmeasured_value():
+    from schemas import Answer, Passage
+    from services.data.grounding import reference, sources
+    from tools.bench.grounding import load, score
+
+    ref = Passage(id="health/h.md#0", domain="health", document="h.md", title="Resting heart rate",
+                  text="...", source="MedlinePlus, Vital signs", cite="MedlinePlus",
+                  matched="stream", stream="heart_rate", low=60, high=100, unit="bpm",
+                  label="normal at rest")  # fmt: skip
+    near = ref.model_copy(update={"id": "health/h.md#1", "title": "Fever", "source": "CDC",
+                                  "cite": "CDC", "matched": "text", "stream": None, "low": None,
+                                  "high": None, "unit": None, "label": None})  # fmt: skip
+    assert reference(ref) == "normal at rest 60-100 bpm [MedlinePlus]"
+    assert reference(ref.model_copy(update={"low": None, "label": None})) == (
+        "at most 100 bpm [MedlinePlus]"
+    )
+    text = compose("health", WATCH, advice="Rest.", passages=[ref, near])
+    assert "148 bpm (steady), above the tachycardia threshold of 100 bpm, normal at rest " \
+           "60-100 bpm [MedlinePlus]" in text  # fmt: skip
+    assert text.endswith("Sources: [MedlinePlus] MedlinePlus, Vital signs; [CDC] CDC")
+    assert sources([]) == ""
+    checked = check("A resting pulse is 60-100 bpm. Yours was 180 bpm.", WATCH, [ref])
+    assert checked.text == "A resting pulse is 60-100 bpm." and checked.unverified == ["180 bpm"]
+    readme = next(s for s in load() if s.id == "readme-watch")
+    answer = Answer(request_id="r", text=text, outcome="edge", passages=[ref])
+    assert score(readme, answer, "x").unmeasured == []
+    assert score(readme, answer.model_copy(update={"passages": []}), "x").unmeasured == [
+        "60-100 bpm"
+    ]
