@@ -304,11 +304,12 @@ class Answer(Message):
     facts: list[Fact] = Field([], description="the measured values the text states")
     verified: bool | None = Field(
         None,
-        description="true: every number with a unit in the generated text matches a fact; "
-        "false: some did not and were removed (see unverified); null: no data step, not checked",
+        description="true: every number with a unit in the generated text matches a fact (or a "
+        "retrieved passage); false: some did not and were removed (see unverified); null: no "
+        "data step and no passage, not checked",
     )
     unverified: list[str] = Field(
-        [], description="numbers with a unit the model wrote that match no reading (removed)"
+        [], description="numbers with a unit the model wrote that match no reading or passage"
     )
     passages: list[Passage] = Field([], description="the knowledge-base passages the text cites")
 

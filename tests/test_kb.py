@@ -253,7 +253,7 @@ async def test_the_knowledge_base_indexes_as_a_job_answers_and_keeps_what_is_add
     assert "error" not in jobs.fields[job]
     assert reply.passages[0].title == "Fever" and reply.passages[0].cite == "CDC"
     assert reply.model == "all-MiniLM-L6-v2" and reply.agent == agent
-    assert f"hydration.md: 1 passages for health, job {job} on {agent}" in added.stdout
+    assert f"hydration.md: 1 passage for health, job {job} on {agent}" in added.stdout
     assert "done 1/1 passages" in added.stdout
     assert "[Ward notes] Drinking water in hot weather  (health/hydration.md#0)" in found.stdout
     assert f"{agent} (online, all-MiniLM-L6-v2): health, environment" in listed.stdout
@@ -333,9 +333,11 @@ async def test_health_answers_cite_the_knowledge_base_and_ground_ranges_in_it(
     assert any(p.title == "Resting heart rate" for p in plain.passages)
     assert '[MedlinePlus] MedlinePlus, "Vital signs"' in plain.text.split("Sources: ")[-1]
 
+    assert "\n\nFrom the knowledge base [MedlinePlus], Resting heart rate: " in plain.text
+    assert plain.verified is not None  # the model's numbers checked against the passages
+
     assert "heart rate 148 bpm (steady), above the tachycardia threshold of 100 bpm, normal at " \
-           "rest 60-100 bpm [MedlinePlus]" in grounded.text  # fmt: skip
-    print(grounded.text)
+           "rest: 60-100 bpm [MedlinePlus]" in grounded.text  # fmt: skip
     sources = grounded.text.split("\n\nSources: ")[-1]
     assert '[MedlinePlus] MedlinePlus, "Vital signs"' in sources
     heart = next(p for p in grounded.passages if p.stream == "heart_rate")

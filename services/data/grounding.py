@@ -12,9 +12,11 @@ Pure functions (no bus), used by the orchestrator and by `edgecollab bench groun
     sources(passages)             # "Sources: [WHO 2021] ..." for knowledge-base passages
 
 With knowledge-base passages (schemas.Passage), `measured` puts each stream's reference range
-beside its value ("normal at rest 60-100 bpm [MedlinePlus]"), `check` also accepts a number
-that is a retrieved range's end (retrieved, not measured: like a threshold), and `compose`
-ends with the sources cited.
+beside its value ("normal at rest: 60-100 bpm [MedlinePlus]"), `check` also accepts a number
+that a retrieved passage states (a range's end, or a number with that unit in its text:
+retrieved, not measured, like a threshold), `compose` ends with the sources cited, and
+`quoted(text, passages)` is an answer with no data: the model's checked text, the nearest
+passage quoted with its citation, the sources.
 
 A number with a unit (`148 bpm`, `39.1 °C`, `180 beats per minute`, `92%`, `100-130 bpm`) matches
 a fact of that unit when it equals, to the decimals written, the fact's newest value, mean, lowest,
@@ -168,14 +170,14 @@ def _references(passages: Sequence[Passage]) -> _Ref:
 
 
 def reference(p: Passage) -> str:
-    """A passage's range as an answer cites it: 'normal at rest 60-100 bpm [MedlinePlus]'."""
+    """A passage's range as an answer cites it: 'normal at rest: 60-100 bpm [MedlinePlus]'."""
     if p.low is not None and p.high is not None:
         span = f"{p.low:g}-{p.high:g} {p.unit}"
     elif p.high is not None:
         span = f"at most {p.high:g} {p.unit}"
     else:
         span = f"at least {p.low:g} {p.unit}"
-    return f"{p.label + ' ' if p.label else ''}{span} [{p.cite}]"
+    return f"{p.label + ': ' if p.label else ''}{span} [{p.cite}]"
 
 
 def cited(facts: Sequence[Fact], passages: Sequence[Passage]) -> list[Passage]:
@@ -183,6 +185,21 @@ def cited(facts: Sequence[Fact], passages: Sequence[Passage]) -> list[Passage]:
     facts' streams."""
     measured = {(f.stream, f.unit) for f in facts}
     return [p for p in passages if p.matched == "text" or (p.stream, p.unit) in measured]
+
+
+def quoted(text: str, passages: Sequence[Passage], *, removed: int = 0) -> str:
+    """An answer from passages and no readings: the model's (checked) text, the passage nearest
+    the question quoted with its citation, and the sources."""
+    parts = [text]
+    if removed:
+        what = "1 generated sentence" if removed == 1 else f"{removed} generated sentences"
+        parts.append(f"(Removed {what} citing a value that no passage states.)")
+    near = [p for p in passages if p.matched == "text"]
+    if near:
+        best = max(near, key=lambda p: p.score)
+        parts.append(f"From the knowledge base [{best.cite}], {best.title}: {best.text}")
+    parts.append(sources(passages))
+    return "\n\n".join(p for p in parts if p)
 
 
 def sources(passages: Sequence[Passage]) -> str:
@@ -312,6 +329,7 @@ def supported(claim: Claim, facts: Iterable[Fact], passages: Iterable[Passage] =
         (f.unit, v) for f in facts for v in (f.value, f.mean, f.low, f.high, f.threshold)
     ]
     values += [(p.unit, v) for p in passages for v in (p.low, p.high)]
+    values += [(c.unit, c.value) for p in passages for c in claims(p.text)]
     return any(
         unit == claim.unit and v is not None and abs(v - claim.value) <= tolerance
         for unit, v in values

@@ -243,8 +243,10 @@ class Orchestrator:
                 missing=None if answered else text,
                 passages=passages,
             )
-        elif answered and cited:
-            text = f"{text}\n\n{grounding.sources(cited)}"
+        elif answered and cited:  # the model's numbers checked against what was retrieved
+            checked = grounding.check(text or "", [], cited)
+            verified, unverified = checked.verified, checked.unverified
+            text = grounding.quoted(checked.text, cited, removed=checked.removed)
         return Answer(
             request_id=query.request_id,
             text=text or "",

@@ -115,7 +115,8 @@ async def _add(args: argparse.Namespace) -> int:
         except (DeadlineExceeded, PeerGone) as exc:
             raise SystemExit(f"edgecollab: {exc}") from None
         assert isinstance(reply, KbJob)
-        print(f"{name}: {passages} passages for {domain}, job {reply.job} on {reply.agent}")
+        count = f"{passages} passage{'s' if passages != 1 else ''}"
+        print(f"{name}: {count} for {domain}, job {reply.job} on {reply.agent}")
         status = await _follow(view, reply.job, args.timeout)
     return 0 if status == "done" else 1
 
