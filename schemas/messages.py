@@ -348,6 +348,26 @@ class ClassifyRequest(Message):
     text: str = Field(min_length=1, max_length=8000)
 
 
+class Embed(Message):
+    """Texts to embed, on computation/embed: the Classifier Engine's MiniLM serves the site."""
+
+    type: Literal["embed"] = "embed"
+    request_id: RequestIdField
+    texts: list[Annotated[str, Field(max_length=8000)]] = Field(min_length=1, max_length=32)
+
+
+class Embeddings(Message):
+    """One unit vector per text, in order (7 decimals: what float32 holds)."""
+
+    type: Literal["embeddings"] = "embeddings"
+    request_id: RequestIdField
+    agent: AgentIdField
+    model: str
+    dims: int = Field(ge=1, le=8192)
+    tokens: int = Field(ge=0, description="what the texts cost the embedder's tokenizer")
+    vectors: list[list[float]]
+
+
 Difficulty = Literal["easy", "medium", "hard"]
 
 
@@ -676,6 +696,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Answer,
     ClassifyRequest,
     Classification,
+    Embed,
+    Embeddings,
     Task,
     TaskResult,
     Rejected,
@@ -707,6 +729,8 @@ AnyMessage = Annotated[
     | Answer
     | ClassifyRequest
     | Classification
+    | Embed
+    | Embeddings
     | Task
     | TaskResult
     | Rejected

@@ -19,7 +19,9 @@ from schemas import (
     Classification,
     ClassifyRequest,
     CmsEntry,
+    Embed,
     EmbeddingRecord,
+    Embeddings,
     Error,
     KbDocument,
     KbJob,
@@ -184,6 +186,7 @@ EMBEDDING = Topic("data/{domain}/{stream}/embeddings/{agent}", EmbeddingRecord, 
 # An orchestrator first says it took the query (Accepted), then answers.
 QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
+EMBED = Topic("computation/embed", Embed, replies=(Embeddings,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
 # A task for an agent of a neighbour site: this site's replicator takes it and sends it on as
