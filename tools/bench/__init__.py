@@ -15,6 +15,7 @@ BENCH_MODULES = (
     "tools.bench.faults",
     "tools.bench.grounding",
     "tools.bench.quality",
+    "tools.bench.sampling",
     "tools.bench.replicate",
 )
 
