@@ -1,7 +1,8 @@
 """The SLM worker service: tasks on computation/tasks/<agent>, questions on knowledge/<domain>/ask.
 
 At its concurrency limit it answers a task with `Rejected` at once. Decoding parameters come
-from the request, then from cms/parameters/<model>/..., then the defaults.
+from the request, then from cms/parameters/<model>/..., then the model's measured defaults
+(services/worker/parameters.py), which it publishes there where no operator set a value.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Worker:
         for domain in domains:
             bus.serve(KNOWLEDGE, self.handle_knowledge, shared=f"knowledge-{domain}", domain=domain)
         if backend.model is not None:
+            bus.on_connect(self.parameters.publish_defaults)  # before the card: seen first
             bus.on_connect(self.publish_model_card)
 
     def load(self) -> tuple[int, int, float]:
