@@ -425,6 +425,7 @@ class KnowledgeAnswer(Message):
     answer: str
     output_tokens: int = Field(0, ge=0)
     ms: float = Field(0.0, ge=0)
+    confidence: float | None = Field(None, ge=0, le=1, description="as GenerationStats'")
 
 
 class ProgramRun(Message):

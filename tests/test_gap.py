@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 
-from schemas import Answer, Query
+from schemas import Answer, Query, Step
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import QUERIES
 from tests.conftest import running
+from tools.cli.ask import provenance
 
 QUESTION = "What is the capital of France?"  # the classifier says general, sub-label facts
 
@@ -63,3 +64,15 @@ async def test_without_a_gap_the_general_answer_stands(
     assert general.agent == f"w-{uid}" and general.confidence is not None
     assert general.output is None and general.detail is None
     assert answer.outcome == "edge" and answer.text
+
+
+def test_ask_shows_what_the_general_model_said_before_the_expert():
+    general = Step(name="answer", topic="computation/tasks/worker-1", agent="worker-1",
+                   where="edge", outcome="ok", confidence=0.31, output="Kyoto, I think.",
+                   detail="gap: confidence 0.31 below 0.50; the answer is code-1's")  # fmt: skip
+    expert = Step(name="knowledge:facts", topic="knowledge/facts/ask", agent="code-1",
+                  where="edge", outcome="ok", output="Tokyo.")  # fmt: skip
+    answer = Answer(request_id="r1", text="Tokyo.", outcome="edge", steps=[general, expert])
+    shown = provenance(answer)
+    assert "answer of step answer (worker-1, confidence 0.31), replaced:" in shown
+    assert "| Kyoto, I think." in shown and "Tokyo." not in shown.split("replaced:")[1]

@@ -93,8 +93,9 @@ class Cooperation:
         await self._remember(key, reply)
         tokens = reply.output_tokens
         return reply.answer, record(
-            step.name, topic, reply.agent, started, "ok", output_tokens=tokens
-        )
+            step.name, topic, reply.agent, started, "ok", output_tokens=tokens,
+            confidence=reply.confidence,
+        )  # fmt: skip
 
     async def _remember(self, key: str, reply: KnowledgeAnswer) -> None:
         value = CachedAnswer(

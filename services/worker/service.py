@@ -129,6 +129,7 @@ class Worker:
             answer=text.strip(),
             output_tokens=stats.output_tokens,
             ms=round((time.perf_counter() - started) * 1000, 3),
+            confidence=stats.confidence,
         )
 
     async def publish_model_card(self) -> None:
