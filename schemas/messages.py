@@ -362,7 +362,7 @@ class GenerationStats(BaseModel):
     finish_reason: FinishReason
     confidence: float | None = Field(
         None, ge=0, le=1,
-        description="mean probability the model gave its first 8 tokens (a knowledge-gap signal)",
+        description="mean probability the model gave its first 32 tokens (a knowledge-gap signal)",
     )  # fmt: skip
     entropy: float | None = Field(
         None, ge=0, description="mean entropy (nats) of its distribution over those tokens"

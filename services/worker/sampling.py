@@ -10,9 +10,10 @@ import numpy as np
 from schemas import SamplingOptions
 
 _CANDIDATES = 256  # top-p looks at this many best tokens first and sorts everything only if needed
-# The knowledge-gap signal looks at this many first generated tokens (a short answer's key words
-# come early: "The capital of Japan is Tokyo." is 8 tokens).
-SIGNAL_TOKENS = 8
+# The knowledge-gap signal looks at this many first generated tokens. Chosen on half of the
+# facts set (AUROC 0.87 at 32 against 0.73 at 8 and 0.81 at 16), checked on the other half
+# (0.76 against 0.61): a model unsure of a fact rambles, and that shows past the first words.
+SIGNAL_TOKENS = 32
 
 
 @dataclass(frozen=True)

@@ -397,8 +397,10 @@ def check_number(expected: float, answer: str) -> bool:
 
 
 def normalize(text: str) -> str:
-    """Lower case, no accents, words separated by single spaces (punctuation dropped)."""
+    """Lower case, no accents, words separated by single spaces (punctuation dropped; digit
+    groups joined: "7,981,960" is one number, not a 7)."""
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    plain = re.sub(r"(?<=\d)[,.](?=\d)", "", plain)
     return " ".join(re.sub(r"[^a-z0-9]+", " ", plain).split())
 
 
