@@ -51,8 +51,9 @@ CLASSIFY_TIMEOUT_S = 2.0
 DATA_STEP_S = 3.0  # a sensor publishes at least this often when alive
 STATE_EXPIRY_S = 300.0  # cms/inference/<request>/... outlives its request by this much
 PROGRAM_WRITERS = ("math", "code")  # expert domains asked for programs, in this order
-# Below this confidence a general answer shows a gap (measured on SmolLM2-135M: bench gap).
-GAP_CONFIDENCE = 0.5
+# Below this confidence a general answer shows a gap: the threshold `edgecollab bench gap` chose on
+# half of the facts set for SmolLM2-135M, Qwen2.5-Coder the expert (docs/results/gap.json).
+GAP_CONFIDENCE = 0.34
 
 
 class Orchestrator:

@@ -15,8 +15,9 @@ through the QueryClient, as `edgecollab ask` asks them:
   declares no expert domain; no sandbox, no code expert, no sensors (a sensor question is
   asked with no readings behind it).
 - **cooperating**: the orchestrator, the classifier, every worker and sandbox of the stack,
-  plus a code expert (`--code-model`, Qwen2.5-Coder, domains code and math) when the stack has
-  none; for each sensor scenario a sensor agent of this bench's own publishes the readings.
+  plus a code expert (`--code-model`, Qwen2.5-Coder, domains code, math and facts) when the
+  stack has none; for each sensor scenario a sensor agent of this bench's own publishes the
+  readings.
 
 Grading: **code**: the function taken from the answer (the first Python block defining it,
 else the text from its `def` line on) runs with its asserts in the sandbox that serves the
@@ -178,7 +179,7 @@ def stack_specs(kind: str, args: argparse.Namespace) -> list[ServiceSpec]:
             ServiceSpec(
                 "code-1", "services.worker",
                 ("--agent-id", "code-1", "--backend", "onnx", "--model-dir", args.code_model,
-                 "--concurrency", "2", "--domains", '["code","math"]'),
+                 "--concurrency", "2", "--domains", '["code","math","facts"]'),
             )
         )  # fmt: skip
     return specs
