@@ -9,13 +9,21 @@ general answer to the (far faster) tiny model, never to the expert.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from schemas import Answer, Query, Step
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import QUERIES
+from tests.broker import ROOT
 from tests.conftest import running
+from tools.bench.gap import auroc, held_out
 from tools.cli.ask import provenance
 
 QUESTION = "What is the capital of France?"  # the classifier says general, sub-label facts
@@ -76,3 +84,45 @@ def test_ask_shows_what_the_general_model_said_before_the_expert():
     shown = provenance(answer)
     assert "answer of step answer (worker-1, confidence 0.31), replaced:" in shown
     assert "| Kyoto, I think." in shown and "Tokyo." not in shown.split("replaced:")[1]
+
+
+def test_auroc_and_the_threshold_chosen_on_one_half_checked_on_the_other():
+    assert auroc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    assert auroc([0.5, 0.5], [True, False]) == 0.5 and auroc([0.5], [True]) is None
+
+    def pair(confidence: float, general: bool, expert: bool) -> tuple[dict, bool]:
+        return {"id": "x", "confidence": confidence, "correct": general}, expert
+
+    # below 0.5 the general model is wrong and the expert right: that threshold is chosen
+    choose = [pair(0.9, True, False), pair(0.3, False, True), pair(0.4, False, True)]
+    check = [pair(0.8, True, True), pair(0.2, False, True), pair(0.6, False, False)]
+    result = held_out(choose, check)
+    assert 0.4 <= result["threshold"] < 0.9  # just above the unsure ones
+    assert (result["general_alone"], result["expert_alone"], result["either_right"]) == (1, 2, 2)
+    assert (result["cooperating"], result["asked_expert"]) == (2, 1)
+
+
+@pytest.mark.timeout(600)
+def test_bench_sampling_and_bench_gap_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path):
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.cli.main", "bench", "sampling", "--model",
+         str(tiny_model_dir), "--domain", "facts", "--limit", "2", "--setting", "baseline",
+         "--setting", "penalty-1.15"],
+        cwd=ROOT, capture_output=True, text=True, timeout=590,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout)
+    assert set(report["settings"]) == {"baseline", "penalty-1.15"}
+    facts = report["settings"]["penalty-1.15"]["domains"]["facts"]
+    assert facts["n"] == 2 and report["settings"]["penalty-1.15"]["repetition_penalty"] == 1.15
+    assert all(0 < item["confidence"] <= 1 for item in facts["items"])
+    (tmp_path / "s.json").write_text(run.stdout)
+    gap = subprocess.run(
+        [sys.executable, "-m", "tools.cli.main", "bench", "gap", "--general",
+         str(tmp_path / "s.json"), "--expert", str(tmp_path / "s.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert gap.returncode == 0, gap.stderr[-3000:]
+    analysed = json.loads(gap.stdout)["domains"]["facts"]
+    assert analysed["n"] == 2 and set(analysed["halves"]) == {"chosen_on_even", "chosen_on_odd"}
