@@ -67,6 +67,14 @@ def analyse(general: list[Item], expert: list[Item]) -> dict[str, object]:
         "auroc": {
             "confidence": auroc([float(g["confidence"]) for g in scored], right),  # type: ignore[arg-type]
             "entropy": auroc([-float(g["entropy"]) for g in scored], right),  # type: ignore[arg-type]
+            "confidence_even": auroc(
+                [float(g["confidence"]) for g in scored[0::2]],
+                right[0::2],  # type: ignore[arg-type]
+            ),
+            "confidence_odd": auroc(
+                [float(g["confidence"]) for g in scored[1::2]],
+                right[1::2],  # type: ignore[arg-type]
+            ),
         },
     }
     by_id = {str(e["id"]): bool(e["correct"]) for e in expert}

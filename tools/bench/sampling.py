@@ -37,7 +37,9 @@ class Setting:
     name: str
     repetition_penalty: float = 1.0
     temperature: float = 0.0
-    system: str = "default"  # default (the model's), expert (EXPERT_PROMPT), none (empty)
+    # default: the one the stack sends in this role (general: the model's own; expert: the
+    # worker's EXPERT_PROMPT); expert: EXPERT_PROMPT; none: an empty system message
+    system: str = "default"
 
 
 # One factor at a time around the baseline: 7 settings instead of a 3 x 3 x 3 grid.
