@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.ids import AgentIdField, Domain, RequestIdField, SiteIdField, TaskIdField
+from schemas.ids import (
+    VERSION_PATTERN,
+    AgentIdField,
+    Domain,
+    RequestIdField,
+    SiteIdField,
+    TaskIdField,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -85,6 +92,11 @@ class ModelInfo(BaseModel):
     parameters: int | None = None
     quantization: str | None = None
     context_length: int | None = None
+    version: str | None = Field(
+        None,
+        pattern=VERSION_PATTERN,
+        description="the deployed version; cms/configs/<model>/version sends tasks only to it",
+    )
 
 
 class AgentCard(Message):
@@ -198,6 +210,16 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field([], max_length=8)
 
 
+class Resume(BaseModel):
+    """Where a streamed answer stopped when its worker failed: the next worker continues it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str = Field(max_length=200_000, description="what the requester has been sent")
+    seq: int = Field(ge=0, description="the next chunk's sequence number")
+    attempt: int = Field(1, ge=1, le=1000, description="the attempt that wrote the last chunk")
+
+
 class Query(Message):
     """A user's request to the edge cluster, on computation/queries."""
 
@@ -212,6 +234,9 @@ class Query(Message):
     ack: bool = Field(
         False, description="send an `accepted` interim reply first (a client that retries)"
     )
+    resume: Resume | None = Field(
+        None, description="sent again: what its stream had shown, for the answer to go on from"
+    )
 
 
 class Step(BaseModel):
@@ -222,6 +247,7 @@ class Step(BaseModel):
     name: str
     topic: str
     agent: str | None
+    site: str | None = Field(None, description="the neighbour site of `agent`; None: this one")
     where: Literal["edge", "cloud", "none"]
     outcome: Literal["ok", "rejected", "failed", "cached"]
     prompt_tokens: int = 0
@@ -347,6 +373,8 @@ class Task(Message):
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = SamplingOptions()
+    attempt: int = Field(1, ge=1, le=1000, description="1 + the workers tried before this one")
+    resume: Resume | None = Field(None, description="a streamed answer to continue, not restart")
 
 
 class GenerationStats(BaseModel):
@@ -400,6 +428,7 @@ class TokenChunk(Message):
     seq: int = Field(ge=0)
     text: str
     done: bool = False
+    attempt: int = Field(1, ge=1, description="a later attempt's chunks supersede an earlier's")
 
 
 class KnowledgeQuery(Message):

@@ -144,6 +144,13 @@ AGENT_CARD = Topic("cms/agents/{agent}", CmsEntry, retained=True)
 AGENT_STATUS = Topic("cms/agents/{agent}/status", CmsEntry, retained=True)
 MODEL_DETAIL = Topic("cms/slm/{model}/{field}", CmsEntry, retained=True)
 PARAMETER = Topic("cms/parameters/{model}/{name}", CmsEntry, retained=True)
+# Deployment configuration (services/core/configs.py lists the keys): the site's, and a model's.
+SITE_CONFIG = Topic("cms/configs/{name}", CmsEntry, retained=True)
+MODEL_CONFIG = Topic("cms/configs/{model}/{name}", CmsEntry, retained=True)
+# Scale events: an operator's desired instances of a model, `edgecollab up`'s current ones.
+SCALING = Topic("cms/scaling/{model}/{name}", CmsEntry, retained=True)
+# Results of the paper's experiments (`edgecollab simulate --publish`), for the dashboard.
+EXPERIMENT = Topic("cms/experiments/{name}", CmsEntry, retained=True)
 METRIC = Topic("cms/metrics/{scope}/{name}", CmsEntry, retained=True)
 INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
@@ -155,6 +162,9 @@ TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 SITE_KEY = Topic("cms/sites/{site}/{key*}", CmsEntry, retained=True)
 REMOTE_AGENT_CARD = Topic("cms/sites/{site}/agents/{agent}", CmsEntry, retained=True)
 REMOTE_AGENT_STATUS = Topic("cms/sites/{site}/agents/{agent}/status", CmsEntry, retained=True)
+# This site's replicator's link to each peer site (local, not replicated): connected, rtt_ms (the
+# round trip to the peer's broker, what a task sent there pays on top), counters.
+REPLICATION_PEER = Topic("cms/replication/peers/{site}", CmsEntry, retained=True)
 
 # Data cooperation.
 # A reading is retained as its stream's last value, so a new consumer starts with one.
@@ -167,6 +177,9 @@ QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
+# A task for an agent of a neighbour site: this site's replicator takes it and sends it on as
+# computation/tasks/<agent> to that site's broker over its link, and brings the reply back.
+REMOTE_TASKS = Topic("computation/sites/{site}/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 
 # Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))

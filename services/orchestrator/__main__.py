@@ -16,7 +16,8 @@ from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.data.view import DataView
 from services.orchestrator.allocator import Allocator, LiveKnowledge
-from services.orchestrator.cloud import CloudClient, CloudSettings
+from services.orchestrator.cloud import CloudSettings
+from services.orchestrator.configs import OrchestratorConfigs
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher
 from services.orchestrator.service import GAP_CONFIDENCE, Orchestrator
@@ -72,8 +73,7 @@ class OrchestratorSettings(BaseSettings):
 
 async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
     policy = make_policy(settings.policy, **settings.policy_params)
-    cloud_settings = settings.cloud()
-    cloud = CloudClient(cloud_settings) if cloud_settings else None
+    configs: OrchestratorConfigs | None = None
 
     def card(epoch: int) -> AgentCard:
         return AgentCard(
@@ -81,11 +81,18 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
         )
 
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
+        nonlocal configs
         view = CmsView(bus)
         allocator = Allocator(
             view, policy, rng=random.Random(settings.seed), knowledge=settings.knowledge
         )
-        dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=cloud)
+        dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=None)
+        configs = OrchestratorConfigs(
+            bus, view, cloud=settings.cloud(),
+            on_cloud=lambda cloud: setattr(dispatcher, "cloud", cloud),
+            on_versions=allocator.refresh,
+        )  # fmt: skip
+        dispatcher.cloud, allocator.admits = configs.cloud(), configs.admits
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
         orchestrator = Orchestrator(
             bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation,
@@ -103,8 +110,8 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
             mqtt, agent=settings.agent_id, service="orchestrator", card=card, setup=setup
         )
     finally:
-        if cloud is not None:
-            await cloud.aclose()
+        if configs is not None:
+            await configs.aclose()
 
 
 def main() -> None:

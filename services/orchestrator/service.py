@@ -178,6 +178,7 @@ class Orchestrator:
             max_tokens=step.max_tokens,
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
+            resume=query.resume if step.name == "answer" else None,
             sampling=query.sampling,
             **_length_labels(step, classification),
         )
@@ -297,9 +298,8 @@ class Orchestrator:
         await cms.put(self.bus, key, value, version=number + 1, expiry_s=STATE_EXPIRY_S)
 
     async def publish_metrics(self, *, base_version: int, interval_s: float = 5.0) -> None:
-        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache;
-        cms/metrics/<agent>/inference_time_avg (seconds) and .../tokens_used_total for each
-        edge agent this orchestrator dispatched generations to.
+        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache
+        (each worker writes its own cms/metrics/<agent>/...).
 
         Versions continue the agent's own (epoch x 10^6 + n), so a restarted orchestrator's
         first summary supersedes its last one from before, for every merge by version."""
@@ -323,20 +323,6 @@ class Orchestrator:
                     "knowledge_cache_misses": self.cooperation.cache_misses,
                 }
                 await cms.put(self.bus, key, summary, version=version)
-            await self._publish_agent_metrics()
-
-    async def _publish_agent_metrics(self) -> None:
-        for agent, usage in list(self.dispatcher.usage.items()):
-            if usage.tasks == usage.published:
-                continue
-            usage.published = usage.tasks
-            for name, value in (
-                ("inference_time_avg", round(usage.inference_time_avg, 6)),
-                ("tokens_used_total", usage.tokens),
-            ):
-                await cms.put(
-                    self.bus, METRIC.format(scope=agent, name=name), value, version=usage.tasks
-                )
 
 
 def _length_labels(step: PlanStep, classification: Classification | None) -> dict[str, str]:

@@ -10,12 +10,14 @@ import signal
 import subprocess
 
 from services.core.errors import ConfigError
+from services.core.logging import configure_logging
 from services.core.settings import RuntimeSettings
 from services.gateway.keys import ensure_key_file
 from services.gateway.settings import GatewaySettings
 from tools import ROOT
 from tools.common import add_broker_option, mqtt_settings
 from tools.common.broker import broker_answers, start_mosquitto
+from tools.common.scaling import Scaler, pools
 from tools.common.stack import STACK, ServiceSpec, scaled
 from tools.common.supervise import Child, Supervisor, relay
 
@@ -37,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--emulated-workers", type=_count, default=0, metavar="N",
         help="also N emulated devices emulated-1 ... emulated-N (sleep per token)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-instances", type=_count, default=8, metavar="N",
+        help="most workers of one model that cms/scaling/<model>/desired_instances may ask for "
+        "(default 8)",
     )  # fmt: skip
     parser.add_argument(
         "--site", help="this site's name (for the replicator; its broker state apart)"
@@ -88,11 +95,18 @@ def up(args: argparse.Namespace) -> int:
         env["EDGECOLLAB_REPLICATOR_SITE"] = args.site
         env["EDGECOLLAB_REPLICATOR_PEERS"] = json.dumps(args.peer)
     gateway = _gateway_banner() if any(s.module == "services.gateway" for s in specs) else None
-    children += [Child(spec.name, functools.partial(_start, spec, env)) for spec in specs]
+    child = functools.partial(_child, env=env)
+    children += [child(spec) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
     if gateway:
         print(gateway, flush=True)
-    supervisor = Supervisor(children, say=lambda line: print(f"up: {line}", flush=True))
+    say = functools.partial(print, "up:", flush=True)
+    supervisor = Supervisor(children, say=say)
+    models = RuntimeSettings(models_dir=env["EDGECOLLAB_MODELS_DIR"])
+    if scalable := pools(specs, models):  # the scaling loop (cms/scaling/<model>/...)
+        configure_logging("up", level="warning")
+        scaler = Scaler(supervisor, scalable, child, max_instances=args.max_instances, say=say)
+        scaler.start(settings)
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     return supervisor.run()
 
@@ -114,6 +128,10 @@ def _gateway_banner() -> str:
             raise SystemExit(f"edgecollab: {exc}") from None
         lines.append(f"up: API key {key} (tenant default; kept in {gateway.key_file})")
     return "\n".join(lines)
+
+
+def _child(spec: ServiceSpec, *, env: dict[str, str]) -> Child:
+    return Child(spec.name, functools.partial(_start, spec, env))
 
 
 def _start(spec: ServiceSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:
