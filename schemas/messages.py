@@ -32,6 +32,7 @@ AgentKind = Literal[
     "replicator",
     "gateway",
     "sandbox",
+    "kb",
     "client",
 ]
 
@@ -297,6 +298,30 @@ class Fact(BaseModel):
     side: Literal["above", "below"] | None = None
 
 
+class Passage(BaseModel):
+    """A piece of a knowledge-base document, with its source; `stream`, `low`, `high`, `unit`
+    and `label` when it states a reference range or guideline value for a data stream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(description="<domain>/<document>#<n>")
+    domain: Domain
+    document: str
+    title: str = Field(description="the section it comes from")
+    text: str
+    source: str = Field(description="where its facts come from, in full")
+    cite: str = Field(description="the short label an answer cites it by, e.g. 'WHO 2021'")
+    score: float = Field(0.0, description="cosine similarity to the question")
+    matched: Literal["text", "stream"] = Field(
+        "text", description="text: among the nearest to the question; stream: a stream's reference"
+    )
+    stream: str | None = None
+    low: float | None = None
+    high: float | None = None
+    unit: str | None = None
+    label: str | None = Field(None, description="what the range is, e.g. 'normal at rest'")
+
+
 class Answer(Message):
     """The orchestrator's reply to a Query."""
 
@@ -311,12 +336,14 @@ class Answer(Message):
     facts: list[Fact] = Field([], description="the measured values the text states")
     verified: bool | None = Field(
         None,
-        description="true: every number with a unit in the generated text matches a fact; "
-        "false: some did not and were removed (see unverified); null: no data step, not checked",
+        description="true: every number with a unit in the generated text matches a fact (or a "
+        "retrieved passage); false: some did not and were removed (see unverified); null: no "
+        "data step and no passage, not checked",
     )
     unverified: list[str] = Field(
-        [], description="numbers with a unit the model wrote that match no reading (removed)"
+        [], description="numbers with a unit the model wrote that match no reading or passage"
     )
+    passages: list[Passage] = Field([], description="the knowledge-base passages the text cites")
 
 
 class ClassifyRequest(Message):
@@ -455,6 +482,63 @@ class KnowledgeAnswer(Message):
     output_tokens: int = Field(0, ge=0)
     ms: float = Field(0.0, ge=0)
     confidence: float | None = Field(None, ge=0, le=1, description="as GenerationStats'")
+
+
+MAX_DOCUMENT_CHARS = 131072  # a document for the knowledge base, at most (split a longer one)
+
+
+class Retrieve(Message):
+    """Ask a domain's knowledge base for passages, on knowledge/<domain>/retrieve."""
+
+    type: Literal["retrieve"] = "retrieve"
+    request_id: RequestIdField
+    domain: Domain
+    text: str = Field(min_length=1, max_length=2000)
+    k: int = Field(3, ge=1, le=20, description="passages nearest to the text")
+    min_score: float = Field(0.0, ge=-1, le=1, description="nearer ones only")
+    streams: list[str] = Field(
+        [], max_length=32, description="also each of these streams' best reference passage"
+    )
+    deadline: float
+
+
+class Passages(Message):
+    """A knowledge base's answer to a Retrieve: the nearest passages first, then references."""
+
+    type: Literal["passages"] = "passages"
+    request_id: RequestIdField
+    agent: AgentIdField
+    domain: Domain
+    model: str = Field(description="the embedder that ranked them")
+    passages: list[Passage]
+    ms: float = Field(0.0, ge=0)
+
+
+JobStatus = Literal["queued", "running", "done", "failed"]
+
+
+class KbDocument(Message):
+    """A text or markdown document for a domain's knowledge base, on knowledge/<domain>/documents;
+    answered with the job that indexes it (its progress: cms/finetune/<job>/...)."""
+
+    type: Literal["kb_document"] = "kb_document"
+    request_id: RequestIdField
+    domain: Domain
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^/\x00]+$")
+    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS)
+    source: str | None = Field(None, max_length=500, description="default: the document's own")
+    deadline: float
+
+
+class KbJob(Message):
+    """An indexing job a knowledge base took (its state: cms/finetune/<job>/...)."""
+
+    type: Literal["kb_job"] = "kb_job"
+    request_id: RequestIdField
+    agent: AgentIdField
+    job: TaskIdField
+    domain: Domain
+    status: JobStatus = "queued"
 
 
 class ProgramRun(Message):
@@ -614,6 +698,10 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     KnowledgeAnswer,
     ProgramRun,
     ProgramResult,
+    Retrieve,
+    Passages,
+    KbDocument,
+    KbJob,
     Error,
     ReplicaChanges,
     ReplicaDigest,
@@ -641,6 +729,10 @@ AnyMessage = Annotated[
     | KnowledgeAnswer
     | ProgramRun
     | ProgramResult
+    | Retrieve
+    | Passages
+    | KbDocument
+    | KbJob
     | Error
     | ReplicaChanges
     | ReplicaDigest

@@ -21,9 +21,12 @@ from schemas import (
     CmsEntry,
     EmbeddingRecord,
     Error,
+    KbDocument,
+    KbJob,
     KnowledgeAnswer,
     KnowledgeQuery,
     Message,
+    Passages,
     ProgramResult,
     ProgramRun,
     Query,
@@ -33,6 +36,7 @@ from schemas import (
     ReplicaDigest,
     ReplicaVersions,
     ReplicaWant,
+    Retrieve,
     Task,
     TaskResult,
     TokenChunk,
@@ -154,6 +158,11 @@ EXPERIMENT = Topic("cms/experiments/{name}", CmsEntry, retained=True)
 METRIC = Topic("cms/metrics/{scope}/{name}", CmsEntry, retained=True)
 INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
+# Fine-tuning / RAG state: a knowledge base's indexing job (status, progress, model,
+# documents, error, domain), written by the knowledge base that runs it.
+FINETUNE = Topic("cms/finetune/{job}/{field}", CmsEntry, retained=True)
+# A knowledge base's catalogue: the documents it holds (its own entry, beside its card).
+KB_CATALOG = Topic("cms/agents/{agent}/documents", CmsEntry, retained=True)
 # Tenants (API keys of the gateway): config/model, usage_limit, tokens_used.
 TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 
@@ -187,6 +196,11 @@ SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies
 # The paper's knowledge.gpt/arithmetic: a sandboxed calculator peer runs a program, says what it
 # printed (sandboxes share it: one of them answers).
 ARITHMETIC = Topic("knowledge/arithmetic/run", ProgramRun, replies=(ProgramResult,))
+
+# A domain's knowledge base (the paper's "knowledge base"): the passages nearest a text, each
+# with its source; and documents added to it (answered with the job that indexes them).
+KB_RETRIEVE = Topic("knowledge/{domain}/retrieve", Retrieve, replies=(Passages,))
+KB_DOCUMENTS = Topic("knowledge/{domain}/documents", KbDocument, replies=(KbJob,))
 
 # Across sites: what a peer site's replicator publishes on this site's broker, `site` being the
 # sender: its own changes, and anti-entropy (digest → versions, want → changes).

@@ -6,6 +6,7 @@ Step kinds, each addressed to a semantic topic:
   generate   an SLM generation on an edge worker  (computation/tasks/<agent>, allocated by policy)
   program    a program written by the code expert (or any worker), run by the sandboxed
              calculator peer (knowledge/arithmetic/run); its output is what it printed
+  retrieve   passages of a domain's knowledge base  (knowledge/<domain>/retrieve)
 
 Shapes follow the paper's scenarios (Fig. 5): `health` is sequential (vitals, then an analysis,
 then the medical expert, then the answer); `environment` fans out to every sensor and an expert
@@ -21,6 +22,10 @@ sub-label (e.g. `facts`) an expert declares carries `gap_domain`: when the gener
 answer shows a gap (its confidence below the orchestrator's threshold), that expert is asked on
 knowledge/<gap_domain>/ask and its answer is the answer (services/orchestrator/service.py).
 
+With a knowledge base of the domain online, `with_passages` puts a retrieve step first (in
+parallel with the data steps); every generation and expert after it reads its passages, and the
+answer cites them.
+
 `math` with a sandbox online is answered by
 a program (`programs.py`): the answer is what the program printed, and a plain generation only
 when no program ran to success (the fallback, marked so in the provenance).
@@ -29,12 +34,13 @@ when no program ran to success (the fallback, marked so in the provenance).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from schemas import SamplingOptions
+from services.data.streams import STREAMS
 
-StepKind = Literal["data", "knowledge", "generate", "program"]
+StepKind = Literal["data", "knowledge", "generate", "program", "retrieve"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,8 @@ class PlanStep:
     sampling: SamplingOptions | None = None
     # generate steps: the expert domain asked when this answer shows a knowledge gap
     gap_domain: str | None = None
+    # retrieve steps: the streams whose reference ranges are fetched too (a plan with data)
+    streams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,6 +209,21 @@ def _by_expert(domain: str, max_tokens: int) -> Plan:
         fallback_of=expert.name,
     )  # fmt: skip
     return Plan(domain, (expert, answer), "sequential")
+
+
+def with_passages(plan: Plan) -> Plan:
+    """`plan` with a retrieve step first (a knowledge base of its domain is online), read by
+    every generation and expert."""
+    streams = tuple(s.name for s in STREAMS.values() if s.domain == plan.domain)
+    retrieve = PlanStep(
+        f"retrieve:{plan.domain}", "retrieve", domain=plan.domain, prompt="{query}",
+        streams=streams if plan.sensed else (),
+    )  # fmt: skip
+    steps = [
+        replace(s, after=(*s.after, retrieve.name)) if s.kind in ("generate", "knowledge") else s
+        for s in plan.steps
+    ]
+    return Plan(plan.domain, (retrieve, *steps), plan.shape)
 
 
 def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:

@@ -29,7 +29,7 @@ from collections import deque
 
 import structlog
 
-from schemas import Answer, Classification, ClassifyRequest, Fact, Query, Step
+from schemas import Answer, Classification, ClassifyRequest, Fact, Passage, Query, Step
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
@@ -39,7 +39,14 @@ from services.data import grounding
 from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
-from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
+from services.orchestrator.planner import (
+    Plan,
+    PlanStep,
+    Sensor,
+    make_plan,
+    render,
+    with_passages,
+)
 from services.orchestrator.programs import Programs
 from services.orchestrator.provenance import record
 from services.scheduling.outcomes import Outcome, Tally
@@ -92,9 +99,12 @@ class Orchestrator:
             query = query.model_copy(update={"stream": False})
         outputs: dict[str, str] = {}
         facts: dict[str, list[Fact]] = {}
+        passages: dict[str, list[Passage]] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            runs = [self._run(s, query, outputs, since, facts, classification) for s in phase]
+            runs = [
+                self._run(s, query, outputs, since, facts, passages, classification) for s in phase
+            ]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
@@ -106,7 +116,8 @@ class Orchestrator:
         assert final is not None
         partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
         measured = [f for s in plan.sensed for f in facts.get(s.name, [])]
-        return self._answer(query, started, final, steps, partial, plan, measured)
+        found = [p for ps in passages.values() for p in ps]
+        return self._answer(query, started, final, steps, partial, plan, measured, found)
 
     def plan(self, query: Query, classification: Classification | None) -> Plan:
         """The plan for this query given the agents online now."""
@@ -133,7 +144,7 @@ class Orchestrator:
             (d for d in (*classification.sub_labels, domain) if d != "general" and d in declared),
             None,
         )
-        return make_plan(
+        plan = make_plan(
             domain=domain,
             max_tokens=query.max_tokens,
             sensors=sensors,
@@ -142,6 +153,8 @@ class Orchestrator:
             program_writer=writer,
             gap_domain=gap if self.gap_confidence > 0 else None,
         )
+        bases = (a for a in self.view.agents("kb") if a.online and domain in a.card.domains)
+        return with_passages(plan) if any(bases) else plan
 
     async def _run(
         self,
@@ -150,10 +163,17 @@ class Orchestrator:
         outputs: dict[str, str],
         since: float,
         facts: dict[str, list[Fact]],
+        passages: dict[str, list[Passage]],
         classification: Classification | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation;
-        a data step's facts go to `facts` under its name."""
+        a data step's facts go to `facts` under its name, a retrieve step's passages to
+        `passages`."""
+        if step.kind == "retrieve":
+            text, record, passages[step.name] = await self.cooperation.retrieve(
+                step, query.text, request_id=query.request_id, deadline=query.deadline
+            )
+            return text, [record], None
         if step.kind == "data":
             deadline = min(query.deadline, time.time() + DATA_STEP_S)
             text, record, facts[step.name] = await self.cooperation.sense(step, since, deadline)
@@ -258,6 +278,7 @@ class Orchestrator:
         partial: bool,
         plan: Plan,
         facts: list[Fact],
+        passages: list[Passage],
     ) -> Answer:
         seconds = time.perf_counter() - started
         cost = sum(s.cost_usd for s in steps)
@@ -265,8 +286,9 @@ class Orchestrator:
         self.tally.record(final.outcome, latency_s=seconds if answered else None, cost_usd=cost)
         text = final.text if answered else _refusal(final, steps)
         verified, unverified = None, []
+        cited = grounding.cited(facts, passages)
         if plan.sensed:  # the measured part from the readings, the model's advice checked
-            checked = grounding.check(final.text or "", facts)
+            checked = grounding.check(final.text or "", facts, passages)
             verified, unverified = checked.verified, checked.unverified
             text = grounding.compose(
                 plan.domain,
@@ -275,7 +297,12 @@ class Orchestrator:
                 removed=checked.removed,
                 report=plan.domain == "health" and bool(facts),
                 missing=None if answered else text,
+                passages=passages,
             )
+        elif answered and cited:  # the model's numbers checked against what was retrieved
+            checked = grounding.check(text or "", [], cited)
+            verified, unverified = checked.verified, checked.unverified
+            text = grounding.quoted(checked.text, cited, removed=checked.removed)
         return Answer(
             request_id=query.request_id,
             text=text or "",
@@ -287,6 +314,7 @@ class Orchestrator:
             facts=facts,
             verified=verified,
             unverified=unverified,
+            passages=cited,
         )
 
     async def _record_phase(

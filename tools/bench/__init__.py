@@ -18,6 +18,7 @@ BENCH_MODULES = (
     "tools.bench.sampling",
     "tools.bench.gap",
     "tools.bench.replicate",
+    "tools.bench.kb",
 )
 
 

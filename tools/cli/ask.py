@@ -122,7 +122,12 @@ def provenance(answer: Answer) -> str:
         f"cloud cost ${answer.cost_usd:.6f}"
     )
     if answer.verified is not None:
-        head += f", {len(answer.facts)} measured values from the readings, " + (
+        basis = (
+            f"{len(answer.facts)} measured values from the readings"
+            if answer.facts or not answer.passages
+            else f"{len(answer.passages)} passages retrieved"
+        )
+        head += f", {basis}, " + (
             "the model's text cites no value they do not support"
             if answer.verified
             else f"removed the model's unmatched {', '.join(answer.unverified)}"

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "tools.cli.cms",
     "tools.cli.contract",
     "tools.cli.classify",
+    "tools.cli.kb",
     "tools.sim.command",
     "tools.bench",
     "tools.export.model",

@@ -40,6 +40,8 @@ STACK: tuple[ServiceSpec, ...] = (
     ),
     # The OpenAI-compatible HTTP API and the dashboard (127.0.0.1:8080 unless configured).
     ServiceSpec("gateway", "services.gateway", ("--agent-id", "gateway-1")),
+    # The knowledge base (knowledge/<domain>/retrieve): health and environment passages, cited.
+    ServiceSpec("kb", "services.kb", ("--agent-id", "kb-1", "--model-dir", "all-MiniLM-L6-v2")),
     # The sandboxed calculator peer (knowledge/arithmetic/run): math answered by a program.
     ServiceSpec("sandbox", "services.sandbox", ("--agent-id", "sandbox-1")),
     # The code (and math, by program) expert: Qwen2.5-Coder-0.5B-Instruct, a second model family;
