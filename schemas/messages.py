@@ -257,6 +257,12 @@ class Step(BaseModel):
     cost_usd: float = 0.0
     detail: str | None = None
     program: str | None = Field(None, description="the program this step wrote or ran")
+    confidence: float | None = Field(
+        None, ge=0, le=1, description="a generation's knowledge-gap signal (its first tokens)"
+    )
+    output: str | None = Field(
+        None, description="what this step answered, where the answer is another's (a gap)"
+    )
 
 
 class Accepted(Message):
@@ -429,6 +435,13 @@ class GenerationStats(BaseModel):
     ttft_ms: float = Field(0.0, ge=0, description="time to the first token")
     decode_tok_s: float = Field(ge=0)
     finish_reason: FinishReason
+    confidence: float | None = Field(
+        None, ge=0, le=1,
+        description="mean probability the model gave its first 32 tokens (a knowledge-gap signal)",
+    )  # fmt: skip
+    entropy: float | None = Field(
+        None, ge=0, description="mean entropy (nats) of its distribution over those tokens"
+    )
 
 
 class TaskResult(GenerationStats, Message):
@@ -488,6 +501,7 @@ class KnowledgeAnswer(Message):
     answer: str
     output_tokens: int = Field(0, ge=0)
     ms: float = Field(0.0, ge=0)
+    confidence: float | None = Field(None, ge=0, le=1, description="as GenerationStats'")
 
 
 MAX_DOCUMENT_CHARS = 131072  # a document for the knowledge base, at most (split a longer one)

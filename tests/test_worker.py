@@ -135,6 +135,35 @@ async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_m
     assert "unknown parameter 'marker'" in marker.message
 
 
+async def test_the_worker_publishes_its_models_defaults_but_keeps_an_operators(
+    mqtt, uid, spawn, tiny_model_dir
+):
+    name = model_name(tiny_model_dir)
+    key, card_key = f"cms/parameters/{name}/repetition_penalty", f"cms/slm/{name}/architecture"
+
+    def written(key: str, origin: str):  # type: ignore[no-untyped-def]
+        return lambda: (e := view.get(key)) is not None and e.origin == origin
+
+    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await view.synced()
+        await cms.delete(bus, key)
+        spawn("services.worker", "--agent-id", f"w-{uid}", "--backend", "onnx",
+              "--model-dir", str(tiny_model_dir), "--threads", "1")  # fmt: skip
+        await wait_for(written(key, f"w-{uid}"), 60)
+        assert view.get(key).value == 1.15  # type: ignore[union-attr]  # unmeasured: DEFAULTS
+        await cms.put(bus, key, 1.05, version=view.get(key).version + 1)  # type: ignore[union-attr]
+        await wait_for(lambda: view.get(key).value == 1.05)  # type: ignore[union-attr]
+        spawn("services.worker", "--agent-id", f"w2-{uid}", "--backend", "onnx",
+              "--model-dir", str(tiny_model_dir), "--threads", "1")  # fmt: skip
+        # its model card comes after its defaults: once it is here, nothing else will come
+        await wait_for(written(card_key, f"w2-{uid}"), 60)
+        entry = view.get(key)
+        await cms.delete(bus, key)
+    assert entry is not None and entry.value == 1.05 and entry.origin == f"c-{uid}"
+
+
 async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn, tiny_model_dir):
     bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
     topic = TASKS.format(agent=f"w-{uid}")
