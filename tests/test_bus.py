@@ -259,7 +259,7 @@ async def test_connection_to_a_closed_port_fails_clearly() -> None:
 def _most_a_loopback_socket_holds() -> int:
     """Bytes a TCP connection can hold unread at most: both ends' buffers at the kernel's caps."""
     try:
-        tcp = {n: int(Path(f"/proc/sys/net/ipv4/tcp_{n}").read_text().split()[2]) for n in "wr"}
+        tcp = {n: int(Path(f"/proc/sys/net/ipv4/tcp_{n}mem").read_text().split()[2]) for n in "wr"}
         core = {n: int(Path(f"/proc/sys/net/core/{n}mem_max").read_text()) for n in "wr"}
     except (OSError, ValueError, IndexError):
         return 64 << 20
@@ -299,7 +299,7 @@ async def test_a_stalled_broker_holds_publishers_back(tmp_path) -> None:
             drained = connection.drained
 
             async def watched_drained() -> None:  # publish awaits this after each packet
-                if not connection._drained.is_set():  # the socket is full
+                if connection.held_back:  # the socket is full, or paho's in-flight window
                     held_back.set()
                 await drained()
 

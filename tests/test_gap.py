@@ -41,7 +41,9 @@ async def ask_with_threshold(mqtt, uid, spawn, tiny_model_dir, minilm_dir, thres
     async with running(bus):
         agents = [f"orch-{uid}", f"cls-{uid}", f"w-{uid}", f"expert-{uid}"]
         assert await view.wait_online(agents, timeout=90)
-        query = Query(request_id=f"q{time.time_ns()}", text=f"{QUESTION} ({uid})", max_tokens=4,
+        # the question as it is: a suffix (say the uid) can change its sub-labels, and with
+        # them whether a `facts` expert is the gap's
+        query = Query(request_id=f"q{time.time_ns()}", text=QUESTION, max_tokens=4,
                       deadline=time.time() + 60, stream=True)  # fmt: skip
         answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
     assert isinstance(answer, Answer)

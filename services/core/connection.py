@@ -29,6 +29,9 @@ MessageCallback = Callable[[str, bytes, Any], None]  # topic, payload, paho Prop
 _MISC_PERIOD_S = 1.0  # paho's keepalive bookkeeping (PINGREQ, dead-broker detection)
 
 
+QUEUED_BEYOND_WINDOW = 64  # QoS 1 publishes paho may hold past its in-flight window
+
+
 class PublishProperties(Properties):
     """The MQTT 5 properties a request or reply carries, packed once at construction.
 
@@ -95,6 +98,7 @@ class Connection:
         self._writer_added = False
         self._drained = asyncio.Event()  # clear while the socket is full and packets wait
         self._drained.set()
+        self._acked = asyncio.Event()  # set by each PUBACK: the in-flight window moved on
         self._dropped = False  # set when we give up on the socket; late callbacks then no-op
         self._misc: asyncio.Task[None] | None = None
         self._paho = client = paho.Client(
@@ -210,19 +214,29 @@ class Connection:
         if on_ack is not None and qos > 0:
             self._pubacks[info.mid] = on_ack
 
+    @property
+    def held_back(self) -> bool:
+        """Whether a publish must wait: the socket is full, or more QoS 1 publishes wait in
+        paho's memory for a PUBACK than its in-flight window (the broker's Receive Maximum)
+        lets out, so a broker that stalls stops its publishers instead of growing them."""
+        paho_client: Any = self._paho
+        waiting = len(paho_client._out_messages) - paho_client._max_inflight_messages
+        return not self._drained.is_set() or waiting > QUEUED_BEYOND_WINDOW
+
     async def drained(self) -> None:
-        """Return once the socket has taken every queued packet (backpressure on a slow
-        broker); raises ConnectionLost if the connection drops first."""
-        if self._drained.is_set():
-            return
-        waiter = asyncio.ensure_future(self._drained.wait())
-        either: set[asyncio.Future[Any]] = {waiter, self._lost}
-        try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not self._drained.is_set():
-            await self.closed()
+        """Return once a publish may go on (`held_back` is over); raises ConnectionLost if
+        the connection drops first."""
+        while self.held_back:
+            self._acked.clear()
+            event = self._acked if self._drained.is_set() else self._drained
+            waiter = asyncio.ensure_future(event.wait())
+            either: set[asyncio.Future[Any]] = {waiter, self._lost}
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if self._lost.done():
+                await self.closed()
 
     def _raise_for(self, rc: MQTTErrorCode, what: str) -> None:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -258,6 +272,7 @@ class Connection:
             future.set_result(codes)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _props: Any) -> None:
+        self._call_in_loop(self._acked.set)
         callback = self._pubacks.pop(mid, None)
         if callback is not None:
             self._call_in_loop(lambda: callback(int(getattr(reason, "value", reason))))
