@@ -17,6 +17,7 @@ from schemas import AgentCard, AgentStatus, CmsEntry, now
 from services.core.bus import Bus
 from services.core.changes import Changes
 from services.core.errors import BadInput
+from services.core.ownership import owner_problem
 from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_KEY, CMS_ROOT
 from services.core.wire import parse_payload
 
@@ -122,11 +123,26 @@ class CmsView:
             except BadInput as exc:
                 self._bus.report(exc.code, f"bad CMS entry: {exc}", topic)
                 return
+            problem = owner_problem(topic, entry.origin) or self._index_problem(topic, entry)
+            if problem is not None:  # ignored: the entry taken before (if any) stays
+                self._bus.report("forbidden", f"CMS entry ignored: {problem}", topic)
+                return
             self.entries[topic] = entry
         self._index(topic, entry)
         for callback in self._callbacks:
             callback(topic, entry)
         self.changes.notify()
+
+    @staticmethod
+    def _index_problem(topic: str, entry: CmsEntry) -> str | None:
+        """A card or status must describe the agent whose key it is under."""
+        params = AGENT_CARD.match(topic) or AGENT_STATUS.match(topic)
+        if params is None or not isinstance(entry.value, dict):
+            return None
+        named = entry.value.get("agent")
+        if named != params["agent"]:
+            return f"{topic} describes agent {named!r}"
+        return None
 
     def _index(self, topic: str, entry: CmsEntry | None) -> None:
         """Keep the typed agent tables in step with their entries."""
