@@ -166,7 +166,8 @@ EMBEDDING = Topic("data/{domain}/{stream}/embeddings/{agent}", EmbeddingRecord, 
 QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
-STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
+# A request's tokens, under its requester's name: only the requester may read them.
+STREAM = Topic("computation/stream/{client}/{request}", TokenChunk, qos=0)
 
 # Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))

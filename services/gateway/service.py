@@ -1,7 +1,8 @@
 """The gateway's side of the bus: a `Query` out, its `Answer` (and token stream) back.
 
-One subscription to computation/stream/+ feeds the streams of every request in flight here;
-a chunk of a request that is not ours is dropped before it is parsed. The gateway also keeps
+One subscription to computation/stream/<itself>/+ (the broker lets only us read it) feeds the
+streams of every request in flight here; a chunk of a request not in flight is dropped before it
+is parsed. The gateway also keeps
 what the dashboard shows: the last queries with their provenance, and outcomes per second.
 """
 
@@ -64,7 +65,7 @@ class Gateway:
         self._outcomes: deque[tuple[float, str]] = deque()
         self._usage: dict[str, Usage] = {}
         self.served = Counter[str]()
-        bus.listen_raw(STREAM.filter(), self._on_chunk, qos=STREAM.qos)
+        bus.listen_raw(STREAM.filter(client=bus.client_id), self._on_chunk, qos=STREAM.qos)
         view.on_change(self._on_cms_change)
 
     # -- the bus -------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class Gateway:
         params = STREAM.match(topic)
         exchange = self._exchanges.get(params["request"]) if params else None
         if exchange is None:
-            return  # another client's stream
+            return  # a request no longer in flight
         try:
             chunk = parse_payload(TokenChunk, payload, self.bus.settings.max_payload)
         except BadInput as exc:

@@ -36,6 +36,7 @@ class Job:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     domain: str | None = None  # the Classifier Engine's labels: what predicts its length
     difficulty: str | None = None
+    client: str | None = None  # the requester, whose streams these tokens are
 
 
 @dataclass(slots=True)
@@ -146,6 +147,7 @@ class Dispatcher:
             deadline=job.deadline,
             stream=job.stream,
             sampling=job.sampling,
+            client=job.client,
         )
         started = time.perf_counter()
         try:

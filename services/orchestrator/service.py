@@ -27,7 +27,7 @@ from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
-from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
+from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES, REPLIES
 from services.data import grounding
 from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
@@ -70,6 +70,7 @@ class Orchestrator:
 
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
+        client = requester(request.reply_to)
         started, since = time.perf_counter(), time.time()
         if query.ack:  # the client now watches us, and sends the query again if we die
             await self.bus.acknowledge(request)
@@ -82,7 +83,9 @@ class Orchestrator:
         facts: dict[str, list[Fact]] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
-            runs = [self._run(s, query, outputs, since, facts, classification) for s in phase]
+            runs = [
+                self._run(s, query, outputs, since, facts, classification, client) for s in phase
+            ]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
                 steps += records
@@ -133,6 +136,7 @@ class Orchestrator:
         since: float,
         facts: dict[str, list[Fact]],
         classification: Classification | None = None,
+        client: str | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation;
         a data step's facts go to `facts` under its name."""
@@ -162,6 +166,7 @@ class Orchestrator:
             stream=query.stream and step.name == "answer",
             sampling=query.sampling,
             **_length_labels(step, classification),
+            client=client,
         )
         generated = await self.dispatcher.run(job)
         if step.fallback_of and generated.steps:
@@ -294,6 +299,13 @@ def _length_labels(step: PlanStep, classification: Classification | None) -> dic
         "domain": domain if step.name == "answer" else f"{domain}:{step.name}",
         "difficulty": classification.complexity.difficulty,
     }
+
+
+def requester(reply_to: str | None) -> str | None:
+    """The client a request came from: the owner of its response topic, replies/<client>
+    (the broker lets only that client read it)."""
+    params = REPLIES.match(reply_to) if reply_to else None
+    return params["client"] if params else None
 
 
 def _refusal(final: Generated, steps: list[Step]) -> str:

@@ -99,7 +99,7 @@ async def ask(args: argparse.Namespace) -> int:
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         assert view is not None
         if stream:
-            await bus.follow(STREAM, print_chunk, request=query.request_id)
+            await bus.follow(STREAM, print_chunk, client=bus.client_id, request=query.request_id)
         try:
             answer = await QueryClient(bus, view).ask(query)
         except (DeadlineExceeded, RemoteError) as exc:
