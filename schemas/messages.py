@@ -53,6 +53,7 @@ ErrorCode = Literal[
     "unavailable",
     "cloud_error",
     "internal",
+    "forbidden",
 ]
 
 
@@ -341,6 +342,9 @@ class Task(Message):
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = SamplingOptions()
+    client: AgentIdField | None = Field(
+        None, description="the requester: tokens stream to computation/stream/<client>/<request>"
+    )
 
 
 class GenerationStats(BaseModel):
