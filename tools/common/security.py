@@ -1,0 +1,200 @@
+"""Who may say what on the bus: roles, and the broker files made from them (pure functions).
+
+Every agent, client and device has its own account; the broker takes the username as the
+client id (`use_username_as_clientid`), so an account can neither take another's id nor kick
+it off. `acl(identities)` turns the accounts' roles into mosquitto's ACL file; the topics come
+from the topic table (`services/core/topics.py`). What an ACL cannot check (that an entry's
+origin owns its key, the bounds of a live parameter) the services check
+(`services/core/ownership.py`, `services/worker/parameters.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from schemas.ids import AGENT_ID_PATTERN
+from services.core.ownership import OPERATOR_FAMILIES, is_operator
+from services.core.topics import (
+    AGENT_CARD,
+    CACHE,
+    CLASSIFY,
+    CMS_ALL,
+    EMBEDDING,
+    ERRORS,
+    INFERENCE_STATE,
+    KNOWLEDGE,
+    METRIC,
+    MODEL_DETAIL,
+    QUERIES,
+    READING,
+    REPLIES,
+    SENSOR_ASK,
+    STREAM,
+    TASKS,
+    Topic,
+)
+
+
+class Role(StrEnum):
+    """What an account is for; each role's topics are in `grants`."""
+
+    orchestrator = "orchestrator"
+    classifier = "classifier"
+    worker = "worker"
+    sensor = "sensor"  # a device: simulated or real
+    client = "client"  # asks questions (the CLI off the box, an application)
+    gateway = "gateway"  # the HTTP API: a client for many users
+    operator = "operator"  # the CLI on the box: parameters, configs, tenants
+    observer = "observer"  # reads everything, writes nothing: mosquitto_sub debugging
+    replicator = "replicator"  # copies cms/ between sites
+    bench = "bench"  # benchmarks' bare ping-pongs (bench/#) and their load
+
+
+@dataclass(frozen=True, order=True)
+class Identity:
+    """One account: its name is the username and the client id."""
+
+    name: str
+    role: Role
+
+    def __post_init__(self) -> None:
+        if not re.match(AGENT_ID_PATTERN, self.name):
+            raise ValueError(f"account name {self.name!r} must match {AGENT_ID_PATTERN}")
+        if is_operator(self.name) != (self.role is Role.operator):
+            raise ValueError(
+                f"{self.name!r}: operator accounts, and only they, are named operator[-<name>]"
+            )
+
+
+def _subtree(topic_filter: str) -> str:
+    """A filter and every level below it ('#' also matches the level itself)."""
+    return topic_filter if topic_filter.endswith("#") else f"{topic_filter}/#"
+
+
+def _family(topic: Topic[Any], **fixed: str) -> str:
+    """`topic`'s levels up to its first free placeholder, and everything below them."""
+    levels = topic.filter(**fixed).split("/")
+    return _subtree("/".join(itertools.takewhile(lambda level: level not in "+#", levels)))
+
+
+def _cms(family: str) -> str:
+    return f"cms/{family}/#"
+
+
+# Readable by every account that keeps a CMS view: what agents are and how they are set up.
+# Not cms/inference (task outputs), cms/cache (answers), cms/sessions, cms/tenants.
+CMS_PUBLIC = tuple(_cms(f) for f in ("agents", "slm", "parameters", "configs", "metrics"))
+# Every account's own inbox and streams, and its own session (patterns: %u is the username).
+OWN = (
+    ("readwrite", REPLIES.format(client="%u")),
+    ("read", _family(STREAM, client="%u")),
+    ("read", _cms("sessions/%u")),
+)
+ANSWER_ANYONE = REPLIES.filter()  # responders answer on the requester's reply topic
+REPORT = ERRORS.filter()
+
+
+def grants(identity: Identity) -> list[tuple[str, str]]:
+    """(access, topic filter) pairs for one account, beyond the patterns in OWN."""
+    me, role = identity.name, identity.role
+    own_entries = ("write", _subtree(AGENT_CARD.format(agent=me)))  # card, status, and below
+    agent = [("read", f) for f in CMS_PUBLIC] + [own_entries, ("write", ANSWER_ANYONE)]
+    asks = ("write", _subtree(QUERIES.filter()))
+    reports = ("write", REPORT)
+    if role is Role.orchestrator:
+        return [
+            ("read", CMS_ALL),
+            ("read", "data/#"),
+            ("read", _subtree(QUERIES.filter())),
+            own_entries,
+            ("write", _family(METRIC, scope=me)),
+            ("write", _family(INFERENCE_STATE)),
+            ("write", _family(CACHE)),
+            ("write", _cms("sessions")),
+            ("write", _subtree(CLASSIFY.filter())),
+            ("write", _family(TASKS)),
+            ("write", _family(KNOWLEDGE)),  # experts' questions and sensors' (knowledge/#)
+            ("write", ANSWER_ANYONE),
+            reports,
+        ]
+    if role is Role.classifier:
+        return [*agent, ("read", _subtree(CLASSIFY.filter())), reports]
+    if role is Role.worker:
+        return [
+            *agent,
+            ("read", _family(TASKS, agent=me)),
+            ("read", _subtree(KNOWLEDGE.filter())),
+            ("write", _family(MODEL_DETAIL)),
+            ("write", _family(STREAM)),
+            reports,
+        ]
+    if role is Role.sensor:
+        return [
+            ("read", _subtree(AGENT_CARD.format(agent=me))),  # its own card: the next epoch
+            own_entries,
+            ("read", _subtree(SENSOR_ASK.filter(agent=me))),
+            ("write", READING.filter(agent=me)),
+            ("write", EMBEDDING.filter(agent=me)),
+            ("write", ANSWER_ANYONE),
+            reports,
+        ]
+    if role is Role.client:
+        return [*(("read", f) for f in CMS_PUBLIC), asks, reports]
+    if role is Role.gateway:
+        return [*(("read", f) for f in CMS_PUBLIC), ("read", _cms("tenants")), asks, reports]
+    if role is Role.operator:
+        writes = [("write", _cms(f)) for f in (*OPERATOR_FAMILIES, "finetune", "scaling")]
+        read_all = [("read", f) for f in (CMS_ALL, "data/#", _family(ERRORS))]
+        return [*read_all, *writes, asks, reports]
+    if role is Role.observer:
+        return [("read", "#"), ("read", "$SYS/#")]
+    if role is Role.replicator:
+        return [("readwrite", CMS_ALL), reports]
+    if role is Role.bench:
+        return [
+            ("readwrite", "bench/#"),
+            ("read", "data/#"),
+            *(("read", f) for f in CMS_PUBLIC),
+            asks,
+            reports,
+        ]
+    raise AssertionError(f"no grants for role {role}")
+
+
+def acl(identities: Iterable[Identity]) -> str:
+    """mosquitto's ACL file for these accounts (a pure function of their roles)."""
+    lines = [
+        "# Generated by edgecollab from the accounts' roles (tools/common/security.py);",
+        "# `edgecollab credentials add` rewrites it. Anything not granted here is denied.",
+        "",
+        "# Every account: its own reply topic, the streams of its requests, its session.",
+        *(f"pattern {access} {topic}" for access, topic in OWN),
+    ]
+    for identity in sorted(set(identities)):
+        lines += ["", f"# {identity.role}", f"user {identity.name}"]
+        lines += [f"topic {access} {topic}" for access, topic in grants(identity)]
+    return "\n".join(lines) + "\n"
+
+
+PBKDF2_ITERATIONS = 101  # mosquitto_passwd's; secrets are 256 random bits, not passwords
+
+
+def password_line(username: str, secret: str, *, salt: bytes | None = None) -> str:
+    """One line of a mosquitto 2 password file: PBKDF2-SHA512, as `mosquitto_passwd` writes."""
+    salt = os.urandom(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", secret.encode(), salt, PBKDF2_ITERATIONS)
+    encoded = base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
+    return f"{username}:$7${PBKDF2_ITERATIONS}${encoded[0]}${encoded[1]}"
+
+
+def new_secret() -> str:
+    """A fresh account secret: 256 random bits, URL-safe text."""
+    return base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
