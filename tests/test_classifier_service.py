@@ -15,10 +15,12 @@ from tests.conftest import running, wait_for
 from tests.test_stack import online
 
 
-async def test_classifier_service_answers_with_domain_gap_and_matches(mqtt, uid, spawn, minilm_dir):
+async def test_classifier_service_answers_with_domain_gap_and_matches(
+    login, uid, spawn, minilm_dir
+):
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
     spawn("services.worker", "--agent-id", f"med-{uid}", "--domains", '["health"]')
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"cls-{uid}", f"med-{uid}"), timeout=60)

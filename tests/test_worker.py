@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import aiomqtt
 import orjson
 import pytest
 
@@ -20,7 +19,7 @@ from services.core.cms import CmsView
 from services.core.errors import RemoteError
 from services.core.topics import ERRORS, KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
 from tests.broker import ROOT
-from tests.conftest import running, wait_for
+from tests.conftest import mqtt_client, running, wait_for
 from tests.test_stack import online
 
 
@@ -39,7 +38,7 @@ def task(uid: str, *, prompt: str = "Hello there", max_tokens: int = 8, **extra)
     )
 
 
-async def start_worker(spawn, mqtt, uid, model_dir, *args):  # type: ignore[no-untyped-def]
+async def start_worker(spawn, login, uid, model_dir, *args):  # type: ignore[no-untyped-def]
     spawn(
         "services.worker",
         "--agent-id",
@@ -52,7 +51,8 @@ async def start_worker(spawn, mqtt, uid, model_dir, *args):  # type: ignore[no-u
         "1",
         *args,
     )
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    # the test plays the orchestrator: it sends the worker tasks
+    bus = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     return bus, view
 
@@ -68,14 +68,19 @@ async def generate(bus: Bus, uid: str, **kwargs) -> TaskResult:  # type: ignore[
 
 
 async def test_onnx_worker_serves_streams_and_advertises_its_model(
-    mqtt, uid, spawn, tiny_model_dir
+    login, uid, spawn, tiny_model_dir
 ):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     chunks: list[str] = []
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
-        first = task(uid, max_tokens=12, stream=True)
-        await bus.follow(STREAM, lambda r: chunks.append(r.body.text), request=first.request_id)
+        first = task(uid, max_tokens=12, stream=True, client=f"c-{uid}")
+        await bus.follow(
+            STREAM,
+            lambda r: chunks.append(r.body.text),
+            client=f"c-{uid}",
+            request=first.request_id,
+        )
         result = await bus.request(TASKS.format(agent=f"w-{uid}"), first, deadline=first.deadline)
         await bus.barrier()
         card = view.agent(f"w-{uid}").card
@@ -88,10 +93,13 @@ async def test_onnx_worker_serves_streams_and_advertises_its_model(
     assert arch is not None and arch.value == card.model.architecture
 
 
-async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_model_dir):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+async def test_cms_parameters_apply_to_the_next_request(login, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     name = model_name(tiny_model_dir)
-    async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as sub:
+    operator = f"operator-{uid}"  # who may write cms/parameters
+    ops = Bus(settings=login(operator, "operator"), client_id=operator, service="cli")
+    reader = login(f"operator-errors-{uid}", "operator")  # who reads errors/#
+    async with running(bus), running(ops), mqtt_client(reader) as sub:
         await sub.subscribe(ERRORS.format(service="worker"), qos=1)
         await wait_for(online(view, f"w-{uid}"), timeout=60)
 
@@ -102,26 +110,26 @@ async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_m
         greedy = await generate(bus, uid, max_tokens=16)
         assert (await generate(bus, uid, max_tokens=16)).text == greedy.text
         try:
-            await cms.put(bus, f"parameters/{name}/temperature", 3.0, version=1)
-            await cms.put(bus, f"parameters/{name}/seed", 7, version=1)
-            await cms.put(bus, f"parameters/{name}/warmth", 1, version=1)
+            await cms.put(ops, f"parameters/{name}/temperature", 1.0, version=1)
+            await cms.put(ops, f"parameters/{name}/seed", 7, version=1)
+            await cms.put(ops, f"parameters/{name}/warmth", 1, version=1)
             # the worker's view takes the keys in order: refusing the last, it has the others
             error = await refusal()
             sampled = await generate(bus, uid, max_tokens=16)
         finally:
             for key in ("temperature", "seed", "warmth"):
-                await cms.delete(bus, f"parameters/{name}/{key}")
-        await cms.put(bus, f"parameters/{name}/marker", 1, version=1)  # refused after the deletes
+                await cms.delete(ops, f"parameters/{name}/{key}")
+        await cms.put(ops, f"parameters/{name}/marker", 1, version=1)  # refused after the deletes
         marker = await refusal()
-        await cms.delete(bus, f"parameters/{name}/marker")
+        await cms.delete(ops, f"parameters/{name}/marker")
         again = await generate(bus, uid, max_tokens=16)
     assert sampled.text != greedy.text and again.text == greedy.text
     assert error.code == "bad_request" and "unknown parameter 'warmth'" in error.message
     assert "unknown parameter 'marker'" in marker.message
 
 
-async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn, tiny_model_dir):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+async def test_bad_requests_get_clear_errors_and_worker_goes_on(login, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     topic = TASKS.format(agent=f"w-{uid}")
     good = orjson.loads(task(uid).model_dump_json())
     cases = {
@@ -141,9 +149,9 @@ async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn
         assert (await generate(bus, uid)).output_tokens >= 1
 
 
-async def test_worker_answers_its_knowledge_domain(mqtt, uid, spawn, tiny_model_dir):
+async def test_worker_answers_its_knowledge_domain(login, uid, spawn, tiny_model_dir):
     domain = f"d{uid}"
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir, "--domains", f'["{domain}"]')
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir, "--domains", f'["{domain}"]')
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         query = KnowledgeQuery(
@@ -189,8 +197,8 @@ def test_a_bad_model_folder_is_a_clear_startup_failure(tmp_path, tiny_model_dir,
     assert named in out.stderr
 
 
-async def test_requests_share_the_model_concurrently(mqtt, uid, spawn, tiny_model_dir):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir, "--concurrency", "4")
+async def test_requests_share_the_model_concurrently(login, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir, "--concurrency", "4")
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         alone = await generate(bus, uid, prompt="one two three", max_tokens=10)
