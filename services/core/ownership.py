@@ -9,11 +9,17 @@ an entry only when its `origin` owns the key:
 - `cms/parameters/...`, `cms/configs/...`, `cms/tenants/...`: an operator (`operator` or
   `operator-<name>`; no other account may take such a name);
 - anything else: any origin (the ACL decides who may write there).
+
+And a card's kind must be its account's role where the view knows the site's accounts
+(`Accounts`: `<state dir>/security/accounts.json`, names and roles, no secrets): a device's
+account may publish its own card, but not one that says it is a worker.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 OPERATOR_ID_PATTERN = r"^operator(-[a-z0-9][a-z0-9-]{0,52})?$"
 OPERATOR_FAMILIES = ("parameters", "configs", "tenants")
@@ -34,3 +40,40 @@ def owner_problem(key: str, origin: str) -> str | None:
     if family in OPERATOR_FAMILIES and not is_operator(origin):
         return f"only an operator writes cms/{family}/..., not {origin!r}"
     return None
+
+
+class Accounts:
+    """This site's accounts and their roles, read from `accounts.json` (re-read when it
+    changes); an account it does not list (another site's, say) is not judged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: float | None = None
+        self._roles: dict[str, str] = {}
+
+    @classmethod
+    def of_state_dir(cls, state_dir: Path) -> Accounts:
+        return cls(state_dir / "security" / "accounts.json")
+
+    def role(self, name: str) -> str | None:
+        try:
+            stamp = self.path.stat().st_mtime
+        except OSError:
+            return None
+        if stamp != self._stamp:
+            try:
+                roles = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                return self._roles.get(name)
+            self._roles = (
+                {str(k): str(v) for k, v in roles.items()} if isinstance(roles, dict) else {}
+            )
+            self._stamp = stamp
+        return self._roles.get(name)
+
+    def kind_problem(self, agent: str, kind: object) -> str | None:
+        """Why `agent`'s card may not say `kind` (None: it may, or the account is unknown)."""
+        role = self.role(agent)
+        if role is None or role == kind:
+            return None
+        return f"{agent}'s account is a {role}, its card says {kind!r}"

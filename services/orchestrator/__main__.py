@@ -11,6 +11,7 @@ from schemas.ids import AGENT_ID_PATTERN
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
+from services.core.ownership import Accounts
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
@@ -63,7 +64,9 @@ class OrchestratorSettings(BaseSettings):
         )
 
 
-async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
+async def serve(
+    settings: OrchestratorSettings, mqtt: MqttSettings, accounts: Accounts | None = None
+) -> None:
     policy = make_policy(settings.policy, **settings.policy_params)
     cloud_settings = settings.cloud()
     cloud = CloudClient(cloud_settings) if cloud_settings else None
@@ -74,7 +77,7 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
         )
 
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
-        view = CmsView(bus)
+        view = CmsView(bus, accounts=accounts)  # a device's card may not say "worker"
         allocator = Allocator(
             view, policy, rng=random.Random(settings.seed), knowledge=settings.knowledge
         )
@@ -100,13 +103,13 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
 
 
 def main() -> None:
-    settings = OrchestratorSettings()
-    configure_logging("orchestrator", level=RuntimeSettings().log_level)
+    settings, runtime = OrchestratorSettings(), RuntimeSettings()
+    configure_logging("orchestrator", level=runtime.log_level)
     try:
         make_policy(settings.policy, **settings.policy_params)
     except ValueError as exc:
         raise SystemExit(f"orchestrator: {exc}") from None
-    asyncio.run(serve(settings, MqttSettings()))
+    asyncio.run(serve(settings, MqttSettings(), Accounts.of_state_dir(runtime.state_dir)))
 
 
 if __name__ == "__main__":
