@@ -48,9 +48,10 @@ def test_every_compose_service_runs_the_same_command_as_edgecollab_up():
         assert env["EDGECOLLAB_MQTT_HOST"] == "mosquitto"
         # its own account, its secret as a file of the security volume (never in argv or env)
         assert env["EDGECOLLAB_MQTT_USERNAME"] == spec.agent
-        assert env["EDGECOLLAB_MQTT_PASSWORD_FILE"] == f"/run/edgecollab/secrets/{spec.agent}"
+        assert env["EDGECOLLAB_MQTT_PASSWORD_FILE"] == f"/state/security/secrets/{spec.agent}"
         assert "EDGECOLLAB_MQTT_PASSWORD" not in env
-        assert "security:/run/edgecollab:ro" in services[spec.name]["volumes"]
+        assert "security:/state/security:ro" in services[spec.name]["volumes"]
+        assert env["EDGECOLLAB_STATE_DIR"] == "/state"  # the accounts' roles: who may be what
 
 
 def test_compose_is_secure_with_no_extra_step():

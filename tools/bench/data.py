@@ -66,7 +66,10 @@ def _sensor_commands(args: argparse.Namespace, tag: str) -> dict[str, list[str]]
 async def _measure(broker: LocalBroker, args: argparse.Namespace) -> dict[str, object]:
     tag = uuid.uuid4().hex[:6]
     commands = _sensor_commands(args, tag)
-    procs = [spawn(argv, broker.login(agent, "sensor")) for agent, argv in commands.items()]
+    procs = [
+        spawn(argv, broker.login(agent, "sensor"), state_dir=broker.workdir)
+        for agent, argv in commands.items()
+    ]
     consumer = f"bench-consumer-{tag}"  # reads data/#, as an orchestrator does
     bus = Bus(settings=broker.login(consumer, "bench"), client_id=consumer, service="bench")
     view, cms = DataView(bus, window_s=args.window_s), CmsView(bus)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
+from services.core.ownership import Accounts
 from services.core.settings import MqttSettings, RuntimeSettings, parse_broker
 from tools import ROOT
 from tools.common.broker import broker_answers
@@ -113,7 +114,9 @@ async def connected_bus(
     settings = mqtt_settings(args)
     client_id = settings.username or f"cli-{uuid.uuid4().hex[:10]}"  # the broker's client id
     bus = Bus(settings=settings, client_id=client_id, service="cli")
-    view = CmsView(bus, qos=0) if mirror_cms else None  # a read-only snapshot: no acks needed
+    accounts = Accounts.of_state_dir(RuntimeSettings().state_dir)  # judged as services judge
+    # a read-only snapshot: no acks needed
+    view = CmsView(bus, qos=0, accounts=accounts) if mirror_cms else None
     if setup is not None:
         setup(bus)
     async with running(bus):
@@ -147,9 +150,13 @@ async def running(bus: Bus) -> AsyncIterator[Bus]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def spawn(argv: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
-    """Start a process of this checkout against `mqtt` (benchmarks); its stdout is dropped."""
-    env = child_env(mqtt, EDGECOLLAB_LOG_LEVEL="warning")
+def spawn(
+    argv: list[str], mqtt: MqttSettings, *, state_dir: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process of this checkout against `mqtt` (benchmarks), with the accounts of
+    `state_dir` (a private broker's); its stdout is dropped."""
+    extra = {"EDGECOLLAB_STATE_DIR": str(state_dir)} if state_dir is not None else {}
+    env = child_env(mqtt, EDGECOLLAB_LOG_LEVEL="warning", **extra)
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
 
 

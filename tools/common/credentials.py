@@ -1,7 +1,7 @@
 """Accounts on disk: secrets, the broker's password and ACL files, and TLS material.
 
     <state dir>/security/            (0700; every file in it 0600 but the certificates)
-      accounts.json                  account → role; no secrets
+      accounts.json                  account → role; no secrets (0644: services judge cards)
       secrets/<account>              its secret: a service's EDGECOLLAB_MQTT_PASSWORD_FILE
       passwd, acl                    mosquitto's password_file and acl_file, made from the two
       tls/ca.crt, ca.key, server.*   the local CA and the broker's certificate (docker/certs.sh)
@@ -103,10 +103,8 @@ class Credentials:
                     fresh.append(identity.name)
                 accounts[identity.name] = identity.role
             if fresh or not (self.root / "acl").exists():
-                _write_private(
-                    self.root / "accounts.json",
-                    json.dumps(dict(sorted(accounts.items())), indent=2) + "\n",
-                )
+                roles = json.dumps(dict(sorted(accounts.items())), indent=2) + "\n"
+                _write_private(self.root / "accounts.json", roles, mode=0o644)  # no secrets
                 self._write_broker_files(accounts)
         return fresh
 
@@ -180,11 +178,11 @@ class Credentials:
 _HELD: list[IO[str]] = []  # the seat locks this process holds (released at exit)
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner may read, atomically."""
+def _write_private(path: Path, text: str, *, mode: int = 0o600) -> None:
+    """Write a file only its owner may read (unless `mode` says otherwise), atomically."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(temporary, path)
