@@ -54,6 +54,7 @@ ErrorCode = Literal[
     "cloud_error",
     "internal",
     "forbidden",
+    "quota",
 ]
 
 

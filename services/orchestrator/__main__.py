@@ -21,6 +21,7 @@ from services.orchestrator.cloud import CloudClient, CloudSettings
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher
 from services.orchestrator.service import Orchestrator
+from services.orchestrator.tenants import Tenants
 from services.scheduling.outcomes import Prices
 from services.scheduling.policies import POLICIES, make_policy
 
@@ -83,8 +84,9 @@ async def serve(
         )
         dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=cloud)
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
+        tenants = Tenants(bus, view, accounts=accounts, base_version=presence.base_version)
         orchestrator = Orchestrator(
-            bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation
+            bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation, tenants=tenants
         )
         return [
             lambda: orchestrator.publish_metrics(

@@ -35,6 +35,7 @@ from services.orchestrator.dispatch import Dispatcher, Generated, Job
 from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
 from services.orchestrator.programs import Programs
 from services.orchestrator.provenance import record
+from services.orchestrator.tenants import Tenants
 from services.scheduling.outcomes import Outcome, Tally
 
 log = structlog.get_logger("edgecollab.orchestrator")
@@ -57,6 +58,7 @@ class Orchestrator:
         dispatcher: Dispatcher,
         cooperation: Cooperation,
         programs: Programs | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.bus = bus
         self.view = view
@@ -65,12 +67,15 @@ class Orchestrator:
         self.programs = programs or Programs(
             bus=bus, dispatcher=dispatcher, cooperation=cooperation
         )
+        self.tenants = tenants
         self.tally = Tally(latencies_s=deque(maxlen=LATENCY_WINDOW))  # type: ignore[arg-type]
         bus.serve(QUERIES, self.handle_query, shared="orchestrators")
 
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
         client = requester(request.reply_to)
+        # a tenant at its quota is refused here, before any generation (Error code quota)
+        tenant = self.tenants.admit(client, query) if self.tenants is not None else None
         started, since = time.perf_counter(), time.time()
         if query.ack:  # the client now watches us, and sends the query again if we die
             await self.bus.acknowledge(request)
@@ -97,7 +102,10 @@ class Orchestrator:
         assert final is not None
         partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
         measured = [f for s in plan.sensed for f in facts.get(s.name, [])]
-        return self._answer(query, started, final, steps, partial, plan, measured)
+        answer = self._answer(query, started, final, steps, partial, plan, measured)
+        if tenant is not None and self.tenants is not None:
+            await self.tenants.charge(tenant, client, query, answer)
+        return answer
 
     def plan(self, query: Query, classification: Classification | None) -> Plan:
         """The plan for this query given the agents online now."""
