@@ -21,6 +21,7 @@ from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.connection import Connection, ConnectionLost
+from services.core.errors import RemoteError
 from services.core.ownership import Accounts, is_operator, owner_problem
 from services.core.presence import card_entry
 from services.core.topics import (
@@ -364,3 +365,90 @@ def test_bench_security_finds_nothing_getting_through():
     through = {name: a["got_through"] for name, a in report["attacks"].items()}
     assert report["total_got_through"] == 0, through
     assert report["attacks"]["spoofed_readings"]["attempts"] == 400
+
+
+# -- tenants, quotas, sessions ----------------------------------------------------------------
+
+
+async def test_a_tenant_at_its_quota_gets_a_quota_error_before_any_generation(login, uid, spawn):
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
+    spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "1000")
+    operator, tenant, member = f"operator-{uid}", f"t-{uid}", f"c-{uid}"
+    ops = Bus(settings=login(operator, "operator"), client_id=operator, service="cli")
+    client = Bus(settings=login(member), client_id=member, service="t")
+    outsider = Bus(settings=login(f"x-{uid}"), client_id=f"x-{uid}", service="t")
+    view = CmsView(ops)
+
+    def query(n: int, **fields: object) -> Query:
+        return Query(
+            request_id=f"q{n}-{uid}", text="hello", max_tokens=8, deadline=time.time() + 20,
+            **fields,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    async with running(ops), running(client), running(outsider):
+        await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
+        await cms.put(ops, f"tenants/{tenant}/members", [member], version=1)
+        await cms.put(ops, f"tenants/{tenant}/usage_limit", {"tokens": 60}, version=1)
+        await ops.barrier()
+        answers, refusal = [], None
+        for n in range(20):  # each query spends its prompt and its 8 tokens
+            try:
+                answers.append(
+                    await client.request(QUERIES.format(), query(n), deadline=time.time() + 20)
+                )
+            except RemoteError as exc:
+                refusal = exc.error
+                break
+        with pytest.raises(RemoteError) as claimed:  # naming a tenant it is not a member of
+            await outsider.request(
+                QUERIES.format(), query(99, tenant=tenant), deadline=time.time() + 20
+            )
+        free = await outsider.request(QUERIES.format(), query(98), deadline=time.time() + 20)
+        usage_key = f"cms/metrics/orch-{uid}/tenants"
+        await wait_for(lambda: view.get(f"sessions/{member}/context") is not None)
+        await wait_for(lambda: view.get(usage_key) is not None)
+        spent = sum(s.prompt_tokens + s.output_tokens for a in answers for s in a.steps)
+        await wait_for(lambda: view.get(usage_key).value[tenant]["tokens"] == spent)
+        session = view.get(f"sessions/{member}/tokens_used").value
+        context = view.get(f"sessions/{member}/context").value
+        for key in ("members", "usage_limit"):
+            await cms.delete(ops, f"tenants/{tenant}/{key}")
+    assert answers and all(a.outcome == "edge" for a in answers)
+    assert refusal is not None and refusal.code == "quota"
+    assert f"tenant {tenant!r} used {spent} of its 60 tokens" in refusal.message
+    assert spent + 8 > 60 >= spent  # refused exactly when the next one could pass the limit
+    assert claimed.value.error.code == "forbidden" and isinstance(free, Answer)
+    assert session == spent and context[-1]["q"] == "hello" and len(context) <= 4
+
+
+def test_a_quota_holds_over_every_orchestrator_and_resets_each_period():
+    from types import SimpleNamespace
+
+    from services.core.errors import BadInput
+    from services.orchestrator.tenants import Tenants
+
+    now = [7200.0]
+    callbacks: list = []
+    view = SimpleNamespace(on_change=callbacks.append)
+    tenants = Tenants(SimpleNamespace(client_id="orch-a"), view, clock=lambda: now[0])  # type: ignore[arg-type]
+
+    def put(key: str, value: object, origin: str = "operator-1") -> None:
+        entry = SimpleNamespace(value=value, origin=origin)
+        callbacks[0](key, entry)
+
+    put("cms/tenants/t/members", ["alice"])
+    put("cms/tenants/t/usage_limit", {"tokens": 100, "period_s": 3600})
+    put(
+        "cms/metrics/orch-b/tenants",
+        {"t": {"period": 2, "period_s": 3600.0, "tokens": 95}},
+        "orch-b",
+    )
+    query = Query(request_id="q", text="hi", max_tokens=8, deadline=now[0] + 10)
+    with pytest.raises(BadInput, match="used 95 of its 100 tokens") as raised:
+        tenants.admit("alice", query)  # orch-b's usage counts here too
+    assert raised.value.code == "quota"
+    now[0] = 3 * 3600.0  # the next period: orch-b's count is of the last one
+    assert tenants.admit("alice", query) == "t"
+    assert tenants.tenant_of("bob", None) is None  # in no tenant: no limit
+    with pytest.raises(BadInput, match="may not ask for tenant 't'"):
+        tenants.tenant_of("bob", "t")
