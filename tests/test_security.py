@@ -56,7 +56,7 @@ def test_the_acl_is_a_pure_function_of_the_roles():
     accounts += [Identity("alice", Role.client), Identity("operator-1", Role.operator)]
     text = acl(accounts)
     assert text == acl(reversed(accounts)) == acl([*accounts, *accounts])
-    assert "pattern readwrite replies/%u" in text  # each account's own inbox, by username
+    assert "pattern readwrite replies/%u/#" in text  # each account's own inbox, by username
     assert "%c" not in text  # client ids are not trusted: the username is the client id
     worker = dict((t, a) for a, t in grants(Identity("worker-1", Role.worker)))
     assert worker["computation/tasks/worker-1/#"] == "read"  # its own inbox, nobody else's
@@ -341,6 +341,29 @@ async def test_a_device_cannot_publish_under_another_devices_id(login, uid):
         await wait_for(lambda: mine in seen)  # after the spoofed one, had it gone through
     device.close()
     assert seen == [mine]
+
+
+def test_the_cli_from_another_box_takes_an_account_and_tls(broker, login, uid, tmp_path):
+    alice = login(f"alice-{uid}")
+    address = f"{broker.host}:{broker.tls_port}"
+    command = [sys.executable, "-m", "tools.cli.main", "agents", "--json", "--tls",
+               "--tls-ca", str(broker.credentials.ca), "--broker", address,
+               "--username", alice.username, "--password-file"]  # fmt: skip
+    elsewhere = {**os.environ, "EDGECOLLAB_STATE_DIR": str(tmp_path)}  # no accounts here
+    ok = subprocess.run(
+        [*command, str(alice.password_file)], cwd=ROOT, env=elsewhere, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert isinstance(json.loads(ok.stdout), list)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess\n")
+    refused = subprocess.run(
+        [*command, str(wrong)], cwd=ROOT, env=elsewhere, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert f"refused account 'alice-{uid}' over TLS" in refused.stderr
 
 
 def test_the_cli_on_the_box_cannot_write_an_agents_card(broker, uid):

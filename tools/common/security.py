@@ -94,7 +94,7 @@ def _cms(family: str) -> str:
 CMS_PUBLIC = tuple(_cms(f) for f in ("agents", "slm", "parameters", "configs", "metrics"))
 # Every account's own inbox and streams, and its own session (patterns: %u is the username).
 OWN = (
-    ("readwrite", REPLIES.format(client="%u")),
+    ("readwrite", _subtree(REPLIES.format(client="%u"))),
     ("read", _family(STREAM, client="%u")),
     ("read", _cms("sessions/%u")),
 )
