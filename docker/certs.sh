@@ -39,7 +39,7 @@ extendedKeyUsage=clientAuth"
   exit 0
 fi
 
-names=(localhost mosquitto "$(hostname)" "$@")
+names=(localhost mosquitto "$(hostname 2>/dev/null || uname -n)" "$@")
 san="IP:127.0.0.1,IP:::1"
 for name in "${names[@]}"; do
   [ -n "$name" ] || continue
