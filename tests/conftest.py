@@ -126,6 +126,8 @@ def spawn(broker: Broker, tmp_path: Path) -> Iterator:
 
     def start(module: str, *args: str) -> subprocess.Popen[bytes]:
         log = (tmp_path / f"{module}-{len(procs)}.log").open("wb")
+        if "--agent-id" not in args:
+            raise ValueError(f"spawn {module}: give --agent-id, the account it connects as")
         agent = args[args.index("--agent-id") + 1]
         account = broker.login(agent, module.removeprefix("services."))
         proc = subprocess.Popen(
