@@ -294,7 +294,7 @@ class Connection:
         """paho reads a few packets per call; TLS may hold more, already decrypted, where the
         selector cannot see them: read on while the TLS socket has bytes pending."""
         self._paho.loop_read()
-        sock = self._paho.socket()
+        sock: Any = self._paho.socket()  # an ssl.SSLSocket while TLS is on
         while sock is not None and (pending := sock.pending()) > 0:
             self._paho.loop_read()
             sock = self._paho.socket()

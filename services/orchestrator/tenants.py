@@ -9,10 +9,11 @@ An operator describes a tenant under `cms/tenants/<tenant>/` (only operators may
 - `config/model`: the model meant for it (recorded; allocation does not filter by it yet).
 
 A query's tenant is its client's (the owner of its response topic); a query that names a tenant
-(`Query.tenant`) must come from a member, or from a gateway account (the HTTP API, which
-authenticates its own users). A tenant at its limit gets an `Error` with code `quota` before
-any generation. Each orchestrator counts what its tenants used this period under
-`cms/metrics/<orchestrator>/tenants`; the quota holds against the sum over every orchestrator.
+(`Query.tenant`) must come from a member, or from a gateway account (the HTTP API, whose API
+keys are tenants), or from anyone on a site without accounts. A tenant at its limit gets an
+`Error` with code `quota` before any generation (the gateway: HTTP 429). Each orchestrator
+counts what its tenants used this period under `cms/metrics/<orchestrator>/tenants`; the quota
+holds against the sum over every orchestrator.
 A tenant's client gets a session: `cms/sessions/<client>/tokens_used` and `.../context` (its
 last turns, shortened), readable by the client itself and the orchestrators.
 """
@@ -111,10 +112,10 @@ class Tenants:
     def tenant_of(self, client: str | None, claimed: str | None) -> str | None:
         """The tenant a query counts for (None: no tenant, no limit)."""
         if claimed is not None:
-            gateway = client is not None and self.accounts is not None
-            if client in self._members.get(claimed, ()) or (
-                gateway and self.accounts.role(client) == "gateway"  # type: ignore[union-attr]
-            ):
+            accounts = self.accounts
+            role = accounts.role(client) if accounts is not None and client is not None else None
+            unsecured = accounts is not None and not accounts.known()  # a site with no accounts
+            if unsecured or role == "gateway" or client in self._members.get(claimed, ()):
                 return claimed
             raise BadInput("forbidden", f"{client!r} may not ask for tenant {claimed!r}")
         if client is None:
@@ -184,8 +185,8 @@ class Tenants:
             }
         session["tokens_used"] = int(session["tokens_used"]) + tokens  # type: ignore[call-overload]
         turn = {"q": query.text[:CONTEXT_CHARS], "a": answer.text[:CONTEXT_CHARS]}
-        context = [*session["context"], turn][-CONTEXT_TURNS:]  # type: ignore[misc]
-        session["context"] = context
+        turns = [*session["context"], turn][-CONTEXT_TURNS:]  # type: ignore[misc]
+        session["context"] = turns
         for field in ("tokens_used", "context"):
             key = CMS_KEY.format(key=f"sessions/{client}/{field}")
             await cms.put(self.bus, key, session[field], version=self._next_version())
