@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from schemas import Answer, Query, SamplingOptions, TokenChunk
 from services.core.bus import Request
 from services.core.client import QueryClient
-from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.errors import DeadlineExceeded, NotAuthorized, RemoteError
 from services.core.topics import STREAM
 from tools.cli.agents import format_table
 from tools.common import add_broker_option, connected_bus, print_json
@@ -102,7 +102,7 @@ async def ask(args: argparse.Namespace) -> int:
             await bus.follow(STREAM, print_chunk, client=bus.client_id, request=query.request_id)
         try:
             answer = await QueryClient(bus, view).ask(query)
-        except (DeadlineExceeded, RemoteError) as exc:
+        except (DeadlineExceeded, NotAuthorized, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
             return 1
     assert isinstance(answer, Answer)

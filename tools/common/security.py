@@ -24,6 +24,7 @@ from schemas.ids import AGENT_ID_PATTERN
 from services.core.ownership import OPERATOR_FAMILIES, is_operator
 from services.core.topics import (
     AGENT_CARD,
+    ARITHMETIC,
     CACHE,
     CLASSIFY,
     CMS_ALL,
@@ -35,10 +36,13 @@ from services.core.topics import (
     MODEL_DETAIL,
     QUERIES,
     READING,
+    REPLICA_CHANGES,
     REPLIES,
     SENSOR_ASK,
+    SITE_KEY,
     STREAM,
     TASKS,
+    TOMBSTONE,
     Topic,
 )
 
@@ -55,6 +59,8 @@ class Role(StrEnum):
     operator = "operator"  # the CLI on the box: parameters, configs, tenants
     observer = "observer"  # reads everything, writes nothing: mosquitto_sub debugging
     replicator = "replicator"  # copies cms/ between sites
+    peer = "peer"  # another site's replicator on this broker: peer-<site>
+    sandbox = "sandbox"  # the calculator peer: runs programs (knowledge/arithmetic/run)
     bench = "bench"  # benchmarks' bare ping-pongs (bench/#) and their load
 
 
@@ -72,6 +78,21 @@ class Identity:
             raise ValueError(
                 f"{self.name!r}: operator accounts, and only they, are named operator[-<name>]"
             )
+        if self.name.startswith(PEER_PREFIX) != (self.role is Role.peer):
+            raise ValueError(f"{self.name!r}: peer accounts, and only they, are named peer-<site>")
+
+    @property
+    def site(self) -> str:
+        """A peer account's site: what it may publish under replication/from/<site>/."""
+        return self.name.removeprefix(PEER_PREFIX)
+
+
+PEER_PREFIX = "peer-"  # the client id of a replicator's link to another site's broker
+
+
+def peer_account(site: str) -> Identity:
+    """The account site `site`'s replicator connects to a peer's broker as."""
+    return Identity(f"{PEER_PREFIX}{site}", Role.peer)
 
 
 def _subtree(topic_filter: str) -> str:
@@ -92,6 +113,10 @@ def _cms(family: str) -> str:
 # Readable by every account that keeps a CMS view: what agents are and how they are set up.
 # Not cms/inference (task outputs), cms/cache (answers), cms/sessions, cms/tenants.
 CMS_PUBLIC = tuple(_cms(f) for f in ("agents", "slm", "parameters", "configs", "metrics"))
+# What a replicator writes into its site's CMS: other sites' entries, the shared families
+# (services/replicator/rules.py), its links' state; never another agent's cms/agents/<a>.
+REPLICATED = (_family(SITE_KEY), *(_cms(f) for f in ("slm", "finetune", "sessions")))
+REPLICATED += (*(_cms(f) for f in OPERATOR_FAMILIES), _cms("replication"))
 # Every account's own inbox and streams, and its own session (patterns: %u is the username).
 OWN = (
     ("readwrite", _subtree(REPLIES.format(client="%u"))),
@@ -115,7 +140,7 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
             ("read", "data/#"),
             ("read", _subtree(QUERIES.filter())),
             own_entries,
-            ("write", _family(METRIC, scope=me)),
+            ("write", _family(METRIC)),  # its own, the agents' it used, its tenants' usage
             ("write", _family(INFERENCE_STATE)),
             ("write", _family(CACHE)),
             ("write", _cms("sessions")),
@@ -148,8 +173,10 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
         ]
     if role is Role.client:
         return [*(("read", f) for f in CMS_PUBLIC), asks, reports]
-    if role is Role.gateway:
-        return [*(("read", f) for f in CMS_PUBLIC), ("read", _cms("tenants")), asks, reports]
+    if role is Role.gateway:  # a client for many users (its API keys' tenants) with a card
+        return [*agent, ("read", _cms("tenants")), asks, reports]
+    if role is Role.sandbox:
+        return [*agent, ("read", _subtree(ARITHMETIC.filter())), reports]
     if role is Role.operator:
         writes = [("write", _cms(f)) for f in (*OPERATOR_FAMILIES, "finetune", "scaling")]
         read_all = [("read", f) for f in (CMS_ALL, "data/#", _family(ERRORS))]
@@ -157,7 +184,17 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
     if role is Role.observer:
         return [("read", "#"), ("read", "$SYS/#")]
     if role is Role.replicator:
-        return [("readwrite", CMS_ALL), reports]
+        return [
+            ("read", CMS_ALL),
+            own_entries,
+            *(("write", f) for f in REPLICATED),
+            ("read", "replication/#"),  # peers' changes, digests, wants; its tombstones
+            ("write", _family(TOMBSTONE)),
+            ("write", ANSWER_ANYONE),
+            reports,
+        ]
+    if role is Role.peer:  # publishes only as its own site, into this site's replicator
+        return [("write", _subtree(REPLICA_CHANGES.filter(site=identity.site).rsplit("/", 1)[0]))]
     if role is Role.bench:
         return [
             ("readwrite", "bench/#"),
