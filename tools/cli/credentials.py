@@ -13,7 +13,7 @@ from services.core.settings import RuntimeSettings
 from tools.common import print_json
 from tools.common.broker import reload_broker
 from tools.common.credentials import Credentials, stack_identities
-from tools.common.security import Identity, Role, acl
+from tools.common.security import Identity, Role, acl, peer_account
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="another DNS name or IP address for the broker's certificate (repeatable)",
     )
     init.add_argument(
+        "--site", help="this site's name: also its replicator's account on peers, peer-<site>"
+    )
+    init.add_argument(
         "--chown",
         metavar="BROKER_UID:SERVICES_UID",
         help="compose: give the broker's files and the secrets to these users",
@@ -36,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("name", help="the username and client id, e.g. watch-7")
     add.add_argument("--role", required=True, choices=[r.value for r in Role])
     add.add_argument("--rotate", action="store_true", help="a new secret if it exists")
+    add.add_argument(
+        "--secret-file",
+        type=Path,
+        metavar="FILE",
+        help="take this secret (another site's peer-<site> account: the file that site made)",
+    )
     show = verbs.add_parser("ls", help="accounts and roles (no secrets)")
     show.add_argument("--json", action="store_true")
     verbs.add_parser("acl", help="print the ACL the accounts' roles make")
@@ -55,7 +64,13 @@ def _store(args: argparse.Namespace) -> tuple[Credentials, Path]:
 
 def _init(args: argparse.Namespace) -> int:
     credentials, state_dir = _store(args)
-    made = credentials.add(stack_identities())
+    identities = stack_identities()
+    if args.site:
+        identities.append(peer_account(args.site))
+    try:
+        made = credentials.add(identities)
+    except ValueError as exc:
+        raise SystemExit(f"edgecollab: {exc}") from None
     credentials.ensure_tls(args.tls_name)
     if args.chown:
         broker, services = (int(uid) for uid in args.chown.split(":"))
@@ -70,8 +85,13 @@ def _add(args: argparse.Namespace) -> int:
     credentials, state_dir = _store(args)
     try:
         identity = Identity(args.name, Role(args.role))
-        made = credentials.add([identity], rotate=args.rotate)
-    except ValueError as exc:
+        given = {}
+        if args.secret_file is not None:
+            given[identity.name] = args.secret_file.read_text().strip()
+            if not given[identity.name]:
+                raise ValueError(f"{args.secret_file} is empty")
+        made = credentials.add([identity], rotate=args.rotate, secrets=given)
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"edgecollab: {exc}") from None
     reloaded = reload_broker(state_dir)
     state = "new secret" if made else "exists"

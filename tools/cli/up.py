@@ -23,6 +23,7 @@ from tools import ROOT
 from tools.common import add_broker_option, child_env, mqtt_settings
 from tools.common.broker import CERT, TLS, broker_answers, reload_broker, start_mosquitto
 from tools.common.credentials import Credentials, stack_identities
+from tools.common.security import peer_account
 from tools.common.stack import STACK, ServiceSpec, scaled
 from tools.common.supervise import Child, Supervisor, relay
 
@@ -89,8 +90,13 @@ def up(args: argparse.Namespace) -> int:
     if args.peer and not args.site:
         raise SystemExit("edgecollab: --peer needs --site (every site needs its own name)")
     credentials = Credentials.of_state_dir(state_dir)
-    if credentials.add(stack_identities(specs)):
+    identities = stack_identities(specs)
+    if args.site:  # what this site's replicator connects to its peers' brokers as
+        identities.append(peer_account(args.site))
+    if credentials.add(identities):
         print(f"up: made the stack's accounts in {credentials.root}", flush=True)
+        for other in state_dir.glob("site-*"):  # other sites' brokers on this box take them
+            reload_broker(other)
     credentials.ensure_tls()
     children: list[Child] = []
     if not broker_answers(settings.host, settings.port):

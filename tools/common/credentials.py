@@ -20,25 +20,28 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
 from services.core.settings import MqttSettings
 from tools import ROOT
 from tools.common.security import Identity, Role, acl, new_secret, password_line
-from tools.common.stack import STACK
+from tools.common.stack import STACK, ServiceSpec
 
 OPERATOR_SEATS = 8  # CLI commands on the stack's box at once, each with its own client id
 OBSERVER = "observer"
 CERTS_SCRIPT = ROOT / "docker" / "certs.sh"
 
 
-def stack_identities(seats: int = OPERATOR_SEATS) -> list[Identity]:
-    """The accounts of the default stack: every service of STACK, the operator seats of the
-    CLI on this box, and the observer."""
+def stack_identities(
+    specs: Sequence[ServiceSpec] = (), seats: int = OPERATOR_SEATS
+) -> list[Identity]:
+    """The accounts of the default stack: every service of STACK (and of `specs`: more
+    workers, say), the operator seats of the CLI on this box, and the observer."""
+    services = {spec.agent: spec for spec in (*STACK, *specs)}
     return [
-        *(Identity(spec.agent, Role(spec.role)) for spec in STACK),
+        *(Identity(spec.agent, Role(spec.role)) for spec in services.values()),
         *(Identity(f"operator-{n}", Role.operator) for n in range(1, seats + 1)),
         Identity(OBSERVER, Role.observer),
     ]
@@ -84,11 +87,18 @@ class Credentials:
 
     # -- making accounts ------------------------------------------------------------------------
 
-    def add(self, identities: Iterable[Identity], *, rotate: bool = False) -> list[str]:
+    def add(
+        self,
+        identities: Iterable[Identity],
+        *,
+        rotate: bool = False,
+        secrets: dict[str, str] | None = None,
+    ) -> list[str]:
         """Create the accounts that are missing (and new secrets for all with `rotate`);
         rewrite the broker's files. Returns the names given a new secret. A name taken by
-        another role is an error."""
-        wanted = list(identities)
+        another role is an error. `secrets`: what some of them must be (another site's peer
+        account: the secret that site made for it)."""
+        wanted, secrets = list(identities), secrets or {}
         with self._locked():
             accounts = self.accounts()
             for identity in wanted:
@@ -98,7 +108,13 @@ class Credentials:
             fresh = []
             for identity in wanted:
                 path = self.secret_file(identity.name)
-                if rotate or identity.name not in accounts or not path.exists():
+                given = secrets.get(identity.name)
+                if given is not None and (
+                    not path.exists() or self._secret(identity.name) != given
+                ):
+                    _write_private(path, given + "\n")
+                    fresh.append(identity.name)
+                elif rotate or identity.name not in accounts or not path.exists():
                     _write_private(path, new_secret() + "\n")
                     fresh.append(identity.name)
                 accounts[identity.name] = identity.role
