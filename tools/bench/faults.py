@@ -34,7 +34,7 @@ from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
 from services.core.topics import TASKS
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 
 FAULTS = (
     "worker_kill",
@@ -76,13 +76,17 @@ async def bench(args: argparse.Namespace) -> int:
 class _Stack:
     """The processes of one run and how to start each again."""
 
-    mqtt: MqttSettings
-    workdir: Path
-    broker: subprocess.Popen[bytes]
+    broker: LocalBroker  # secure, as `edgecollab up` runs it
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
+    def login(self, name: str, role: str = "client") -> MqttSettings:
+        """Account `name`, with the bench's keepalive (the services' too)."""
+        return self.broker.login(name, role).model_copy(update={"keepalive": KEEPALIVE_S})
+
     def start(self, name: str, *argv: str) -> None:
-        self.procs[name] = spawn([sys.executable, "-m", *argv], self.mqtt)
+        role = argv[0].removeprefix("services.")
+        mqtt = self.login(name, role)
+        self.procs[name] = spawn([sys.executable, "-m", *argv], mqtt, state_dir=self.broker.workdir)
 
     def orchestrator(self, name: str) -> None:
         self.start(name, "services.orchestrator", "--agent-id", name)
@@ -94,9 +98,9 @@ class _Stack:
 
 async def _one(fault: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        mqtt = MqttSettings(host="127.0.0.1", port=port, keepalive=KEEPALIVE_S)  # services' too
-        stack = _Stack(mqtt, Path(tmp), start_mosquitto(port, Path(tmp)))
+        broker = LocalBroker(Path(tmp))
+        broker.start()
+        stack = _Stack(broker)
         stack.orchestrator("orch-1")
         if fault == "orchestrator_kill_standby":
             stack.orchestrator("orch-2")
@@ -106,11 +110,12 @@ async def _one(fault: str, args: argparse.Namespace) -> dict[str, object]:
             return await _drive(fault, stack, args)
         finally:
             stop(*stack.procs.values())
-            stop(stack.broker)
+            stack.broker.stop()
 
 
 async def _drive(fault: str, stack: _Stack, args: argparse.Namespace) -> dict[str, object]:
-    bus = Bus(settings=stack.mqtt, client_id=f"faults-{uuid.uuid4().hex[:6]}", service="bench")
+    client_id = f"faults-{uuid.uuid4().hex[:6]}"
+    bus = Bus(settings=stack.login(client_id), client_id=client_id, service="bench")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     results: list[tuple[float, str, Answer | None]] = []  # (sent at, how it ended, answer)
@@ -190,9 +195,9 @@ async def _kill_orchestrator(
 
 
 async def _restart_broker(stack: _Stack) -> None:
-    await asyncio.to_thread(stop, stack.broker)
+    await asyncio.to_thread(stack.broker.stop)
     await asyncio.sleep(BROKER_DOWN_S)
-    stack.broker = await asyncio.to_thread(start_mosquitto, stack.mqtt.port, stack.workdir)
+    await asyncio.to_thread(stack.broker.start)  # the same ports, accounts and store
 
 
 def _summary(

@@ -109,7 +109,9 @@ async def bench(args: argparse.Namespace) -> int:
         broker = LocalBroker(Path(tmp))
         broker.start()
         workers = [_start_worker(node, args.speedup, broker) for node in nodes]
-        workers.append(_spawn(["tools.bench.labels", LABELS], broker.login(LABELS, "classifier"), broker))
+        workers.append(
+            _spawn(["tools.bench.labels", LABELS], broker.login(LABELS, "classifier"), broker)
+        )
         try:
             for key, name, k in runs:
                 live = await _run_live(name, k, requests, nodes, broker, cloud, args)
