@@ -98,7 +98,7 @@ def test_a_password_line_is_mosquittos_pbkdf2_sha512():
 def test_the_views_ownership_rules():
     assert owner_problem("cms/agents/w-1/status", "w-1") is None
     assert "belongs to 'w-1'" in owner_problem("cms/agents/w-1", "mallory")
-    assert "belongs to" in owner_problem("cms/metrics/orch-1/requests", "orch-2")
+    assert owner_problem("cms/metrics/w-1/tokens_used_total", "orch-2") is None  # the ACL's call
     assert "only an operator" in owner_problem("cms/parameters/m/temperature", "worker-1")
     assert owner_problem("cms/parameters/m/temperature", "operator-2") is None
     assert owner_problem("cms/cache/abc", "orch-1") is None
@@ -221,7 +221,8 @@ async def test_a_spoofed_card_or_status_is_refused_by_the_broker_and_by_every_vi
         assert attacker.publish(AGENT_CARD.format(agent=victim), card_payload(victim)) == DENIED
         assert attacker.publish(AGENT_STATUS.format(agent=victim), b"", retain=True) == DENIED
     mallory.close()
-    # a replica's or an operator's mistake the broker lets through: the views ignore it
+    # a replica's mistake the broker lets through (a replicator writes the shared families):
+    # a parameter from an origin that is no operator; the views ignore it
     replicator = f"repl-{uid}"
     writer = Bus(settings=login(replicator, "replicator"), client_id=replicator, service="t")
     reader = Bus(settings=login(f"r-{uid}"), client_id=f"r-{uid}", service="t")
@@ -231,10 +232,10 @@ async def test_a_spoofed_card_or_status_is_refused_by_the_broker_and_by_every_vi
     view.on_change(lambda key, _entry: refused.append(key))
     async with running(writer), running(reader):
         await view.synced()
-        forged = AGENT_CARD.format(agent=victim)
-        await writer._publish_bytes(
-            forged, card_payload(victim, origin="mallory"), qos=1, retain=True, props=None
-        )
+        forged = f"cms/parameters/m-{uid}/temperature"
+        entry = card_entry(AgentCard(agent=victim, kind="worker", epoch=5, started_at=now()))
+        payload = entry.model_copy(update={"value": 5.0, "origin": "mallory"}).model_dump_json()
+        await writer._publish_bytes(forged, payload.encode(), qos=1, retain=True, props=None)
         # the device's own card, saying it is a worker: its account is a sensor
         own = AGENT_CARD.format(agent=f"dev-{uid}")
         assert device.publish(own, card_payload(f"dev-{uid}"), retain=True) == "Success"
