@@ -384,7 +384,7 @@ class Rejected(Message):
 
 
 class TokenChunk(Message):
-    """A piece of streamed output on computation/stream/<request>."""
+    """A piece of streamed output on computation/stream/<client>/<request>."""
 
     type: Literal["token_chunk"] = "token_chunk"
     request_id: RequestIdField

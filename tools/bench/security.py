@@ -43,6 +43,8 @@ from services.core.topics import (
     PARAMETER,
     QUERIES,
     READING,
+    REMOTE_AGENT_CARD,
+    REPLICA_CHANGES,
     REPLIES,
 )
 from tools import ROOT
@@ -460,6 +462,34 @@ class Attacks:
             )
         return _result(400, max(seen, sum(a == "Success" for a in acks)), readings_seen=seen)
 
+    def spoofed_replication(self) -> dict[str, Any]:
+        """Another site's entries and shared keys written straight into this site's CMS, and a
+        peer publishing changes under another site's name (replication/from/<site>/changes)."""
+        parameter = PARAMETER.format(model=self.t.model, name="temperature")
+        change = orjson.dumps({"v": 1, "type": "replica_changes", "site": "site-1",
+                               "records": [{"key": parameter.removeprefix("cms/"),
+                                            "version": 10**9, "origin": "operator-1",
+                                            "updated_at": time.time(), "value": 5.0}]})  # fmt: skip
+        acks = []
+        with connected(self.t.mallory) as mallory, connected(self.t.site) as peer:
+            remote = REMOTE_AGENT_CARD.format(site="site-9", agent=self.t.worker)
+            acks.append(mallory.publish(remote, _card(self.t.worker), retain=True))
+            acks.append(mallory.publish(REPLICA_CHANGES.format(site="site-1"), change))
+            acks.append(peer.publish(REPLICA_CHANGES.format(site="site-1"), change))  # not its name
+            acks.append(peer.publish(parameter, _entry(5.0, "operator-1"), retain=True))
+            if acks[0] == "Success":
+                mallory.publish(remote, b"", retain=True)
+        return _result(4, sum(a == "Success" for a in acks))
+
+    def foreign_tenant(self) -> dict[str, Any]:
+        """A client's query naming a tenant it is no member of (another's quota and session)."""
+        body = orjson.loads(_query("hello")) | {"tenant": "default"}
+        with connected(self.t.mallory) as mallory:
+            reply = mallory.request(QUERIES.format(), orjson.dumps(body))
+        answered = reply is not None and orjson.loads(reply).get("type") == "answer"
+        said = orjson.loads(reply).get("code") if reply else None
+        return _result(1, int(answered), refused_with=said)
+
 
 def _served_by(answer: dict[str, Any], agents: set[str | None]) -> bool:
     return any(step.get("agent") in agents for step in answer.get("steps", []))
@@ -479,6 +509,7 @@ class Target:
         self.cli_env: dict[str, str] = {}
         self.mallory = self.account(f"mallory-{self.tag}", Role.client)
         self.device = self.account(f"mallory-dev-{self.tag}", Role.sensor)
+        self.site = self.account(f"peer-mallory-{self.tag}", Role.peer)  # a peer site gone bad
         seats = [credentials.operator_seat(), credentials.operator_seat()]
         if None in seats:
             raise SystemExit(f"bench security: no operator accounts in {credentials.root}")
@@ -498,6 +529,7 @@ class Target:
 
         until_accepted(self.mallory)
         until_accepted(self.device)
+        until_accepted(self.site)
 
     def wait_for_stack(self) -> None:
         """Until orchestrator-1, the worker and the wearable are online; note the model."""
@@ -567,6 +599,8 @@ def _run(target: Target) -> dict[str, Any]:
             "parameter_writes",
             "spoofed_readings",
             "device_poses_as_a_worker",
+            "spoofed_replication",
+            "foreign_tenant",
         ):
             results[name] = getattr(attacks, name)()
             print(f"bench security: {name}: {results[name]['got_through']}", file=sys.stderr)
