@@ -61,6 +61,17 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     broker.stop()
 
 
+@pytest.fixture(scope="session")
+def open_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker with docker/mosquitto.conf's limits but no accounts (anonymous, no ACL), for
+    scale tests that publish 10,000 agents' cards from one client: on the secure broker only
+    each agent may write its own."""
+    broker = Broker(tmp_path_factory.mktemp("open-mosquitto"), secure=False)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture
 def mqtt(broker: Broker) -> MqttSettings:
     """Where the broker is, with no account: `login` gives one."""

@@ -49,5 +49,5 @@ spec=.venv/share/compose-spec
   || .venv/bin/python -m pip download -q --no-deps docker-compose==1.29.2 -d "$spec"
 # The broker's accounts, ACL and TLS certificates under $EDGECOLLAB_STATE_DIR/security (made
 # once; `edgecollab up` would make them on its first start too).
-.venv/bin/edgecollab credentials init >/dev/null
+.venv/bin/python -m tools.cli.main credentials init >/dev/null  # this checkout's code
 echo "setup: ready (.venv)" >&2
