@@ -180,6 +180,20 @@ def test_peer_urls_become_mqtt_settings():
     )
     assert peer.password is not None and peer.password.get_secret_value() == "s3cret"
     assert peer_settings("10.0.0.2", local).address == "10.0.0.2:1883"
+    secure = peer_settings(
+        "mqtts://site-b.example",
+        local,
+        account="peer-a",
+        password_file=Path("s"),
+        tls_ca=Path("ca"),
+    )
+    assert (secure.port, secure.uses_tls, secure.tls_ca, secure.username) == (
+        8883,
+        True,
+        Path("ca"),
+        "peer-a",
+    )
+    assert secure.password_file == Path("s") and not peer_settings("mqtt://x", local).uses_tls
     with pytest.raises(ValueError):
         peer_settings("http://x:1", local)
 
