@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.ids import AgentIdField, Domain, RequestIdField, SiteIdField, TaskIdField
+from schemas.ids import (
+    VERSION_PATTERN,
+    AgentIdField,
+    Domain,
+    RequestIdField,
+    SiteIdField,
+    TaskIdField,
+)
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -25,6 +32,7 @@ AgentKind = Literal[
     "replicator",
     "gateway",
     "sandbox",
+    "kb",
     "client",
 ]
 
@@ -87,6 +95,11 @@ class ModelInfo(BaseModel):
     parameters: int | None = None
     quantization: str | None = None
     context_length: int | None = None
+    version: str | None = Field(
+        None,
+        pattern=VERSION_PATTERN,
+        description="the deployed version; cms/configs/<model>/version sends tasks only to it",
+    )
 
 
 class AgentCard(Message):
@@ -200,6 +213,16 @@ class SamplingOptions(BaseModel):
     stop: list[str] = Field([], max_length=8)
 
 
+class Resume(BaseModel):
+    """Where a streamed answer stopped when its worker failed: the next worker continues it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str = Field(max_length=200_000, description="what the requester has been sent")
+    seq: int = Field(ge=0, description="the next chunk's sequence number")
+    attempt: int = Field(1, ge=1, le=1000, description="the attempt that wrote the last chunk")
+
+
 class Query(Message):
     """A user's request to the edge cluster, on computation/queries."""
 
@@ -214,6 +237,9 @@ class Query(Message):
     ack: bool = Field(
         False, description="send an `accepted` interim reply first (a client that retries)"
     )
+    resume: Resume | None = Field(
+        None, description="sent again: what its stream had shown, for the answer to go on from"
+    )
 
 
 class Step(BaseModel):
@@ -224,6 +250,7 @@ class Step(BaseModel):
     name: str
     topic: str
     agent: str | None
+    site: str | None = Field(None, description="the neighbour site of `agent`; None: this one")
     where: Literal["edge", "cloud", "none"]
     outcome: Literal["ok", "rejected", "failed", "cached"]
     prompt_tokens: int = 0
@@ -267,6 +294,30 @@ class Fact(BaseModel):
     side: Literal["above", "below"] | None = None
 
 
+class Passage(BaseModel):
+    """A piece of a knowledge-base document, with its source; `stream`, `low`, `high`, `unit`
+    and `label` when it states a reference range or guideline value for a data stream."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(description="<domain>/<document>#<n>")
+    domain: Domain
+    document: str
+    title: str = Field(description="the section it comes from")
+    text: str
+    source: str = Field(description="where its facts come from, in full")
+    cite: str = Field(description="the short label an answer cites it by, e.g. 'WHO 2021'")
+    score: float = Field(0.0, description="cosine similarity to the question")
+    matched: Literal["text", "stream"] = Field(
+        "text", description="text: among the nearest to the question; stream: a stream's reference"
+    )
+    stream: str | None = None
+    low: float | None = None
+    high: float | None = None
+    unit: str | None = None
+    label: str | None = Field(None, description="what the range is, e.g. 'normal at rest'")
+
+
 class Answer(Message):
     """The orchestrator's reply to a Query."""
 
@@ -281,12 +332,14 @@ class Answer(Message):
     facts: list[Fact] = Field([], description="the measured values the text states")
     verified: bool | None = Field(
         None,
-        description="true: every number with a unit in the generated text matches a fact; "
-        "false: some did not and were removed (see unverified); null: no data step, not checked",
+        description="true: every number with a unit in the generated text matches a fact (or a "
+        "retrieved passage); false: some did not and were removed (see unverified); null: no "
+        "data step and no passage, not checked",
     )
     unverified: list[str] = Field(
-        [], description="numbers with a unit the model wrote that match no reading (removed)"
+        [], description="numbers with a unit the model wrote that match no reading or passage"
     )
+    passages: list[Passage] = Field([], description="the knowledge-base passages the text cites")
 
 
 class ClassifyRequest(Message):
@@ -346,6 +399,8 @@ class Task(Message):
     client: AgentIdField | None = Field(
         None, description="the requester: tokens stream to computation/stream/<client>/<request>"
     )
+    attempt: int = Field(1, ge=1, le=1000, description="1 + the workers tried before this one")
+    resume: Resume | None = Field(None, description="a streamed answer to continue, not restart")
 
 
 class GenerationStats(BaseModel):
@@ -392,6 +447,7 @@ class TokenChunk(Message):
     seq: int = Field(ge=0)
     text: str
     done: bool = False
+    attempt: int = Field(1, ge=1, description="a later attempt's chunks supersede an earlier's")
 
 
 class KnowledgeQuery(Message):
@@ -417,6 +473,63 @@ class KnowledgeAnswer(Message):
     answer: str
     output_tokens: int = Field(0, ge=0)
     ms: float = Field(0.0, ge=0)
+
+
+MAX_DOCUMENT_CHARS = 131072  # a document for the knowledge base, at most (split a longer one)
+
+
+class Retrieve(Message):
+    """Ask a domain's knowledge base for passages, on knowledge/<domain>/retrieve."""
+
+    type: Literal["retrieve"] = "retrieve"
+    request_id: RequestIdField
+    domain: Domain
+    text: str = Field(min_length=1, max_length=2000)
+    k: int = Field(3, ge=1, le=20, description="passages nearest to the text")
+    min_score: float = Field(0.0, ge=-1, le=1, description="nearer ones only")
+    streams: list[str] = Field(
+        [], max_length=32, description="also each of these streams' best reference passage"
+    )
+    deadline: float
+
+
+class Passages(Message):
+    """A knowledge base's answer to a Retrieve: the nearest passages first, then references."""
+
+    type: Literal["passages"] = "passages"
+    request_id: RequestIdField
+    agent: AgentIdField
+    domain: Domain
+    model: str = Field(description="the embedder that ranked them")
+    passages: list[Passage]
+    ms: float = Field(0.0, ge=0)
+
+
+JobStatus = Literal["queued", "running", "done", "failed"]
+
+
+class KbDocument(Message):
+    """A text or markdown document for a domain's knowledge base, on knowledge/<domain>/documents;
+    answered with the job that indexes it (its progress: cms/finetune/<job>/...)."""
+
+    type: Literal["kb_document"] = "kb_document"
+    request_id: RequestIdField
+    domain: Domain
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^/\x00]+$")
+    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS)
+    source: str | None = Field(None, max_length=500, description="default: the document's own")
+    deadline: float
+
+
+class KbJob(Message):
+    """An indexing job a knowledge base took (its state: cms/finetune/<job>/...)."""
+
+    type: Literal["kb_job"] = "kb_job"
+    request_id: RequestIdField
+    agent: AgentIdField
+    job: TaskIdField
+    domain: Domain
+    status: JobStatus = "queued"
 
 
 class ProgramRun(Message):
@@ -576,6 +689,10 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     KnowledgeAnswer,
     ProgramRun,
     ProgramResult,
+    Retrieve,
+    Passages,
+    KbDocument,
+    KbJob,
     Error,
     ReplicaChanges,
     ReplicaDigest,
@@ -603,6 +720,10 @@ AnyMessage = Annotated[
     | KnowledgeAnswer
     | ProgramRun
     | ProgramResult
+    | Retrieve
+    | Passages
+    | KbDocument
+    | KbJob
     | Error
     | ReplicaChanges
     | ReplicaDigest

@@ -156,7 +156,7 @@ def test_bench_worker_exits_0_when_the_reference_cannot_run(tiny_int4_model_dir:
 def test_bench_faults_answers_every_query_of_a_killed_worker():
     run = subprocess.run(
         [sys.executable, "-m", "tools.cli.main", "bench", "faults", "--fault", "worker_kill",
-         "--queries", "40", "--rate", "10"],
+         "--queries", "40", "--rate", "10", "--stream"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
@@ -164,3 +164,6 @@ def test_bench_faults_answers_every_query_of_a_killed_worker():
     assert result["sent"] == 40 and result["never_answered"] == 0
     assert result["answered_edge"] + result["failed_with_error"] == 40
     assert result["time_to_detect_s"] is not None  # the Last Will was seen
+    streams = result["streams"]  # every answer streamed: what a follower shows is the answer
+    assert streams["shown_equals_answer"] == streams["answered"] == result["answered_edge"]
+    assert streams["chunks_republished"] == 0

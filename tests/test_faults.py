@@ -11,11 +11,13 @@ from aiomqtt import ProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from schemas import Answer, Query, Task, TaskResult
+from schemas import Answer, Query, Task, TaskResult, TokenChunk
 from services.core.bus import Bus, Request
 from services.core.client import QueryClient
 from services.core.cms import CmsView
-from services.core.topics import REPLIES, TASKS
+from services.core.topics import REPLIES, STREAM, TASKS
+from services.core.transcript import Transcript
+from services.worker.emulated import _text as emulated_text
 from tests.conftest import mqtt_client, running, wait_for
 from tests.test_stack import online
 
@@ -53,6 +55,39 @@ async def test_a_killed_workers_tasks_are_answered_by_another(mqtt, login, uid, 
         first, last = answer.steps[-2], answer.steps[-1]  # provenance shows both attempts
         assert (first.agent, first.outcome) == (f"slow-{uid}", "failed")
         assert (last.agent, last.outcome) == (f"spare-{uid}", "ok")
+
+
+async def test_a_streamed_answer_cut_off_by_a_dead_worker_goes_on_where_it_stopped(
+    login, uid, spawn
+):
+    spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
+    slow = _worker(spawn, f"slow-{uid}", tokens_per_s="2")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
+    view = CmsView(bus)
+    client = QueryClient(bus, view)
+    heard: list[TokenChunk] = []
+    async with running(bus):
+        await wait_for(online(view, f"orch-{uid}", f"slow-{uid}"))
+        query = _query(uid, 0, max_tokens=200).model_copy(update={"stream": True})
+        await bus.follow(
+            STREAM, lambda r: heard.append(r.body), client=f"c-{uid}", request=query.request_id
+        )
+        asked = asyncio.create_task(client.ask(query))
+        await wait_for(lambda: len(heard) >= 3)
+        _worker(spawn, f"spare-{uid}")
+        await wait_for(online(view, f"spare-{uid}"))
+        os.kill(slow.pid, signal.SIGKILL)
+        answer = await asked
+        await bus.barrier()
+    first, last = answer.steps[-2], answer.steps[-1]
+    assert (first.agent, first.outcome) == (f"slow-{uid}", "failed")
+    assert (last.agent, last.outcome) == (f"spare-{uid}", "ok")
+    assert "continued after" in (last.detail or "")
+    # one stream: no chunk twice, none missing, from both workers, and the whole answer
+    assert [c.seq for c in heard] == list(range(len(heard)))
+    assert {c.agent for c in heard} == {f"slow-{uid}", f"spare-{uid}"}
+    assert "".join(c.text for c in heard).split() == answer.text.split()
+    assert answer.text.split() == emulated_text(200).split()  # what one worker would have said
 
 
 async def test_a_rejected_task_is_served_by_a_worker_with_room(mqtt, login, uid, spawn):
@@ -109,6 +144,34 @@ async def test_queries_of_a_killed_orchestrator_are_answered_by_the_other(mqtt, 
         os.kill(first.pid, signal.SIGKILL)
         answers = await asyncio.gather(*asked)
     assert [a.outcome for a in answers] == ["edge"] * 3 and client.retries >= 3
+
+
+async def test_a_stream_whose_orchestrator_died_goes_on_under_the_next(login, uid, spawn):
+    orchestrators = {o: spawn("services.orchestrator", "--agent-id", o)
+                     for o in (f"o1-{uid}", f"o2-{uid}")}  # fmt: skip
+    _worker(spawn, f"w-{uid}", tokens_per_s="2")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
+    # the worker's inbox is readable by it and an observer only
+    watcher = Bus(settings=login(f"obs-{uid}", "observer"), client_id=f"obs-{uid}", service="t")
+    view = CmsView(bus)
+    client = QueryClient(bus, view)
+    shown = Transcript()  # what `edgecollab ask` prints
+    holders: list[str] = []  # the orchestrator each task of the worker answers to
+    async with running(bus), running(watcher):
+        await wait_for(online(view, *orchestrators, f"w-{uid}"))
+        await watcher.follow(TASKS, lambda r: holders.append(r.reply_to), agent=f"w-{uid}")
+        query = _query(uid, 0, max_tokens=24).model_copy(update={"stream": True})
+        await bus.follow(
+            STREAM, lambda r: shown.add(r.body), client=f"c-{uid}", request=query.request_id
+        )
+        asked = asyncio.create_task(client.ask(query, shown))
+        await wait_for(lambda: shown.seq >= 3)
+        holder = next(o for o in orchestrators if holders[0] == REPLIES.format(client=o))
+        os.kill(orchestrators[holder].pid, signal.SIGKILL)
+        answer = await asked
+    assert client.retries >= 1 and "continued after" in (answer.steps[-1].detail or "")
+    assert (shown.text + shown.rest(answer.text)).split() == answer.text.split()
+    assert answer.text.split() == emulated_text(24).split()  # one answer, not two spliced
 
 
 async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, login, uid):

@@ -37,7 +37,8 @@ def stack(spawn, uid, tmp_path, minilm_dir):  # type: ignore[no-untyped-def]
     """orchestrator + classifier + emulated worker + gateway (two tenants), all online."""
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--metrics-interval-s", "0.5")
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
-    spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "200")
+    spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "200",
+          "--metrics-interval-s", "0.5")  # fmt: skip
     gateway = start_gateway(
         spawn, uid, tmp_path, "--embedder-dir", str(minilm_dir), tenants=("main", "capped")
     )
@@ -272,7 +273,7 @@ async def test_per_agent_metrics_reach_the_cms_metrics_and_dashboard(stack, mqtt
     async with running(bus):
         await wait_for(lambda: view.get(tokens) is not None and view.get(tokens).value == 8)
         assert 0 < view.get(avg).value < 10
-        assert view.get(tokens).origin == f"orch-{uid}"
+        assert view.get(tokens).origin == f"w-{uid}"  # each worker writes its own
     line = f'edgecollab_agent_tokens_used_total{{agent="w-{uid}"}} 8.0'
     scraped = ""
     async with asyncio.timeout(20):  # until the gateway's own view has it too

@@ -192,3 +192,42 @@ def test_the_grounding_bench_scores_an_answer_on_its_text_against_the_scenario()
     result = summary(scored)
     assert result["named_every_abnormal_value"] == 0.5
     assert result["answers_citing_unmeasured_values"] == 1
+
+
+def test_a_retrieved_range_stands_beside_its_stream_and_is_no_unmeasured_value():
+    from schemas import Answer, Passage
+    from services.data.grounding import quoted, reference, sources
+    from tools.bench.grounding import load, score
+
+    ref = Passage(id="health/h.md#0", domain="health", document="h.md", title="Resting heart rate",
+                  text="...", source="MedlinePlus, Vital signs", cite="MedlinePlus",
+                  matched="stream", stream="heart_rate", low=60, high=100, unit="bpm",
+                  label="normal at rest")  # fmt: skip
+    near = ref.model_copy(update={"id": "health/h.md#1", "title": "Fever", "source": "CDC",
+                                  "cite": "CDC", "matched": "text", "stream": None, "low": None,
+                                  "high": None, "unit": None, "label": None})  # fmt: skip
+    assert reference(ref) == "normal at rest: 60-100 bpm [MedlinePlus]"
+    assert reference(ref.model_copy(update={"low": None, "label": None})) == (
+        "at most 100 bpm [MedlinePlus]"
+    )
+    text = compose("health", WATCH, advice="Rest.", passages=[ref, near])
+    assert "148 bpm (steady), above the tachycardia threshold of 100 bpm, normal at rest: " \
+           "60-100 bpm [MedlinePlus]" in text  # fmt: skip
+    assert text.endswith("Sources: [MedlinePlus] MedlinePlus, Vital signs; [CDC] CDC")
+    assert sources([]) == ""
+    checked = check("A resting pulse is 60-100 bpm. Yours was 180 bpm.", WATCH, [ref])
+    assert checked.text == "A resting pulse is 60-100 bpm." and checked.unverified == ["180 bpm"]
+    fever = near.model_copy(update={"text": "A fever is 38 °C (100.4 °F) or higher."})
+    checked = check("Fever starts at 38 °C. Call at 41 °C.", [], [fever])
+    answer = quoted(checked.text, [fever], removed=checked.removed)
+    assert answer == (
+        "Fever starts at 38 °C.\n\n(Removed 1 generated sentence citing a value that no passage "
+        "states.)\n\nFrom the knowledge base [CDC], Fever: A fever is 38 °C (100.4 °F) or "
+        "higher.\n\nSources: [CDC] CDC"
+    )
+    readme = next(s for s in load() if s.id == "readme-watch")
+    answer = Answer(request_id="r", text=text, outcome="edge", passages=[ref])
+    assert score(readme, answer, "x").unmeasured == []
+    assert score(readme, answer.model_copy(update={"passages": []}), "x").unmeasured == [
+        "60-100 bpm"
+    ]

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Each layer and what it may import of ours besides itself ("x.*": x and all below it; "tools":
 # the package root alone, for ROOT). Services never import one another.
-SERVICES = ("classifier", "orchestrator", "sensor", "worker", "replicator", "gateway", "sandbox")
+SERVICES = (
+    "classifier", "orchestrator", "sensor", "worker", "replicator", "gateway", "sandbox", "kb",
+)  # fmt: skip
 LAYERS: dict[str, tuple[str, ...]] = {
     "schemas": (),
     "services": (),

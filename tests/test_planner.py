@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
+from services.orchestrator.planner import (
+    Plan,
+    PlanStep,
+    Sensor,
+    make_plan,
+    render,
+    with_passages,
+)
 
 WEARABLES = [Sensor("wearable-1", "health"), Sensor("ring-1", "health")]
 CITY = [Sensor(a, "environment") for a in ("camera-1", "air-1", "noise-1", "traffic-1")]
@@ -100,3 +107,26 @@ def test_the_code_experts_answer_is_the_answer_decoded_exactly():
     assert expert.max_tokens == 200 and expert.sampling is not None
     assert (expert.sampling.temperature, expert.sampling.repetition_penalty) == (0.0, 1.0)
     assert answer.fallback_of == expert.name  # a plain generation only when the expert gave none
+
+
+def test_a_knowledge_base_retrieves_first_and_every_generation_and_expert_reads_it():
+    plan = with_passages(
+        make_plan(domain="health", max_tokens=50, sensors=WEARABLES, expert_available=True)
+    )
+    assert [names(p) for p in plan.phases()] == [
+        ["retrieve:health", "data:wearable-1", "data:ring-1"],
+        ["analysis"],
+        ["knowledge:health"],
+        ["answer"],
+    ]
+    retrieve = plan.by_name["retrieve:health"]
+    assert retrieve.kind == "retrieve" and "heart_rate" in retrieve.streams  # ranges for the data
+    for name in ("analysis", "knowledge:health", "answer"):
+        assert "retrieve:health" in plan.by_name[name].after
+    plain = with_passages(make_plan(domain="environment", max_tokens=50, expert_available=True))
+    assert [names(p) for p in plain.phases()] == [
+        ["retrieve:environment"],
+        ["knowledge:environment"],
+        ["answer"],
+    ]
+    assert plain.by_name["retrieve:environment"].streams == ()  # no data: no ranges needed

@@ -12,7 +12,7 @@ import time
 import orjson
 import pytest
 
-from schemas import Error, KnowledgeAnswer, KnowledgeQuery, Task, TaskResult
+from schemas import Error, KnowledgeAnswer, KnowledgeQuery, Resume, Task, TaskResult, TokenChunk
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
@@ -71,24 +71,36 @@ async def test_onnx_worker_serves_streams_and_advertises_its_model(
     login, uid, spawn, tiny_model_dir
 ):
     bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
-    chunks: list[str] = []
+    chunks: list[TokenChunk] = []
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         first = task(uid, max_tokens=12, stream=True, client=f"c-{uid}")
         await bus.follow(
-            STREAM,
-            lambda r: chunks.append(r.body.text),
-            client=f"c-{uid}",
-            request=first.request_id,
+            STREAM, lambda r: chunks.append(r.body), client=f"c-{uid}", request=first.request_id
         )
         result = await bus.request(TASKS.format(agent=f"w-{uid}"), first, deadline=first.deadline)
+        assert isinstance(result, TaskResult)
+        # a second worker takes over where the first stopped: after its first two chunks
+        await bus.barrier()
+        heard = len(chunks)
+        sent = Resume(text="".join(c.text for c in chunks[:2]), seq=2)
+        taken_over = first.model_copy(update={"task_id": f"{first.task_id}.2", "attempt": 2,
+                                             "resume": sent})  # fmt: skip
+        resumed = await bus.request(
+            TASKS.format(agent=f"w-{uid}"), taken_over, deadline=first.deadline
+        )
         await bus.barrier()
         card = view.agent(f"w-{uid}").card
         name = model_name(tiny_model_dir)
         arch = view.get(MODEL_DETAIL.format(model=name, field="architecture"))
     assert isinstance(result, TaskResult) and result.output_tokens >= 1
     assert result.prompt_tokens > 0 and result.decode_tok_s > 0 and result.prefill_ms > 0
-    assert "".join(chunks) == result.text
+    assert "".join(c.text for c in chunks[:heard]) == result.text
+    assert isinstance(resumed, TaskResult) and resumed.text.startswith(sent.text)
+    continued = chunks[heard:]
+    assert {c.attempt for c in continued} == {2}
+    assert [c.seq for c in continued] == list(range(2, 2 + len(continued)))
+    assert sent.text + "".join(c.text for c in continued) == resumed.text
     assert card.backend == "onnx" and card.model.name == name and card.tokens_per_s > 0
     assert arch is not None and arch.value == card.model.architecture
 

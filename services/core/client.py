@@ -18,6 +18,7 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, NoSubscriber, PeerGone
 from services.core.topics import QUERIES
+from services.core.transcript import Transcript
 
 log = structlog.get_logger("edgecollab.client")
 
@@ -35,8 +36,10 @@ class QueryClient:
         self.retries = 0  # queries sent again (nobody subscribed, or their orchestrator died)
         view.on_change(self._on_change)
 
-    async def ask(self, query: Query) -> Answer:
-        """The Answer to `query`; raises DeadlineExceeded (or RemoteError for a refusal)."""
+    async def ask(self, query: Query, transcript: Transcript | None = None) -> Answer:
+        """The Answer to `query`; raises DeadlineExceeded (or RemoteError for a refusal).
+        A streamed query's `transcript` (what its stream has shown) goes with a resend, so
+        the next orchestrator continues the stream rather than starting it again."""
         query = query.model_copy(update={"ack": True})
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(PeerGone),
@@ -48,6 +51,8 @@ class QueryClient:
             with attempt:
                 if time.time() >= query.deadline:
                     raise DeadlineExceeded(f"{query.request_id}: deadline passed")
+                if transcript is not None and attempt.retry_state.attempt_number > 1:
+                    query = query.model_copy(update={"resume": transcript.hand_over()})
                 answer = await self.bus.request(
                     QUERIES.format(), query, deadline=query.deadline, accept_within_s=ACCEPT_S
                 )

@@ -18,7 +18,15 @@ from services.core.bus import Bus
 from services.core.changes import Changes
 from services.core.errors import BadInput
 from services.core.ownership import Accounts, owner_problem
-from services.core.topics import AGENT_CARD, AGENT_STATUS, CMS_ALL, CMS_KEY, CMS_ROOT
+from services.core.topics import (
+    AGENT_CARD,
+    AGENT_STATUS,
+    CMS_ALL,
+    CMS_KEY,
+    CMS_ROOT,
+    REMOTE_AGENT_CARD,
+    REMOTE_AGENT_STATUS,
+)
 from services.core.wire import parse_payload
 
 log = structlog.get_logger("edgecollab.cms")
@@ -105,6 +113,14 @@ class CmsView:
     def agent(self, agent: str) -> AgentView | None:
         card = self.cards.get(agent)
         return AgentView(card, self.statuses.get(agent)) if card else None
+
+    def remote_agent(self, site: str, agent: str) -> AgentView | None:
+        """An agent of a neighbour site, as the replicator mirrors it under cms/sites/<site>/."""
+        card = self.value(REMOTE_AGENT_CARD.format(site=site, agent=agent), AgentCard)
+        if card is None:
+            return None
+        status = self.value(REMOTE_AGENT_STATUS.format(site=site, agent=agent), AgentStatus)
+        return AgentView(card, status)
 
     def went_offline(self, key: str) -> str | None:
         """The agent that change of `key` left not online, if `key` is an agent's status."""

@@ -5,7 +5,7 @@ from roles by `tools/common/security.py`), but a retained entry can also come fr
 another site, from an operator's mistake or from a broker run without the ACL. So a view takes
 an entry only when its `origin` owns the key:
 
-- `cms/agents/<a>` and everything under it: origin `<a>` itself;
+- `cms/agents/<a>` and everything under it, `cms/metrics/<a>/...`: origin `<a>` itself;
 - `cms/parameters/...`, `cms/configs/...`, `cms/tenants/...`: an operator (`operator` or
   `operator-<name>`; no other account may take such a name);
 - anything else: any origin (the ACL decides who may write there).
@@ -24,7 +24,7 @@ from pathlib import Path
 OPERATOR_ID_PATTERN = r"^operator(-[a-z0-9][a-z0-9-]{0,52})?$"
 OPERATOR_FAMILIES = ("parameters", "configs", "tenants")
 _OPERATOR = re.compile(OPERATOR_ID_PATTERN)
-_SELF_OWNED = ("agents",)  # cms/<family>/<owner>/... (metrics: the orchestrators', per agent)
+_SELF_OWNED = ("agents", "metrics")  # cms/<family>/<owner>/...
 
 
 def is_operator(name: str) -> bool:

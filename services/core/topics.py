@@ -21,9 +21,12 @@ from schemas import (
     CmsEntry,
     EmbeddingRecord,
     Error,
+    KbDocument,
+    KbJob,
     KnowledgeAnswer,
     KnowledgeQuery,
     Message,
+    Passages,
     ProgramResult,
     ProgramRun,
     Query,
@@ -33,6 +36,7 @@ from schemas import (
     ReplicaDigest,
     ReplicaVersions,
     ReplicaWant,
+    Retrieve,
     Task,
     TaskResult,
     TokenChunk,
@@ -144,9 +148,21 @@ AGENT_CARD = Topic("cms/agents/{agent}", CmsEntry, retained=True)
 AGENT_STATUS = Topic("cms/agents/{agent}/status", CmsEntry, retained=True)
 MODEL_DETAIL = Topic("cms/slm/{model}/{field}", CmsEntry, retained=True)
 PARAMETER = Topic("cms/parameters/{model}/{name}", CmsEntry, retained=True)
+# Deployment configuration (services/core/configs.py lists the keys): the site's, and a model's.
+SITE_CONFIG = Topic("cms/configs/{name}", CmsEntry, retained=True)
+MODEL_CONFIG = Topic("cms/configs/{model}/{name}", CmsEntry, retained=True)
+# Scale events: an operator's desired instances of a model, `edgecollab up`'s current ones.
+SCALING = Topic("cms/scaling/{model}/{name}", CmsEntry, retained=True)
+# Results of the paper's experiments (`edgecollab simulate --publish`), for the dashboard.
+EXPERIMENT = Topic("cms/experiments/{name}", CmsEntry, retained=True)
 METRIC = Topic("cms/metrics/{scope}/{name}", CmsEntry, retained=True)
 INFERENCE_STATE = Topic("cms/inference/{task}/{field}", CmsEntry, retained=True)
 CACHE = Topic("cms/cache/{key}", CmsEntry, retained=True)
+# Fine-tuning / RAG state: a knowledge base's indexing job (status, progress, model,
+# documents, error, domain), written by the knowledge base that runs it.
+FINETUNE = Topic("cms/finetune/{job}/{field}", CmsEntry, retained=True)
+# A knowledge base's catalogue: the documents it holds (its own entry, beside its card).
+KB_CATALOG = Topic("cms/agents/{agent}/documents", CmsEntry, retained=True)
 # Tenants (API keys of the gateway): config/model, usage_limit, tokens_used.
 TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 
@@ -155,6 +171,9 @@ TENANT = Topic("cms/tenants/{tenant}/{name*}", CmsEntry, retained=True)
 SITE_KEY = Topic("cms/sites/{site}/{key*}", CmsEntry, retained=True)
 REMOTE_AGENT_CARD = Topic("cms/sites/{site}/agents/{agent}", CmsEntry, retained=True)
 REMOTE_AGENT_STATUS = Topic("cms/sites/{site}/agents/{agent}/status", CmsEntry, retained=True)
+# This site's replicator's link to each peer site (local, not replicated): connected, rtt_ms (the
+# round trip to the peer's broker, what a task sent there pays on top), counters.
+REPLICATION_PEER = Topic("cms/replication/peers/{site}", CmsEntry, retained=True)
 
 # Data cooperation.
 # A reading is retained as its stream's last value, so a new consumer starts with one.
@@ -168,6 +187,9 @@ CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classificatio
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 # A request's tokens, under its requester's name: only the requester may read them.
 STREAM = Topic("computation/stream/{client}/{request}", TokenChunk, qos=0)
+# A task for an agent of a neighbour site: this site's replicator takes it and sends it on as
+# computation/tasks/<agent> to that site's broker over its link, and brings the reply back.
+REMOTE_TASKS = Topic("computation/sites/{site}/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 
 # Knowledge cooperation: a domain's experts (one of them answers), or one sensor about its data.
 KNOWLEDGE = Topic("knowledge/{domain}/ask", KnowledgeQuery, replies=(KnowledgeAnswer,))
@@ -175,6 +197,11 @@ SENSOR_ASK = Topic("knowledge/{domain}/sensors/{agent}", KnowledgeQuery, replies
 # The paper's knowledge.gpt/arithmetic: a sandboxed calculator peer runs a program, says what it
 # printed (sandboxes share it: one of them answers).
 ARITHMETIC = Topic("knowledge/arithmetic/run", ProgramRun, replies=(ProgramResult,))
+
+# A domain's knowledge base (the paper's "knowledge base"): the passages nearest a text, each
+# with its source; and documents added to it (answered with the job that indexes them).
+KB_RETRIEVE = Topic("knowledge/{domain}/retrieve", Retrieve, replies=(Passages,))
+KB_DOCUMENTS = Topic("knowledge/{domain}/documents", KbDocument, replies=(KbJob,))
 
 # Across sites: what a peer site's replicator publishes on this site's broker, `site` being the
 # sender: its own changes, and anti-entropy (digest → versions, want → changes).

@@ -9,6 +9,14 @@ Pure functions (no bus), used by the orchestrator and by `edgecollab bench groun
     checked = check(text, facts)  # numbers with a unit in generated text against the facts:
                                   # a sentence citing one that matches no fact is removed
     compose("health", facts, advice=checked.text)   # the whole answer text
+    sources(passages)             # "Sources: [WHO 2021] ..." for knowledge-base passages
+
+With knowledge-base passages (schemas.Passage), `measured` puts each stream's reference range
+beside its value ("normal at rest: 60-100 bpm [MedlinePlus]"), `check` also accepts a number
+that a retrieved passage states (a range's end, or a number with that unit in its text:
+retrieved, not measured, like a threshold), `compose` ends with the sources cited, and
+`quoted(text, passages)` is an answer with no data: the model's checked text, the nearest
+passage quoted with its citation, the sources.
 
 A number with a unit (`148 bpm`, `39.1 °C`, `180 beats per minute`, `92%`, `100-130 bpm`) matches
 a fact of that unit when it equals, to the decimals written, the fact's newest value, mean, lowest,
@@ -21,10 +29,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from schemas import Fact
+from schemas import Fact, Passage
 from services.data.features import Sample, trend, window_stats
 from services.data.streams import STREAMS, Stream, lookup
 
@@ -100,36 +108,38 @@ def _window(facts: Sequence[Fact]) -> str:
     return f"{readings}, last {span:.0f} s" if span >= 1 else readings
 
 
-def measured(domain: str, facts: Sequence[Fact], *, now: float | None = None) -> str:
+def measured(domain: str, facts: Sequence[Fact], *, passages: Sequence[Passage] = ()) -> str:
     """The measured part of an answer: health, per agent, every stream past its alert with
     value, unit, trend and threshold, then the rest; environment, each risk with its live
-    number and sensor, then what is within limits."""
+    number and sensor, then what is within limits; each with its reference range when a
+    passage gives one."""
     if not facts:
         return "No readings were available."
+    ref = _references(passages)
     if domain == "environment":
-        return _city(facts)
+        return _city(facts, ref)
     lines = []
     for agent, own in _by_agent(facts).items():
         alerts = [f for f in own if f.alert]
         normal = [f for f in own if not f.alert]
-        parts = [f"{_value(f)} ({f.trend}), {_threshold(f)}" for f in alerts]
+        parts = [f"{_value(f)} ({f.trend}), {_threshold(f)}{ref(f, ', ', '')}" for f in alerts]
         line = f"Measured by {agent} ({_window(own)}): "
         line += "; ".join(parts) + "." if parts else "nothing past an alert threshold."
         if normal:
-            within = "; ".join(_value(f) for f in normal)
+            within = "; ".join(_value(f) + ref(f, " (", ")") for f in normal)
             line += f" Within range: {within}."
         lines.append(line)
     return "\n".join(lines)
 
 
-def _city(facts: Sequence[Fact]) -> str:
+def _city(facts: Sequence[Fact], ref: _Ref) -> str:
     risks = [f for f in facts if f.alert]
     calm = [f for f in facts if not f.alert]
     text = (
         "Risks now: "
         + "; ".join(
             f"{f.alert}: {_value(f)} ({f.agent}, {f.trend}), "
-            f"{f.side} {number(f, f.threshold or 0.0)} {f.unit}"
+            f"{f.side} {number(f, f.threshold or 0.0)} {f.unit}{ref(f, ', ', '')}"
             for f in risks
         )
         + "."
@@ -137,9 +147,65 @@ def _city(facts: Sequence[Fact]) -> str:
         else "No risk past a threshold now."
     )
     if calm:
-        text += " Within limits: " + "; ".join(f"{_value(f)} ({f.agent})" for f in calm)
+        text += " Within limits: " + "; ".join(
+            f"{_value(f)} ({f.agent}{ref(f, ', ', '')})" for f in calm
+        )
         text += "."
     return text
+
+
+_Ref = Callable[[Fact, str, str], str]
+
+
+def _references(passages: Sequence[Passage]) -> _Ref:
+    """fact, before, after → 'before<label> <range> [cite]after' from the passage giving the
+    fact's stream a range in its unit ('' when none does)."""
+    ranges = {(p.stream, p.unit): p for p in passages if p.stream and p.unit}
+
+    def ref(f: Fact, before: str, after: str) -> str:
+        p = ranges.get((f.stream, f.unit))
+        return f"{before}{reference(p)}{after}" if p else ""
+
+    return ref
+
+
+def reference(p: Passage) -> str:
+    """A passage's range as an answer cites it: 'normal at rest: 60-100 bpm [MedlinePlus]'."""
+    if p.low is not None and p.high is not None:
+        span = f"{p.low:g}-{p.high:g} {p.unit}"
+    elif p.high is not None:
+        span = f"at most {p.high:g} {p.unit}"
+    else:
+        span = f"at least {p.low:g} {p.unit}"
+    return f"{p.label + ': ' if p.label else ''}{span} [{p.cite}]"
+
+
+def cited(facts: Sequence[Fact], passages: Sequence[Passage]) -> list[Passage]:
+    """The passages an answer cites: those near the question, and the references of its
+    facts' streams."""
+    measured = {(f.stream, f.unit) for f in facts}
+    return [p for p in passages if p.matched == "text" or (p.stream, p.unit) in measured]
+
+
+def quoted(text: str, passages: Sequence[Passage], *, removed: int = 0) -> str:
+    """An answer from passages and no readings: the model's (checked) text, the passage nearest
+    the question quoted with its citation, and the sources."""
+    parts = [text]
+    if removed:
+        what = "1 generated sentence" if removed == 1 else f"{removed} generated sentences"
+        parts.append(f"(Removed {what} citing a value that no passage states.)")
+    near = [p for p in passages if p.matched == "text"]
+    if near:
+        best = max(near, key=lambda p: p.score)
+        parts.append(f"From the knowledge base [{best.cite}], {best.title}: {best.text}")
+    parts.append(sources(passages))
+    return "\n\n".join(p for p in parts if p)
+
+
+def sources(passages: Sequence[Passage]) -> str:
+    """'Sources: [WHO 2021] World Health Organization, ...; [CDC] ...' ('' for none)."""
+    named = dict.fromkeys((p.cite, p.source) for p in passages)
+    return "Sources: " + "; ".join(f"[{c}] {s}" for c, s in named) if named else ""
 
 
 def clinician_report(facts: Sequence[Fact]) -> str:
@@ -254,17 +320,20 @@ def claims(text: str) -> list[Claim]:
     return found
 
 
-def supported(claim: Claim, facts: Iterable[Fact]) -> bool:
+def supported(claim: Claim, facts: Iterable[Fact], passages: Iterable[Passage] = ()) -> bool:
     """Whether a fact of the claim's unit has this value, to the decimals the claim wrote,
-    as its newest value, mean, lowest, highest or alert threshold."""
+    as its newest value, mean, lowest, highest or alert threshold; or a passage's range in
+    that unit ends there."""
     tolerance = 0.5 * 10**-claim.decimals + 1e-9
-    for f in facts:
-        if f.unit != claim.unit:
-            continue
-        values = (f.value, f.mean, f.low, f.high, f.threshold)
-        if any(v is not None and abs(v - claim.value) <= tolerance for v in values):
-            return True
-    return False
+    values: list[tuple[str | None, float | None]] = [
+        (f.unit, v) for f in facts for v in (f.value, f.mean, f.low, f.high, f.threshold)
+    ]
+    values += [(p.unit, v) for p in passages for v in (p.low, p.high)]
+    values += [(c.unit, c.value) for p in passages for c in claims(p.text)]
+    return any(
+        unit == claim.unit and v is not None and abs(v - claim.value) <= tolerance
+        for unit, v in values
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,14 +352,15 @@ class Checked:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def check(text: str, facts: Sequence[Fact]) -> Checked:
-    """Remove each sentence of `text` that cites a number with a unit no fact supports."""
+def check(text: str, facts: Sequence[Fact], passages: Sequence[Passage] = ()) -> Checked:
+    """Remove each sentence of `text` that cites a number with a unit no fact (or retrieved
+    range) supports."""
     unverified: list[str] = []
     lines, removed = [], 0
     for line in text.splitlines():
         kept = []
         for sentence in _SENTENCE_END.split(line.strip()):
-            bad = [c.text for c in claims(sentence) if not supported(c, facts)]
+            bad = [c.text for c in claims(sentence) if not supported(c, facts, passages)]
             if bad:
                 removed += 1
                 unverified += [b for b in dict.fromkeys(bad) if b not in unverified]
@@ -309,13 +379,15 @@ def compose(
     removed: int = 0,
     report: bool = False,
     missing: str | None = None,
+    passages: Sequence[Passage] = (),
 ) -> str:
-    """The answer: the measured part, the model's checked advice, the clinician report.
+    """The answer: the measured part, the model's checked advice, the clinician report, the
+    sources of the passages cited.
 
     `removed`: how many sentences the check took out (said, not repeated); `missing`: why
     there is no advice (the generation failed or was rejected)."""
     head = "Recommendation" if domain == "environment" else "Advice"
-    parts = [measured(domain, facts)]
+    parts = [measured(domain, facts, passages=passages)]
     if advice:
         parts.append(f"{head}: {advice}")
     elif missing:
@@ -325,4 +397,6 @@ def compose(
         parts.append(f"(Removed {what} citing a value that no reading supports.)")
     if report:
         parts.append(clinician_report(facts))
-    return "\n\n".join(parts)
+    if passages:
+        parts.append(sources(cited(facts, passages)))
+    return "\n\n".join(p for p in parts if p)

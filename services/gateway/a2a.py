@@ -26,7 +26,7 @@ from starlette.routing import Route
 from schemas import Answer, Query, SamplingOptions
 from services.gateway.chat import MAX_TEXT, extension
 from services.gateway.errors import ApiError
-from services.gateway.http import JSON, EventStream, next_piece, remainder
+from services.gateway.http import JSON, EventStream, next_piece
 from services.gateway.service import new_query
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class A2A:
                         }
                     )
                     return
-                yield piece(remainder(answer.text, streamed), append=bool(streamed), last=True)
+                yield piece(exchange.transcript.rest(answer.text), append=bool(streamed), last=True)
                 status = _status("TASK_STATE_COMPLETED")
                 update = {
                     "taskId": task_id,

@@ -44,7 +44,6 @@ from services.gateway.http import (
     not_allowed,
     not_found,
     read_json,
-    remainder,
     sse,
 )
 from services.gateway.keys import KeyRing
@@ -224,14 +223,11 @@ class Api:
 
         async def stream() -> AsyncIterator[bytes]:
             yield sse(chunk(query, model, {"role": "assistant", "content": ""}))
-            streamed = ""
             for piece in pieces:
-                streamed += piece
                 yield sse(chunk(query, model, {"content": piece}))
             answer = answered
             if answer is None:
                 while (more := await next_piece(exchange.chunks, pending)) is not None:
-                    streamed += more
                     yield sse(chunk(query, model, {"content": more}))
                 try:
                     answer = await self.settle(query, pending)
@@ -240,7 +236,7 @@ class Api:
                     yield sse(exc.body())
                     return
             self._count("chat", 200, answer.outcome.value, started)
-            rest = remainder(answer.text, streamed)
+            rest = exchange.transcript.rest(answer.text)
             if rest:
                 yield sse(chunk(query, model, {"content": rest}))
             served = self._served_model(answer, model)

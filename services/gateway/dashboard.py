@@ -2,7 +2,8 @@
 
 `/dashboard/events` sends the whole state when something changed (an answer, an agent's card or
 status, a metric), at most 4 times a second and at least every 2 s; `/dashboard/state` is the
-same object once.
+same object once. The paper's Fig. 6 comes from the simulator's last `edgecollab simulate
+--publish` (cms/experiments/fig6), drawn as SVG by the page.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from services.core.cms import CmsView
+from services.core.topics import EXPERIMENT
 from services.gateway.chat import model_name
 from services.gateway.http import JSON
 from services.gateway.service import Gateway
@@ -102,4 +104,5 @@ class Dashboard:
             "orchestrators": orchestrators,
             "agent_metrics": self.gateway.agent_metrics(),
             "recent": list(self.gateway.recent),
+            "fig6": fig6.value if (fig6 := self.view.get(EXPERIMENT.format(name="fig6"))) else None,
         }

@@ -64,15 +64,6 @@ async def next_piece(chunks: asyncio.Queue[str], answer: asyncio.Future[Answer])
     return None
 
 
-def remainder(text: str, streamed: str) -> str:
-    """What the answer says beyond the streamed text (all of it when the cloud served)."""
-    if text.startswith(streamed):
-        return text[len(streamed) :]
-    if not streamed:
-        return text
-    return ""  # a piece was lost, or the stream differs (trailing blanks): nothing to add
-
-
 def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 

@@ -25,6 +25,7 @@ from services.core.client import QueryClient
 from services.core.cms import CmsView
 from services.core.errors import BadInput, DeadlineExceeded, RemoteError
 from services.core.topics import METRIC, STREAM
+from services.core.transcript import Transcript
 from services.core.wire import parse_payload
 from services.gateway.errors import ApiError
 
@@ -40,6 +41,7 @@ class Exchange:
 
     query: Query
     chunks: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    transcript: Transcript = field(default_factory=Transcript)  # which chunks to pass on
     answer: asyncio.Task[Answer] | None = None
 
 
@@ -67,7 +69,7 @@ class Gateway:
         exchange = Exchange(query)
         self._exchanges[query.request_id] = exchange
         self.in_flight += 1
-        answer = exchange.answer = asyncio.create_task(self._ask(query))
+        answer = exchange.answer = asyncio.create_task(self._ask(query, exchange.transcript))
         answer.add_done_callback(_retrieved)
         try:
             yield exchange
@@ -77,7 +79,7 @@ class Gateway:
             if not answer.done():  # the client went away: stop waiting for it
                 answer.cancel()
 
-    async def _ask(self, query: Query) -> Answer:
+    async def _ask(self, query: Query, transcript: Transcript) -> Answer:
         """The orchestrator's answer, or an ApiError saying why there is none."""
         if not self.bus.connected.is_set():
             raise ApiError(503, "the gateway is not connected to the broker", code="no_broker")
@@ -85,7 +87,7 @@ class Gateway:
             raise ApiError(503, "no orchestrator is online", code="no_agent")
         try:
             async with asyncio.timeout(max(0.0, query.deadline - time.time())):
-                reply = await self.client.ask(query)
+                reply = await self.client.ask(query, transcript)
         except (TimeoutError, DeadlineExceeded):
             raise ApiError(
                 504, f"no answer within {query.deadline - time.time():.0f} s", code="deadline"
@@ -105,7 +107,8 @@ class Gateway:
         except BadInput as exc:
             log.warning("stream.refused", topic=topic, reason=str(exc))
             return
-        exchange.chunks.put_nowait(chunk.text)
+        if (text := exchange.transcript.add(chunk)) is not None:
+            exchange.chunks.put_nowait(text)
 
     # -- what the dashboard and /metrics show ------------------------------------------------
 
@@ -162,7 +165,7 @@ class Gateway:
         return found
 
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
-        if key.startswith(("cms/agents/", "cms/metrics/")):
+        if key.startswith(("cms/agents/", "cms/metrics/", "cms/experiments/")):
             self.changed.set()
 
 

@@ -17,7 +17,8 @@ from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.data.view import DataView
 from services.orchestrator.allocator import Allocator, LiveKnowledge
-from services.orchestrator.cloud import CloudClient, CloudSettings
+from services.orchestrator.cloud import CloudSettings
+from services.orchestrator.configs import OrchestratorConfigs
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher
 from services.orchestrator.service import Orchestrator
@@ -69,8 +70,7 @@ async def serve(
     settings: OrchestratorSettings, mqtt: MqttSettings, accounts: Accounts | None = None
 ) -> None:
     policy = make_policy(settings.policy, **settings.policy_params)
-    cloud_settings = settings.cloud()
-    cloud = CloudClient(cloud_settings) if cloud_settings else None
+    configs: OrchestratorConfigs | None = None
 
     def card(epoch: int) -> AgentCard:
         return AgentCard(
@@ -78,11 +78,18 @@ async def serve(
         )
 
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
+        nonlocal configs
         view = CmsView(bus, accounts=accounts)  # a device's card may not say "worker"
         allocator = Allocator(
             view, policy, rng=random.Random(settings.seed), knowledge=settings.knowledge
         )
-        dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=cloud)
+        dispatcher = Dispatcher(bus=bus, view=view, allocator=allocator, cloud=None)
+        configs = OrchestratorConfigs(
+            bus, view, cloud=settings.cloud(),
+            on_cloud=lambda cloud: setattr(dispatcher, "cloud", cloud),
+            on_versions=allocator.refresh,
+        )  # fmt: skip
+        dispatcher.cloud, allocator.admits = configs.cloud(), configs.admits
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
         tenants = Tenants(bus, view, accounts=accounts, base_version=presence.base_version)
         orchestrator = Orchestrator(
@@ -100,8 +107,8 @@ async def serve(
             mqtt, agent=settings.agent_id, service="orchestrator", card=card, setup=setup
         )
     finally:
-        if cloud is not None:
-            await cloud.aclose()
+        if configs is not None:
+            await configs.aclose()
 
 
 def main() -> None:

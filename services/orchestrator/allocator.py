@@ -1,5 +1,13 @@
 """Live allocation: a policy over a Fleet kept in step with the CMS and our own dispatches.
 
+Two fleets: this site's workers (`cms/agents/...`) and the neighbour sites' (`cms/sites/<site>/
+agents/...`, as the replicator mirrors them, named `<site>/<agent>`), each with its site's
+round trip as extra latency (`cms/replication/peers/<site>`: only sites whose link is up). The
+policy chooses over this site's first; a request that no local agent can take within its
+deadline (the policy sends it to the cloud, or finds its agent full) takes a free slot at a
+neighbour site if the policy, over the neighbours' fleet, finds one; then the cloud. It never
+waits in a line at a neighbour site: that site's own requests come first there.
+
 The same accounting moments as the simulator: `started` when a request gets a slot,
 `finished` when its reply (or failure) comes back, `enqueued`/`dequeued` around a wait. A
 full node's waiting line is first come, first served; a freed slot goes to its head.
@@ -15,12 +23,21 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas import CmsEntry, TaskResult
-from services.core.cms import CmsView
-from services.core.topics import AGENT_CARD, AGENT_STATUS
+from pydantic import BaseModel, Field
+
+from schemas import AgentCard, CmsEntry, TaskResult
+from services.core.cms import AgentView, CmsView
+from services.core.topics import (
+    AGENT_CARD,
+    AGENT_STATUS,
+    REMOTE_AGENT_CARD,
+    REMOTE_AGENT_STATUS,
+    REPLICATION_PEER,
+)
 from services.scheduling.lengths import COMPLETE, EDGE_MODEL, LengthEstimate, LengthPredictor
 from services.scheduling.policies import Demand, Fleet, Policy
 
@@ -34,6 +51,19 @@ class Grant:
     agent: str | None
     reason: str = ""  # "cloud": the policy's choice; "full": rejected at the edge
     ticket: int = 0  # the Fleet's ticket of the slot
+    site: str | None = None  # the neighbour site of `agent`; None: this site
+
+    @property
+    def key(self) -> str | None:
+        """The agent as the fleets name it (a neighbour's: `<site>/<agent>`)."""
+        return self.agent if self.site is None else f"{self.site}/{self.agent}"
+
+
+class _Link(BaseModel):
+    """What the allocator reads of `cms/replication/peers/<site>`."""
+
+    connected: bool
+    rtt_ms: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 @dataclass(slots=True)
@@ -53,13 +83,18 @@ class Allocator:
         rng: random.Random | None = None,
         knowledge: LiveKnowledge = "predicted",
         predictor: LengthPredictor | None = None,
+        admits: Callable[[AgentCard], bool] = lambda card: True,
     ) -> None:
+        """`admits`: whether an online worker may take tasks (cms/configs/<model>/version)."""
         self.view = view
+        self.admits = admits
         self.policy = policy
         self.rng = rng or random.Random()
         self.knowledge = knowledge
         self.predictor = predictor or LengthPredictor()
         self.fleet = Fleet()
+        self.neighbours = Fleet()  # the neighbour sites' workers, `<site>/<agent>`
+        self._rtt_s: dict[str, float] = {}  # neighbour sites whose link is up
         self._lines: dict[str, deque[_Waiter]] = {}
         self._models: dict[str, str] = {}
         view.on_change(self._on_cms_change)
@@ -97,43 +132,47 @@ class Allocator:
                 output_tokens, domain=demand.domain, difficulty=demand.difficulty, model=model
             )
 
-    def _start(self, agent: str, demand: Demand) -> int:
-        """Count the request in on `agent`, estimated as that agent's model writes."""
-        model = self._models.get(agent, EDGE_MODEL)
+    def _grant(self, fleet: Fleet, key: str, demand: Demand) -> Grant:
+        """Count the request in on `key` of `fleet`, estimated as that agent's model writes."""
+        model = self._models.get(key, EDGE_MODEL)
         estimate = demand.estimate
         if self.knowledge == "predicted":
             estimate = self._estimate(demand.max_tokens, demand.domain, demand.difficulty, model)
-        return self.fleet.started(agent, estimate)
+        site, _, agent = key.rpartition("/")
+        return Grant(agent, ticket=fleet.started(key, estimate), site=site or None)
 
     async def acquire(self, demand: Demand) -> Grant:
-        """A slot on an edge agent, or why the request goes to the cloud."""
+        """A slot on an edge agent (this site's first, then a neighbour's), or why the
+        request goes to the cloud."""
         decision = self.policy.choose(demand, self.fleet, self.rng)
         agent = decision.agent
-        if agent is None:
-            return Grant(None, "cloud")
-        if self.fleet.has_slot(agent):
-            return Grant(agent, ticket=self._start(agent, demand))
-        if decision.max_wait_s <= 0:
-            return Grant(None, f"full: {agent} at its limit")
-        return await self._wait(agent, demand, decision.max_wait_s)
+        if agent is not None and self.fleet.has_slot(agent):
+            return self._grant(self.fleet, agent, demand)
+        if agent is not None and decision.max_wait_s > 0:
+            return await self._wait(agent, demand, decision.max_wait_s)
+        away = self.policy.choose(demand, self.neighbours, self.rng).agent
+        if away is not None and self.neighbours.has_slot(away):
+            return self._grant(self.neighbours, away, demand)
+        return Grant(None, "cloud") if agent is None else Grant(None, f"full: {agent} at its limit")
 
-    def acquire_free(self, demand: Demand, *, exclude: set[str]) -> Grant:
+    def acquire_free(self, demand: Demand, *, exclude: set[str | None]) -> Grant:
         """A free slot at once on the fastest agent not in `exclude` (a re-dispatch does not
-        wait in a line), or the cloud."""
-        free = self.fleet.free * self.fleet.join_rate()
-        for i in free.argsort()[::-1]:
-            agent = self.fleet.agents[int(i)]
-            if free[i] > 0 and agent not in exclude:
-                return Grant(agent, ticket=self._start(agent, demand))
+        wait in a line), this site's first, or the cloud."""
+        for fleet in (self.fleet, self.neighbours):
+            free = fleet.free * fleet.join_rate()
+            for i in free.argsort()[::-1]:
+                key = fleet.agents[int(i)]
+                if free[i] > 0 and key not in exclude:
+                    return self._grant(fleet, key, demand)
         return Grant(None, "full: no other edge agent has a free slot")
 
     def release(self, grant: Grant, demand: Demand, result: TaskResult | None = None) -> None:
         """The request of `grant` ended (its `result`'s length is learned from, if the answer
         is whole); its slot goes to the head of the line."""
-        agent = grant.agent
+        agent = grant.key
         if agent is None:
             return
-        self.fleet.finished(agent, grant.ticket)
+        (self.fleet if grant.site is None else self.neighbours).finished(agent, grant.ticket)
         if result is not None:
             model = self._models.get(agent, EDGE_MODEL)
             self.learn(demand, result.output_tokens, result.finish_reason, model)
@@ -143,7 +182,7 @@ class Allocator:
             if waiter.granted.done():
                 continue
             self.fleet.dequeued(agent, waiter.demand.estimate)
-            waiter.granted.set_result(self._start(agent, waiter.demand))
+            waiter.granted.set_result(self._grant(self.fleet, agent, waiter.demand).ticket)
 
     async def _wait(self, agent: str, demand: Demand, max_wait_s: float) -> Grant:
         loop = asyncio.get_running_loop()
@@ -162,27 +201,57 @@ class Allocator:
         return Grant(None, f"full: waited {loop.time() - started:.2f} s for {agent}")
 
     def forget(self, agent: str) -> None:
-        """Take `agent` out of the fleet until its next status (it fell silent)."""
-        if agent in self.fleet:
-            self.fleet.remove(agent)
+        """Take `agent` (a neighbour's: `<site>/<agent>`) out of the fleets until its next
+        status (it fell silent, went offline, or its site's link is down)."""
+        self.fleet.remove(agent)
+        self.neighbours.remove(agent)
         for waiter in self._lines.pop(agent, ()):
             if not waiter.granted.done():
                 waiter.granted.set_result(0)
 
+    def refresh(self) -> None:
+        """Judge every agent again (what `admits` says changed)."""
+        for agent in list(self.view.cards):
+            self._update(self.fleet, agent, self.view.agent(agent))
+
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
-        params = AGENT_CARD.match(key) or AGENT_STATUS.match(key)
-        if params is None:
-            return
-        agent = params["agent"]
-        found = self.view.agent(agent)
+        if (params := AGENT_CARD.match(key) or AGENT_STATUS.match(key)) is not None:
+            agent = params["agent"]
+            self._update(self.fleet, agent, self.view.agent(agent))
+        elif (params := REMOTE_AGENT_CARD.match(key) or REMOTE_AGENT_STATUS.match(key)) is not None:
+            self._update_remote(params["site"], params["agent"])
+        elif (params := REPLICATION_PEER.match(key)) is not None:
+            site = params["site"]
+            link = self.view.value(key, _Link)
+            if link is not None and link.connected and link.rtt_ms is not None:
+                self._rtt_s[site] = link.rtt_ms / 1000
+            else:
+                self._rtt_s.pop(site, None)
+            for card_key, _ in self.view.items(f"sites/{site}/agents/"):
+                if (card := REMOTE_AGENT_CARD.match(card_key)) is not None:
+                    self._update_remote(site, card["agent"])
+
+    def _update_remote(self, site: str, agent: str) -> None:
+        rtt = self._rtt_s.get(site)
+        found = self.view.remote_agent(site, agent) if rtt is not None else None
+        self._update(self.neighbours, f"{site}/{agent}", found, latency_s=rtt or 0.0)
+
+    def _update(
+        self, fleet: Fleet, key: str, found: AgentView | None, *, latency_s: float = 0.0
+    ) -> None:
+        """An online worker joins `fleet` (or changes its capacity); anything else leaves."""
         card = found.card if found else None
-        if found and found.online and card and card.kind == "worker" and card.tokens_per_s:
-            self._models[agent] = card.model.name if card.model else EDGE_MODEL
-            self.fleet.upsert(
-                agent,
+        if (
+            found and found.online and card and card.kind == "worker" and card.tokens_per_s
+            and self.admits(card)
+        ):  # fmt: skip
+            self._models[key] = card.model.name if card.model else EDGE_MODEL
+            fleet.upsert(
+                key,
                 tokens_per_s=card.tokens_per_s,
                 concurrency=card.concurrency or 1,
                 beta=card.batching_beta if card.batching_beta is not None else 0.5,
+                latency_s=latency_s,
             )
         else:
-            self.forget(agent)
+            self.forget(key)

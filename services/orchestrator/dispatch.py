@@ -8,11 +8,21 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from schemas import CmsEntry, Rejected, SamplingOptions, Step, Task, TaskResult
-from services.core.bus import Bus
+from schemas import (
+    CmsEntry,
+    Rejected,
+    Resume,
+    SamplingOptions,
+    Step,
+    Task,
+    TaskResult,
+    TokenChunk,
+)
+from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
-from services.core.topics import AGENT_STATUS, TASKS
+from services.core.topics import AGENT_STATUS, REMOTE_AGENT_STATUS, REMOTE_TASKS, STREAM, TASKS
+from services.core.transcript import Transcript
 from services.orchestrator.allocator import Allocator, Grant
 from services.orchestrator.cloud import CloudClient, CloudError
 from services.orchestrator.provenance import record
@@ -33,6 +43,7 @@ class Job:
     max_tokens: int
     deadline: float
     stream: bool = False
+    resume: Resume | None = None  # what the requester's stream has shown already
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     domain: str | None = None  # the Classifier Engine's labels: what predicts its length
     difficulty: str | None = None
@@ -48,23 +59,7 @@ class Generated:
     steps: list[Step] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class AgentUsage:
-    """What one agent's generations for this orchestrator cost: count, seconds, tokens."""
-
-    tasks: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    published: int = 0  # `tasks` when last written to the CMS
-
-    def add(self, seconds: float, tokens: int) -> None:
-        self.tasks += 1
-        self.seconds += seconds
-        self.tokens += tokens
-
-    @property
-    def inference_time_avg(self) -> float:
-        return self.seconds / self.tasks if self.tasks else 0.0
+CONTINUE = "Continue your answer exactly where it stopped, without repeating any of it."
 
 
 def estimate_tokens(text: str) -> int:
@@ -83,13 +78,27 @@ class Dispatcher:
         self.allocator = allocator
         self.cloud = cloud
         self._heard: dict[str, float] = {}  # when each agent's status last came (monotonic)
-        self.usage: dict[str, AgentUsage] = {}  # per edge agent, for cms/metrics/<agent>/...
+        self._streamed: dict[str, Transcript] = {}  # what requesters of streamed jobs were sent
         view.on_change(self._on_cms_change)
+        bus.listen(STREAM, self._on_chunk)
 
     async def run(self, job: Job) -> Generated:
         """The policy's agent first; a task it rejects, fails or dies on goes to another
         agent with a free slot (each agent tried once) while the deadline allows, then the
-        cloud. Every attempt is a step of the answer's provenance."""
+        cloud. Every attempt is a step of the answer's provenance. A streamed answer cut off
+        by a failure is continued by the next one, from what its requester was sent."""
+        if not job.stream:
+            return await self._run(job)
+        self._streamed[job.request_id] = transcript = Transcript(job.resume)
+        if job.resume is not None:  # the workers of the orchestrator before are not heard
+            transcript.supersede(job.resume.attempt + 1)
+        try:
+            return await self._run(job)
+        finally:  # a query sent again may be run here twice at once: the later owns the stream
+            if self._streamed.get(job.request_id) is transcript:
+                del self._streamed[job.request_id]
+
+    async def _run(self, job: Job) -> Generated:
         demand = self.allocator.demand(
             prompt_tokens=estimate_tokens(job.prompt),
             max_tokens=job.max_tokens,
@@ -100,12 +109,15 @@ class Dispatcher:
         if grant.agent is None and grant.reason == "cloud":
             return await self._cloud(job, [], Outcome.CLOUD, demand)
         steps: list[Step] = []
-        tried: set[str] = set()
+        tried: set[str | None] = set()
+        before = job.resume.attempt if job.resume else 0  # attempts of an earlier orchestrator
         while grant.agent is not None:
-            tried.add(grant.agent)
+            tried.add(grant.key)
             result: TaskResult | None = None
             try:
-                step, result = await self.dispatch(grant.agent, job, attempt=len(tried))
+                step, result = await self.dispatch(
+                    grant.agent, job, attempt=before + len(tried), site=grant.site
+                )
             finally:
                 self.allocator.release(grant, demand, result)  # a whole answer's length is learned
             steps.append(step)
@@ -120,50 +132,71 @@ class Dispatcher:
             )
         return await self._cloud(job, steps, Outcome.REJECTED_TO_CLOUD, demand)
 
-    async def _another(self, demand: Demand, tried: set[str]) -> Grant:
+    async def _another(self, demand: Demand, tried: set[str | None]) -> Grant:
         """A free slot elsewhere at once, else whatever the policy would wait for, if that is
         not an agent already tried."""
         grant = self.allocator.acquire_free(demand, exclude=tried)
         if grant.agent is not None:
             return grant
         grant = await self.allocator.acquire(demand)
-        if grant.agent in tried:
+        if grant.key in tried:
             self.allocator.release(grant, demand)
-            return Grant(None, f"full: only {grant.agent}, tried already, has room")
+            return Grant(None, f"full: only {grant.key}, tried already, has room")
         return grant
 
     async def dispatch(
-        self, agent: str, job: Job, *, attempt: int = 1
+        self, agent: str, job: Job, *, attempt: int = 1, site: str | None = None
     ) -> tuple[Step, TaskResult | None]:
-        """Send a task to one worker; a reject, an error, a deadline or a death is a Step too.
-        Each attempt has its own task id, so a late result of an abandoned one is ignored."""
-        topic = TASKS.format(agent=agent)
+        """Send a task to one worker (of the neighbour `site`: through this site's replicator,
+        not streamed); a reject, an error, a deadline or a death is a Step too. Each attempt
+        has its own task id, so a late result of an abandoned one is ignored."""
+        if site is None:
+            topic, peer = TASKS.format(agent=agent), agent
+        else:
+            topic, peer = REMOTE_TASKS.format(site=site, agent=agent), f"{site}/{agent}"
         suffix = "" if attempt == 1 else f".{attempt}"
+        resume = self._take_over(job.request_id, attempt)
         task = Task(
             task_id=f"{job.request_id}.{job.name}{suffix}",
             request_id=job.request_id,
             prompt=job.prompt,
             max_tokens=job.max_tokens,
             deadline=job.deadline,
-            stream=job.stream,
+            stream=job.stream and site is None,
             sampling=job.sampling,
             client=job.client,
+            attempt=attempt,
+            resume=resume,
         )
+        resumed = f"continued after {resume.seq} streamed chunks" if resume else None
         started = time.perf_counter()
         try:
-            reply = await self.bus.request(topic, task, deadline=task.deadline, peer=agent)
+            reply = await self.bus.request(topic, task, deadline=task.deadline, peer=peer)
         except (DeadlineExceeded, RemoteError, PeerGone) as exc:
-            return record(job.name, topic, agent, started, "failed", detail=str(exc)), None
+            step = record(job.name, topic, agent, started, "failed", site=site, detail=str(exc))
+            return step, None
         if isinstance(reply, Rejected):
-            detail = f"{agent} rejected: {reply.reason} ({reply.active}/{reply.limit})"
-            return record(job.name, topic, agent, started, "rejected", detail=detail), None
+            detail = f"{peer} rejected: {reply.reason} ({reply.active}/{reply.limit})"
+            step = record(job.name, topic, agent, started, "rejected", site=site, detail=detail)
+            return step, None
         assert isinstance(reply, TaskResult)
-        self.usage.setdefault(agent, AgentUsage()).add(reply.ms / 1000, reply.output_tokens)
         step = record(
-            job.name, topic, agent, started, "ok",
+            job.name, topic, agent, started, "ok", site=site, detail=resumed,
             prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
         )  # fmt: skip
         return step, reply
+
+    def _take_over(self, request_id: str, attempt: int) -> Resume | None:
+        """Attempt `attempt` now owns the stream; where it starts from (None: afresh)."""
+        transcript = self._streamed.get(request_id)
+        if transcript is None:
+            return None
+        transcript.supersede(attempt)
+        return transcript.resume()
+
+    def _on_chunk(self, request: Request[TokenChunk]) -> None:
+        if (transcript := self._streamed.get(request.body.request_id)) is not None:
+            transcript.add(request.body)
 
     async def _cloud(
         self, job: Job, steps: list[Step], outcome: Outcome, demand: Demand
@@ -173,9 +206,17 @@ class Dispatcher:
             edge_failed = bool(steps) and steps[-1].outcome == "failed"
             return Generated(None, Outcome.FAILED if edge_failed else Outcome.REJECTED, steps)
         started, topic = time.perf_counter(), f"cloud:{self.cloud.settings.model}"
+        messages = [{"role": "user", "content": job.prompt}]
+        last = (job.resume.attempt if job.resume else 0) + len(steps) + 1
+        sent = self._take_over(job.request_id, last)  # edge chunks no longer count
+        if sent is not None:  # the requester has the start of an answer: the cloud finishes it
+            messages += [
+                {"role": "assistant", "content": sent.text},
+                {"role": "user", "content": CONTINUE},
+            ]
         try:
             reply = await self.cloud.complete(
-                [{"role": "user", "content": job.prompt}],
+                messages,
                 max_tokens=job.max_tokens,
                 temperature=job.sampling.temperature,
                 request_id=job.request_id,
@@ -192,13 +233,18 @@ class Dispatcher:
                 prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
             )
         )  # fmt: skip
-        return Generated(reply.text, outcome, steps)
+        return Generated((sent.text if sent else "") + reply.text, outcome, steps)
 
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         if (params := AGENT_STATUS.match(key)) is not None:
             self._heard[params["agent"]] = time.monotonic()
         if (gone := self.view.went_offline(key)) is not None:
             self.bus.abandon(gone)  # its requests in flight fail now, not at deadline
+        elif (params := REMOTE_AGENT_STATUS.match(key)) is not None:
+            site, agent = params["site"], params["agent"]
+            found = self.view.remote_agent(site, agent)
+            if found is None or not found.online:
+                self.bus.abandon(f"{site}/{agent}")
 
     async def watch_silence(self, *, silent_after_s: float) -> None:
         """A worker whose status (sent twice per keepalive) has not come for `silent_after_s`

@@ -6,6 +6,7 @@ Step kinds, each addressed to a semantic topic:
   generate   an SLM generation on an edge worker  (computation/tasks/<agent>, allocated by policy)
   program    a program written by the code expert (or any worker), run by the sandboxed
              calculator peer (knowledge/arithmetic/run); its output is what it printed
+  retrieve   passages of a domain's knowledge base  (knowledge/<domain>/retrieve)
 
 Shapes follow the paper's scenarios (Fig. 5): `health` is sequential (vitals, then an analysis,
 then the medical expert, then the answer); `environment` fans out to every sensor and an expert
@@ -16,6 +17,10 @@ A plan with data steps is grounded: the orchestrator composes the measured part 
 from the readings (services/data/grounding.py); the final generation writes only the advice
 around them, and its prompts say so.
 
+With a knowledge base of the domain online, `with_passages` puts a retrieve step first (in
+parallel with the data steps); every generation and expert after it reads its passages, and the
+answer cites them.
+
 `math` with a sandbox online is answered by
 a program (`programs.py`): the answer is what the program printed, and a plain generation only
 when no program ran to success (the fallback, marked so in the provenance).
@@ -24,12 +29,13 @@ when no program ran to success (the fallback, marked so in the provenance).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from schemas import SamplingOptions
+from services.data.streams import STREAMS
 
-StepKind = Literal["data", "knowledge", "generate", "program"]
+StepKind = Literal["data", "knowledge", "generate", "program", "retrieve"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,8 @@ class PlanStep:
     fallback_of: str | None = None
     # knowledge steps: decoding asked of the expert (None: its model's defaults)
     sampling: SamplingOptions | None = None
+    # retrieve steps: the streams whose reference ranges are fetched too (a plan with data)
+    streams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,21 @@ def _by_expert(domain: str, max_tokens: int) -> Plan:
         fallback_of=expert.name,
     )  # fmt: skip
     return Plan(domain, (expert, answer), "sequential")
+
+
+def with_passages(plan: Plan) -> Plan:
+    """`plan` with a retrieve step first (a knowledge base of its domain is online), read by
+    every generation and expert."""
+    streams = tuple(s.name for s in STREAMS.values() if s.domain == plan.domain)
+    retrieve = PlanStep(
+        f"retrieve:{plan.domain}", "retrieve", domain=plan.domain, prompt="{query}",
+        streams=streams if plan.sensed else (),
+    )  # fmt: skip
+    steps = [
+        replace(s, after=(*s.after, retrieve.name)) if s.kind in ("generate", "knowledge") else s
+        for s in plan.steps
+    ]
+    return Plan(plan.domain, (retrieve, *steps), plan.shape)
 
 
 def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:

@@ -22,7 +22,7 @@ from collections import deque
 
 import structlog
 
-from schemas import Answer, Classification, ClassifyRequest, Fact, Query, Step
+from schemas import Answer, Classification, ClassifyRequest, Fact, Passage, Query, Step
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
@@ -32,7 +32,14 @@ from services.data import grounding
 from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher, Generated, Job
-from services.orchestrator.planner import Plan, PlanStep, Sensor, make_plan, render
+from services.orchestrator.planner import (
+    Plan,
+    PlanStep,
+    Sensor,
+    make_plan,
+    render,
+    with_passages,
+)
 from services.orchestrator.programs import Programs
 from services.orchestrator.provenance import record
 from services.orchestrator.tenants import Tenants
@@ -86,10 +93,12 @@ class Orchestrator:
             query = query.model_copy(update={"stream": False})
         outputs: dict[str, str] = {}
         facts: dict[str, list[Fact]] = {}
+        passages: dict[str, list[Passage]] = {}
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
             runs = [
-                self._run(s, query, outputs, since, facts, classification, client) for s in phase
+                self._run(s, query, outputs, since, facts, passages, classification, client)
+                for s in phase
             ]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
@@ -102,7 +111,8 @@ class Orchestrator:
         assert final is not None
         partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
         measured = [f for s in plan.sensed for f in facts.get(s.name, [])]
-        answer = self._answer(query, started, final, steps, partial, plan, measured)
+        found = [p for ps in passages.values() for p in ps]
+        answer = self._answer(query, started, final, steps, partial, plan, measured, found)
         if tenant is not None and self.tenants is not None:
             await self.tenants.charge(tenant, client, query, answer)
         return answer
@@ -127,7 +137,7 @@ class Orchestrator:
         writer = next(
             (d for d in PROGRAM_WRITERS if any(d in a.card.domains for a in workers)), None
         )
-        return make_plan(
+        plan = make_plan(
             domain=domain,
             max_tokens=query.max_tokens,
             sensors=sensors,
@@ -135,6 +145,8 @@ class Orchestrator:
             sandbox_available=any(a.online for a in self.view.agents("sandbox")),
             program_writer=writer,
         )
+        bases = (a for a in self.view.agents("kb") if a.online and domain in a.card.domains)
+        return with_passages(plan) if any(bases) else plan
 
     async def _run(
         self,
@@ -143,11 +155,18 @@ class Orchestrator:
         outputs: dict[str, str],
         since: float,
         facts: dict[str, list[Fact]],
+        passages: dict[str, list[Passage]],
         classification: Classification | None = None,
         client: str | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation;
-        a data step's facts go to `facts` under its name."""
+        a data step's facts go to `facts` under its name, a retrieve step's passages to
+        `passages`."""
+        if step.kind == "retrieve":
+            text, record, passages[step.name] = await self.cooperation.retrieve(
+                step, query.text, request_id=query.request_id, deadline=query.deadline
+            )
+            return text, [record], None
         if step.kind == "data":
             deadline = min(query.deadline, time.time() + DATA_STEP_S)
             text, record, facts[step.name] = await self.cooperation.sense(step, since, deadline)
@@ -172,6 +191,7 @@ class Orchestrator:
             max_tokens=step.max_tokens,
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
+            resume=query.resume if step.name == "answer" else None,
             sampling=query.sampling,
             **_length_labels(step, classification),
             client=client,
@@ -215,6 +235,7 @@ class Orchestrator:
         partial: bool,
         plan: Plan,
         facts: list[Fact],
+        passages: list[Passage],
     ) -> Answer:
         seconds = time.perf_counter() - started
         cost = sum(s.cost_usd for s in steps)
@@ -222,8 +243,9 @@ class Orchestrator:
         self.tally.record(final.outcome, latency_s=seconds if answered else None, cost_usd=cost)
         text = final.text if answered else _refusal(final, steps)
         verified, unverified = None, []
+        cited = grounding.cited(facts, passages)
         if plan.sensed:  # the measured part from the readings, the model's advice checked
-            checked = grounding.check(final.text or "", facts)
+            checked = grounding.check(final.text or "", facts, passages)
             verified, unverified = checked.verified, checked.unverified
             text = grounding.compose(
                 plan.domain,
@@ -232,7 +254,12 @@ class Orchestrator:
                 removed=checked.removed,
                 report=plan.domain == "health" and bool(facts),
                 missing=None if answered else text,
+                passages=passages,
             )
+        elif answered and cited:  # the model's numbers checked against what was retrieved
+            checked = grounding.check(text or "", [], cited)
+            verified, unverified = checked.verified, checked.unverified
+            text = grounding.quoted(checked.text, cited, removed=checked.removed)
         return Answer(
             request_id=query.request_id,
             text=text or "",
@@ -244,6 +271,7 @@ class Orchestrator:
             facts=facts,
             verified=verified,
             unverified=unverified,
+            passages=cited,
         )
 
     async def _record_phase(
@@ -255,9 +283,8 @@ class Orchestrator:
         await cms.put(self.bus, key, value, version=number + 1, expiry_s=STATE_EXPIRY_S)
 
     async def publish_metrics(self, *, base_version: int, interval_s: float = 5.0) -> None:
-        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache;
-        cms/metrics/<agent>/inference_time_avg (seconds) and .../tokens_used_total for each
-        edge agent this orchestrator dispatched generations to.
+        """cms/metrics/<orchestrator>/requests: outcome counts, cloud spend, latency, cache
+        (each worker writes its own cms/metrics/<agent>/...).
 
         Versions continue the agent's own (epoch x 10^6 + n), so a restarted orchestrator's
         first summary supersedes its last one from before, for every merge by version."""
@@ -281,20 +308,6 @@ class Orchestrator:
                     "knowledge_cache_misses": self.cooperation.cache_misses,
                 }
                 await cms.put(self.bus, key, summary, version=version)
-            await self._publish_agent_metrics()
-
-    async def _publish_agent_metrics(self) -> None:
-        for agent, usage in list(self.dispatcher.usage.items()):
-            if usage.tasks == usage.published:
-                continue
-            usage.published = usage.tasks
-            for name, value in (
-                ("inference_time_avg", round(usage.inference_time_avg, 6)),
-                ("tokens_used_total", usage.tokens),
-            ):
-                await cms.put(
-                    self.bus, METRIC.format(scope=agent, name=name), value, version=usage.tasks
-                )
 
 
 def _length_labels(step: PlanStep, classification: Classification | None) -> dict[str, str]:

@@ -1,6 +1,8 @@
 """One peer site: this replicator's own MQTT connection to the peer's broker.
 
-Over it go this site's changes as they happen (`replication/from/<this site>/changes`, in
+Over it go tasks of this site's orchestrators for the peer's workers and their replies
+(`forward`), a ping of the peer's broker every few seconds (`rtt_ms`: what a task sent there
+pays on top), this site's changes as they happen (`replication/from/<this site>/changes`, in
 batches), and this site's pulls: a digest of what it holds (`.../digest`, MQTT 5
 request/response), the peer's versions of the keys in the buckets that differ, then a `want`
 for the keys the peer has newer (`.../want`). A site only ever pulls what it lacks; the peer
@@ -20,12 +22,27 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from schemas import GroupDigest, ReplicaChanges, ReplicaDigest, ReplicaVersions, ReplicaWant
+from schemas import (
+    GroupDigest,
+    Rejected,
+    ReplicaChanges,
+    ReplicaDigest,
+    ReplicaVersions,
+    ReplicaWant,
+    Task,
+    TaskResult,
+)
 from services.core.bus import Bus
 from services.core.connection import ConnectionLost
-from services.core.errors import BadInput, EdgecollabError
+from services.core.errors import (
+    BadInput,
+    DeadlineExceeded,
+    EdgecollabError,
+    PeerGone,
+    RemoteError,
+)
 from services.core.settings import MqttSettings
-from services.core.topics import REPLICA_CHANGES, REPLICA_DIGEST, REPLICA_WANT
+from services.core.topics import REPLICA_CHANGES, REPLICA_DIGEST, REPLICA_WANT, TASKS
 from services.replicator.merge import BUCKETS, SMALL_GROUP, GroupState
 
 if TYPE_CHECKING:
@@ -36,6 +53,7 @@ log = structlog.get_logger("edgecollab.replicator")
 BATCH_BYTES = 96 * 1024  # a changes message stays well below the brokers' and peers' limits
 BATCH_RECORDS = 1000
 WANT_KEYS = 1000
+PING_S = 5.0  # how often the round trip to the peer's broker is measured
 
 
 @dataclass
@@ -48,6 +66,7 @@ class LinkCounters:
     pulled_records: int = 0  # records fetched from the peer by digest repair
     pull_rounds: int = 0  # digest exchanges
     wants: int = 0  # want requests sent
+    tasks: int = 0  # this site's tasks answered by the peer's workers (results and rejects)
 
 
 class _PeerRestarted(Exception):
@@ -68,12 +87,13 @@ class PeerLink:
         self.pulls = 0  # completed since start
         self.pulled_since_connect = False
         self.pulling = False
-        self.rtt_ms: float | None = None
+        self.rtt_ms: float | None = None  # the latest round trip to the peer's broker
         self.last_pull_at: float | None = None
         self._timeout_s = timeout_s
         self._outbox: dict[str, None] = {}  # keys to push (their record is read when sent)
         self._ready = asyncio.Event()
         self._pull_wanted = asyncio.Event()
+        self._ping_wanted = asyncio.Event()
         self._asking: asyncio.Task[Any] | None = None  # a digest still unanswered
 
     @property
@@ -94,12 +114,51 @@ class PeerLink:
             tasks.create_task(self.bus.run())
             tasks.create_task(self._send_loop())
             tasks.create_task(self._pull_loop())
+            tasks.create_task(self._ping_loop())
 
     async def _on_connect(self) -> None:
         self.connections += 1
         self.pulled_since_connect = False
         log.info("replicator.peer_connected", peer=self.address, site=self.site)
         self.want_pull()
+        self._ping_wanted.set()
+
+    async def _ping_loop(self) -> None:
+        """`rtt_ms`: a publish to our own inbox at the peer's broker, until it comes back."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PING_S):
+                    await self._ping_wanted.wait()
+            self._ping_wanted.clear()
+            if not self.connected:
+                continue
+            started = time.perf_counter()
+            try:
+                await self.bus.barrier(timeout=self._timeout_s)
+            except (ConnectionLost, TimeoutError):
+                continue
+            self.rtt_ms = round((time.perf_counter() - started) * 1000, 2)
+
+    # -- tasks for the peer's workers -----------------------------------------------------------
+
+    async def forward(self, agent: str, task: Task) -> TaskResult | Rejected:
+        """`task` for the peer's worker `agent`, as `computation/tasks/<agent>` at its broker;
+        its reply, or BadInput saying why there is none (for the orchestrator that asked)."""
+        where = f"site {self.site}"
+        try:
+            reply = await self.bus.request(
+                TASKS.format(agent=agent), task, deadline=task.deadline, peer=agent
+            )
+        except RemoteError as exc:
+            raise BadInput(exc.error.code, f"{where}: {exc.error.message}") from None
+        except PeerGone as exc:  # nobody subscribed there (no such worker), or the link fell
+            raise BadInput("unavailable", f"{where}: {exc}") from None
+        except DeadlineExceeded as exc:
+            raise BadInput("deadline", f"{where}: {exc}") from None
+        if not isinstance(reply, TaskResult | Rejected):
+            raise BadInput("bad_schema", f"{where}: {agent} answered {reply!r:.200}")
+        self.counters.tasks += 1
+        return reply
 
     # -- live pushes --------------------------------------------------------------------------
 
@@ -193,7 +252,6 @@ class PeerLink:
             digest = ReplicaDigest(
                 site=site, session=session, buckets=BUCKETS, groups=_wire(groups), after=after
             )
-            started = time.perf_counter()
             self._asking = asyncio.ensure_future(
                 self.bus.request(
                     REPLICA_DIGEST.format(site=site), digest, deadline=time.time() + self._timeout_s
@@ -207,7 +265,6 @@ class PeerLink:
                 raise _PeerRestarted from None
             finally:
                 self._asking = None
-            self.rtt_ms = round((time.perf_counter() - started) * 1000, 2)
             self.counters.pull_rounds += 1
             if not isinstance(reply, ReplicaVersions) or reply.site == site:
                 raise BadInput(

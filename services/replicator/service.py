@@ -30,11 +30,14 @@ import structlog
 from schemas import (
     CmsEntry,
     Message,
+    Rejected,
     ReplicaChanges,
     ReplicaDigest,
     ReplicaRecord,
     ReplicaVersions,
     ReplicaWant,
+    Task,
+    TaskResult,
     Tombstone,
 )
 from services.core import cms
@@ -45,9 +48,11 @@ from services.core.settings import MqttSettings
 from services.core.topics import (
     CMS_ALL,
     CMS_KEY,
+    REMOTE_TASKS,
     REPLICA_CHANGES,
     REPLICA_DIGEST,
     REPLICA_WANT,
+    REPLICATION_PEER,
     TOMBSTONE,
     Address,
     BadTopic,
@@ -70,6 +75,7 @@ log = structlog.get_logger("edgecollab.replicator")
 VERSIONS_BUDGET = 96 * 1024  # bytes of versions in one answer (more: `next`)
 WANT_BUDGET = 96 * 1024  # bytes of records in one answer to a want
 GONE_KEEP_S = 60.0  # how long a deleted own entry is kept for links still to push it
+LINK_STATE_S = 1.0  # how often each link's state is looked at (written when it changed)
 
 
 @dataclass
@@ -141,11 +147,17 @@ class Replicator:
         bus.listen(REPLICA_CHANGES, self._on_changes)
         bus.serve(REPLICA_DIGEST, self._on_digest)
         bus.serve(REPLICA_WANT, self._on_want)
+        bus.serve(REMOTE_TASKS, self._on_remote_task)
         bus.on_connect(self._on_local_connect)
 
     def loops(self) -> list[Any]:
         """The background loops to run next to the bus (`run_until_stopped`)."""
-        return [self._write_loop, self._sweep_loop, *(link.run for link in self.links)]
+        return [
+            self._write_loop,
+            self._sweep_loop,
+            self._links_loop,
+            *(link.run for link in self.links),
+        ]
 
     # -- the local broker -------------------------------------------------------------------
 
@@ -544,6 +556,18 @@ class Replicator:
         if site != sender or sender == self.site:
             raise BadInput("bad_request", f"{site} writing as {sender} (this site: {self.site})")
 
+    # -- computation across sites -------------------------------------------------------------
+
+    async def _on_remote_task(self, request: Request[Task]) -> TaskResult | Rejected:
+        """A task of this site's orchestrator for an agent of a neighbour site: sent on over
+        the link to that site, its reply brought back."""
+        site, agent = request.params["site"], request.params["agent"]
+        link = next((link for link in self.links if link.site == site), None)
+        if link is None or not link.connected:
+            state = "no link" if link is None else "the link is down"
+            raise BadInput("unavailable", f"site {site}: {state} (this site: {self.site})")
+        return await link.forward(agent, request.body)
+
     # -- pulls (called by the links) ----------------------------------------------------------
 
     def pull_group(self, group: str, peer: str | None) -> bool:
@@ -614,10 +638,15 @@ class Replicator:
                 del self._gone[key]
             for key in [k for k, t in self._last_push.items() if t < cutoff]:
                 del self._last_push[key]
+
+    async def _links_loop(self) -> None:
+        """`cms/replication/peers/<site>` (local, not replicated): each link's state, which
+        the orchestrators read (connected, rtt_ms) to send tasks to that site's workers."""
+        while True:
+            await asyncio.sleep(LINK_STATE_S)
             await self._publish_links()
 
     async def _publish_links(self) -> None:
-        """`cms/replication/peers/<site>` (local, not replicated): each link's state."""
         for link in self.links:
             if link.site is None:
                 continue
@@ -633,7 +662,7 @@ class Replicator:
                 continue
             self._links_published[link.site] = value
             version = time.time_ns() // 1_000_000  # grows across restarts too
-            await cms.put(self.bus, f"replication/peers/{link.site}", value, version=version)
+            await cms.put(self.bus, REPLICATION_PEER.format(site=link.site), value, version=version)
 
     async def settled(self, timeout: float = 60.0) -> None:
         """Wait until loaded, every link connected and pulled, and nothing is in flight (tests

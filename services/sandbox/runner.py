@@ -244,6 +244,8 @@ class Sandbox:
                 if len(data) + len(chunk) > limits.output_bytes:
                     data += chunk[: limits.output_bytes - len(data)]
                     kill("output")
+                    while await proc.stdout.read(65536):  # to EOF, so the pipe closes now
+                        pass
                     return bytes(data), True
                 data += chunk
             return bytes(data), False
@@ -268,6 +270,8 @@ class Sandbox:
             if proc.returncode is None:  # cancelled: leave nothing behind
                 kill("cancelled")
                 await proc.wait()
+            if proc.stdin is not None:  # a feed cut short by the timeout left it open
+                proc.stdin.close()
         error = _why(code, killed, limits, err)
         cpu_killed = code in (-signal.SIGXCPU, -signal.SIGKILL) and not killed
         return Outcome(

@@ -81,6 +81,7 @@ class _Node:
     rate: float
     limit: int
     beta: float
+    latency: float = 0.0  # seconds any request there pays on top (a neighbour site's round trip)
     queued: int = 0
     queued_tokens: float = 0.0  # expected output tokens of the waiting requests
     vs: float = 0.0  # service each stream has had since the node was last idle (tokens)
@@ -179,13 +180,13 @@ class _Node:
             float(k < self.limit and not q), self.stream_rate(k + 1),
             self.rate * self.limit ** (self.beta - 1.0), stream, self.vs, self.last,
             next_mark, q - j, 1.0 / (stream * max(k, 1)), self.queued_tokens / q if q else 0.0,
-            self.check,
+            self.check, self.latency,
         )  # fmt: skip
 
 
 _COLUMNS = (
     "rate", "limit", "active", "queued", "util", "free", "join", "full", "stream", "vs", "last",
-    "next_mark", "extra_waiters", "agg_inv", "queued_mean", "check",
+    "next_mark", "extra_waiters", "agg_inv", "queued_mean", "check", "latency",
 )  # fmt: skip
 _COL = {name: c for c, name in enumerate(_COLUMNS)}
 
@@ -231,22 +232,32 @@ class Fleet:
     active = property(lambda self: self.column("active"), doc="requests in flight")
     queued = property(lambda self: self.column("queued"), doc="requests waiting for a slot")
     free = property(lambda self: self.column("free"), doc="1.0 where a request can start now")
+    latency = property(lambda self: self.column("latency"), doc="extra seconds per request")
 
     def _sync(self, i: int) -> None:
         self._table[:, i] = self._nodes[i].row()
 
     def upsert(
-        self, agent: str, *, tokens_per_s: float, concurrency: int, beta: float = 0.5
+        self,
+        agent: str,
+        *,
+        tokens_per_s: float,
+        concurrency: int,
+        beta: float = 0.5,
+        latency_s: float = 0.0,
     ) -> None:
-        """Add a node or update its capacity; its in-flight accounting is kept."""
-        if tokens_per_s <= 0 or concurrency < 1:
-            raise ValueError(f"{agent}: tokens_per_s must be > 0 and concurrency >= 1")
+        """Add a node or update its capacity and extra latency (a neighbour site's round
+        trip); its in-flight accounting is kept."""
+        if tokens_per_s <= 0 or concurrency < 1 or not 0 <= latency_s < math.inf:
+            raise ValueError(
+                f"{agent}: tokens_per_s must be > 0, concurrency >= 1, latency_s finite >= 0"
+            )
         i = self._index.get(agent)
         if i is None:
             i = self._append(agent, _Node(tokens_per_s, concurrency, beta, last=self.now()))
         node = self._nodes[i]
         node.advance(self.now())
-        node.rate, node.limit, node.beta = tokens_per_s, concurrency, beta
+        node.rate, node.limit, node.beta, node.latency = tokens_per_s, concurrency, beta, latency_s
         self._sync(i)
         self._cum_rate = None
 
@@ -441,9 +452,11 @@ class LoadAwarePolicy:
 class EarliestFinishPolicy:
     """Ours: the fastest free stream; when all nodes are full, wait rather than pay the cloud.
 
-    With a free slot somewhere, the request starts on the free node that gives it the fastest
-    stream. When every node is full, it waits at the node where it is predicted to finish
-    first (`Fleet.slot_wait` plus its output at the node's slowest stream rate), if that is
+    With a free slot somewhere, the request starts on the free node where it would finish
+    first: its output at the stream rate it would get there, plus the node's extra latency
+    (`Fleet.latency`: a neighbour site's round trip; with none, the fastest stream). When every
+    node is full, it waits at the node where it is predicted to finish first (`Fleet.slot_wait`
+    plus its output at the node's slowest stream rate, plus the extra latency), if that is
     within its deadline `deadline_s + deadline_per_token_s * tokens`; else it goes to the cloud
     at once. Its wait is capped at the deadline minus that service time, so a waiting request
     still ends by its deadline. A large request's service alone nears its deadline, so in a
@@ -468,23 +481,26 @@ class EarliestFinishPolicy:
     def choose(self, demand: Demand, fleet: Fleet, rng: random.Random) -> Decision:
         if not len(fleet):
             return CLOUD
-        free = fleet.free
-        if free.any():
-            return Decision(fleet.agents[int((free * fleet.join_rate()).argmax())])
-        estimate = demand.estimate
-        if estimate.exact:
-            tokens, deadline = estimate.mean, self.deadline_s
-        else:
-            q = self.length_quantile
-            tokens = estimate.quantile(q) if q else estimate.mean
-            deadline = self.deadline_s + self.uncertain_slack_s
+        tokens, deadline = self._judged(demand.estimate)
+        free, latency = fleet.free, fleet.latency
+        if free.any():  # the earliest finish of the free nodes
+            finish = np.where(free > 0, latency + tokens / fleet.join_rate(), np.inf)
+            return Decision(fleet.agents[int(finish.argmin())])
         service = tokens / fleet.full_rate()
-        finish = fleet.slot_wait() + service
+        finish = fleet.slot_wait() + service + latency
         i = int(finish.argmin())
         deadline += self.deadline_per_token_s * tokens
         if finish[i] > deadline:
             return CLOUD
-        return Decision(fleet.agents[i], max_wait_s=float(deadline - service[i]))
+        return Decision(fleet.agents[i], max_wait_s=float(deadline - service[i] - latency[i]))
+
+    def _judged(self, estimate: LengthEstimate) -> tuple[float, float]:
+        """The length a request is judged by, and its deadline before the per-token slope."""
+        if estimate.exact:
+            return estimate.mean, self.deadline_s
+        q = self.length_quantile
+        tokens = estimate.quantile(q) if q else estimate.mean
+        return tokens, self.deadline_s + self.uncertain_slack_s
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

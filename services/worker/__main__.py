@@ -9,13 +9,13 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from schemas import AgentCard, now
-from schemas.ids import AGENT_ID_PATTERN, DOMAIN_PATTERN
+from schemas.ids import AGENT_ID_PATTERN, DOMAIN_PATTERN, VERSION_PATTERN
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import ConfigError
 from services.core.logging import configure_logging
 from services.core.presence import Presence
-from services.core.service import run_agent
+from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.worker.backend import Backend
 from services.worker.emulated import EmulatedBackend
@@ -32,6 +32,12 @@ class WorkerSettings(BaseSettings):
     model_dir: str = Field(
         "SmolLM2-135M-Instruct", description="onnx: model folder (name under EDGECOLLAB_MODELS_DIR)"
     )
+    model_version: str | None = Field(
+        None,
+        pattern=VERSION_PATTERN,
+        description="onnx: the version this worker deploys (default: model.json's version), "
+        "matched against cms/configs/<model>/version",
+    )
     threads: int | None = Field(None, ge=1, description="onnx: intra-op threads (physical cores)")
     spinning: bool = Field(
         False,
@@ -46,6 +52,9 @@ class WorkerSettings(BaseSettings):
         0.5, ge=0, le=1, description="emulated: k requests in flight decode k**beta times faster"
     )
     domains: list[str] = Field([], description='knowledge domains it answers, e.g. ["health"]')
+    metrics_interval_s: float = Field(
+        5.0, gt=0, description="how often cms/metrics/<agent>/... are written when they changed"
+    )
 
     def make_backend(self, runtime: RuntimeSettings) -> Backend:
         if self.backend == "emulated":
@@ -60,7 +69,7 @@ class WorkerSettings(BaseSettings):
         engine = Engine.load(
             runtime.model_dir(self.model_dir), threads=self.threads, spinning=self.spinning
         )
-        return OnnxBackend(engine, concurrency=self.concurrency)
+        return OnnxBackend(engine, concurrency=self.concurrency, version=self.model_version)
 
 
 async def serve(settings: WorkerSettings, mqtt: MqttSettings, backend: Backend) -> None:
@@ -80,7 +89,7 @@ async def serve(settings: WorkerSettings, mqtt: MqttSettings, backend: Backend) 
             started_at=now(),
         )
 
-    def setup(bus: Bus, presence: Presence) -> None:
+    def setup(bus: Bus, presence: Presence) -> list[Loop]:
         worker = Worker(
             bus=bus,
             agent=settings.agent_id,
@@ -90,6 +99,11 @@ async def serve(settings: WorkerSettings, mqtt: MqttSettings, backend: Backend) 
             domains=tuple(settings.domains),
         )
         presence.load = worker.load
+        return [
+            lambda: worker.publish_metrics(
+                base_version=presence.base_version, interval_s=settings.metrics_interval_s
+            )
+        ]
 
     try:
         await run_agent(mqtt, agent=settings.agent_id, service="worker", card=card, setup=setup)

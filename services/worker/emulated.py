@@ -64,9 +64,10 @@ class EmulatedBackend:
         emit: Callable[[str], Awaitable[None]] | None,
     ) -> tuple[str, GenerationStats]:
         started = time.perf_counter()
+        written = len(task.resume.text.split()) if task.resume is not None else 0  # a word a token
         self.active += 1
         try:
-            produced, reason = await self._decode(task, emit)
+            produced, reason = await self._decode(task, emit, written)
         finally:
             self.active -= 1
         seconds = time.perf_counter() - started
@@ -77,20 +78,21 @@ class EmulatedBackend:
             decode_tok_s=produced / seconds if seconds > 0 else 0.0,
             finish_reason=reason,
         )
-        return _text(produced), stats
+        return _text(produced, offset=written), stats
 
     async def _decode(
-        self, task: Task, emit: Callable[[str], Awaitable[None]] | None
+        self, task: Task, emit: Callable[[str], Awaitable[None]] | None, written: int
     ) -> tuple[int, FinishReason]:
         """Tokens accrue with elapsed time at the stream rate of the moment, so a late wake-up
         (a busy machine) delays a chunk but never slows the emulated device down. A wait
-        shorter than the loop's timers can time is counted as waited, not slept."""
+        shorter than the loop's timers can time is counted as waited, not slept. A resumed
+        answer continues after the `written` tokens it was sent with. Returns the new tokens."""
         target = planned_tokens(task.prompt, task.max_tokens)
-        progress, emitted = 0.0, 0
+        progress, emitted = float(written), written
         last = time.monotonic()
         while emitted < target:
             if time.time() >= task.deadline:
-                return emitted, "deadline"
+                return emitted - written, "deadline"
             rate = self.stream_rate()
             wait = min(_TICK_S, (target - progress) / rate)
             if wait >= _TIMER_S:
@@ -102,7 +104,7 @@ class EmulatedBackend:
             if ready > 0 and emit is not None:
                 await emit(_text(ready, offset=emitted) + " ")
             emitted += ready
-        return emitted, "stop" if target < task.max_tokens else "length"
+        return emitted - written, "stop" if target < task.max_tokens else "length"
 
     async def close(self) -> None:
         """Nothing to release."""

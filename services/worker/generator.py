@@ -133,13 +133,19 @@ class Generator:
         return len(self._waiting)
 
     def submit(
-        self, messages: list[dict] | str, params: SamplingParams, *, deadline: float | None = None
+        self,
+        messages: list[dict] | str,
+        params: SamplingParams,
+        *,
+        deadline: float | None = None,
+        prefix: str = "",
     ) -> OutputStream:
-        """Start a request; `deadline` is an instant of `clock` (time.time() by default).
+        """Start a request; `deadline` is an instant of `clock` (time.time() by default);
+        `prefix` is the start of the reply, already written, to continue.
         Raises ValueError on bad input."""
         if self._closed:
             raise RuntimeError("generator is closed")
-        prompt = self.engine.encode_prompt(render_prompt(self.engine.card, messages))
+        prompt = self.engine.encode_prompt(render_prompt(self.engine.card, messages) + prefix)
         if len(prompt) >= self.context:
             raise ValueError(f"prompt has {len(prompt)} tokens; the context holds {self.context}")
         if params.max_tokens > self.context:

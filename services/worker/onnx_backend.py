@@ -16,7 +16,7 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, engine: Engine, *, concurrency: int) -> None:
+    def __init__(self, engine: Engine, *, concurrency: int, version: str | None = None) -> None:
         self.engine = engine
         self.concurrency = concurrency
         self.tokens_per_s = round(measure_tokens_per_s(engine), 1)  # measured here, at start
@@ -27,6 +27,7 @@ class OnnxBackend:
             parameters=card.get("parameters"),
             quantization=card.get("quantization"),
             context_length=card.get("context_length"),
+            version=version or card.get("version"),
         )
         self._generator: Generator | None = None
 
@@ -44,9 +45,11 @@ class OnnxBackend:
             self._generator = Generator(self.engine, max_batch=self.concurrency)
         messages = [{"role": "system", "content": task.system}] if task.system else []
         messages.append({"role": "user", "content": task.prompt})
+        prefix = task.resume.text if task.resume is not None else ""  # continued, not redone
+        written = len(self.engine.tokenizer.encode(prefix, add_special_tokens=False).ids)
         try:
-            params = SamplingParams.resolve(sampling, max_tokens=task.max_tokens)
-            stream = self._generator.submit(messages, params, deadline=task.deadline)
+            params = SamplingParams.resolve(sampling, max_tokens=max(1, task.max_tokens - written))
+            stream = self._generator.submit(messages, params, deadline=task.deadline, prefix=prefix)
         except ValueError as exc:
             raise BadInput("bad_request", str(exc)) from None
         pieces = []

@@ -1,7 +1,10 @@
 """The SLM worker service: tasks on computation/tasks/<agent>, questions on knowledge/<domain>/ask.
 
 At its concurrency limit it answers a task with `Rejected` at once. Decoding parameters come
-from the request, then from cms/parameters/<model>/..., then the defaults.
+from the request, then from cms/parameters/<model>/..., then the defaults; a request writes at
+most cms/configs/<model>/max_tokens tokens. It publishes what its generations cost, tasks and
+expert answers together: cms/metrics/<agent>/inference_time_avg (seconds per request) and
+.../tokens_used_total (tokens written).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from schemas import (
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
+from services.core.configs import LiveConfigs
 from services.core.errors import BadInput
 from services.core.presence import Presence
-from services.core.topics import KNOWLEDGE, MODEL_DETAIL, REPLIES, STREAM, TASKS
+from services.core.topics import KNOWLEDGE, METRIC, MODEL_DETAIL, REPLIES, STREAM, TASKS
 from services.worker.backend import Backend
 from services.worker.parameters import LiveParameters
 
@@ -61,9 +65,11 @@ class Worker:
         self.backend = backend
         self.presence = presence
         self.active = 0  # requests in flight here: counted on the event loop, so exact
-        model = backend.model.name if backend.model else "emulated"
+        self.model = backend.model.name if backend.model else "emulated"
         self.view = view
-        self.parameters = LiveParameters(bus, view, model=model)
+        self.parameters = LiveParameters(bus, view, model=self.model)
+        self.configs = LiveConfigs(bus, view, reads=("max_tokens",), model=self.model)
+        self.served, self.seconds, self.tokens = 0, 0.0, 0  # for cms/metrics/<agent>/...
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._by_requester: dict[str, set[asyncio.Task[object]]] = {}
         view.on_change(self._on_change)
@@ -97,6 +103,8 @@ class Worker:
         started = time.perf_counter()
         with self._serving(request.reply_to):
             text, stats = await self._generate(task, self._streamer(task) if task.stream else None)
+        if task.resume is not None:  # the answer is what the requester was sent, then ours
+            text = task.resume.text + text
         return TaskResult(
             task_id=task.task_id,
             agent=self.agent,
@@ -133,22 +141,54 @@ class Worker:
         """What the model is, under cms/slm/<model>/<field> (the same for every replica)."""
         model = self.backend.model
         assert model is not None
-        for field, value in model.model_dump(exclude={"name"}, exclude_none=True).items():
+        details = model.model_dump(exclude={"name", "version"}, exclude_none=True)
+        for field, value in details.items():
             key = MODEL_DETAIL.format(model=model.name, field=field)
             await cms.put(self.bus, key, value, version=1)
+
+    async def publish_metrics(self, *, base_version: int, interval_s: float = 5.0) -> None:
+        """cms/metrics/<agent>/inference_time_avg and .../tokens_used_total, every
+        `interval_s` while they change (and again after a reconnect). Versions continue the
+        agent's own (epoch x 10^6 + n), so a restarted worker's first values supersede."""
+        version, last = base_version, -1
+
+        async def republish() -> None:
+            nonlocal last
+            last = -1
+
+        self.bus.on_connect(republish)
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.served == last or not self.bus.connected.is_set():
+                continue
+            version, last = version + 1, self.served
+            average = self.seconds / self.served if self.served else 0.0
+            for name, value in (
+                ("inference_time_avg", round(average, 6)),
+                ("tokens_used_total", self.tokens),
+            ):
+                key = METRIC.format(scope=self.agent, name=name)
+                await cms.put(self.bus, key, value, version=version)
 
     async def _generate(
         self, task: Task, emit: Callable[[str], Awaitable[None]] | None
     ) -> tuple[str, GenerationStats]:
         sampling: SamplingOptions = self.parameters.resolve(task.sampling)
+        cap = self.configs.get("max_tokens", self.model)
+        if cap is not None and task.max_tokens > cap:
+            task = task.model_copy(update={"max_tokens": cap})
         self.active += 1
         self._changed()
+        started = time.perf_counter()
         try:
             text, stats = await self.backend.generate(task, sampling, emit)
         finally:
             self.active -= 1
             self._changed()
         self._recent.append((time.monotonic(), stats.output_tokens))
+        self.served += 1
+        self.seconds += time.perf_counter() - started
+        self.tokens += stats.output_tokens
         return text, stats
 
     @contextlib.contextmanager
@@ -181,11 +221,14 @@ class Worker:
         if task.client is None:  # whose stream it is is unknown: nobody could read it
             return None
         topic = STREAM.format(client=task.client, request=task.request_id)
-        seq = 0
+        seq = task.resume.seq if task.resume is not None else 0
 
         async def emit(text: str) -> None:
             nonlocal seq
-            chunk = TokenChunk(request_id=task.request_id, agent=self.agent, seq=seq, text=text)
+            chunk = TokenChunk(
+                request_id=task.request_id, agent=self.agent, seq=seq, text=text,
+                attempt=task.attempt,
+            )  # fmt: skip
             seq += 1
             await self.bus.publish(topic, chunk)
 

@@ -16,6 +16,7 @@ BENCH_MODULES = (
     "tools.bench.grounding",
     "tools.bench.quality",
     "tools.bench.replicate",
+    "tools.bench.kb",
     "tools.bench.security",
 )
 

@@ -13,7 +13,8 @@ Each request consumes one fault from `faults` (a deque tests may refill), then g
 reply. Faults: "429" (with Retry-After: 0), any other 3-digit status, "garbage" (200 with a
 body that is not JSON), "partial" (200, JSON without usage), "delay:<s>" (sleep, then reply
 normally), "hang" (no answer at all while the server runs: only the client's timeout ends it),
-"drop" (close the connection without an answer). `requests` records each request's headers and
+"drop" (close the connection without an answer). With `api_key` None it takes requests
+without a key. `requests` records each request's headers and
 JSON body.
 """
 
@@ -39,7 +40,7 @@ class FakeCloud:
         reply: str = "a cloud answer",
         usage: tuple[int, int] | None = None,
         faults: Iterable[str] = (),
-        api_key: str = "sk-test-0123456789",
+        api_key: str | None = "sk-test-0123456789",
         echo_max_tokens: bool = False,
         latency: tuple[float, float] | None = None,
     ) -> None:
@@ -120,7 +121,7 @@ def _handler(cloud: FakeCloud) -> type[BaseHTTPRequestHandler]:
             fault = cloud.take(dict(self.headers), body)
             if not self.path.endswith("/chat/completions"):
                 self._send(404, b'{"error": {"message": "not found"}}')
-            elif self.headers.get("authorization") != f"Bearer {cloud.api_key}":
+            elif cloud.api_key and self.headers.get("authorization") != f"Bearer {cloud.api_key}":
                 self._send(401, b'{"error": {"message": "bad api key"}}')
             else:
                 self._play(fault, body)

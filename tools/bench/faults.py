@@ -7,7 +7,9 @@ exactly one of: answered at the edge, answered by the cloud (none configured her
 failed or refused with an error, or never answered (no reply of any kind before its
 deadline). Printed per fault: those counts, how many answers needed a re-dispatch or a
 resend, the time until the fault was seen in the CMS, and the time until queries sent after
-the fault were answered again.
+the fault were answered again. With `--stream` the answers are streamed, and each stream is
+checked as a client sees it: chunks sent twice under one sequence number (a restart a naive
+client would show), and whether the text shown (services.core.transcript) is the answer.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas import Answer, Outcome, Query
-from services.core.bus import Bus
+from schemas import Answer, Outcome, Query, TokenChunk
+from services.core.bus import Bus, Request
 from services.core.client import QueryClient
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, EdgecollabError
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
-from services.core.topics import TASKS
+from services.core.topics import STREAM, TASKS
+from services.core.transcript import Transcript
 from tools.common import print_json, running, spawn, stop
 from tools.common.broker import LocalBroker
 
@@ -42,6 +45,7 @@ FAULTS = (
     "orchestrator_kill",
     "orchestrator_kill_standby",
     "broker_restart",
+    "slow_subscriber",
 )
 STRIKE_AFTER_S = 3.0  # the fault comes this long after the first query
 FREEZE_S = 20.0
@@ -57,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="queries per second (10)")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds per query (60)")
     parser.add_argument("--tokens", type=int, default=20, help="output tokens per query (20)")
+    parser.add_argument("--stream", action="store_true", help="stream the answers and check them")
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
 
 
@@ -78,6 +83,7 @@ class _Stack:
 
     broker: LocalBroker  # secure, as `edgecollab up` runs it
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    reader: subprocess.Popen[bytes] | None = None  # a `#` subscriber that stops reading
 
     def login(self, name: str, role: str = "client") -> MqttSettings:
         """Account `name`, with the bench's keepalive (the services' too)."""
@@ -106,10 +112,17 @@ async def _one(fault: str, args: argparse.Namespace) -> dict[str, object]:
             stack.orchestrator("orch-2")
         for name in ("worker-1", "worker-2"):
             stack.worker(name)
+        if fault == "slow_subscriber":
+            observer = {"XDG_CONFIG_HOME": str(broker.credentials.root / "observer")}
+            stack.reader = subprocess.Popen(  # the observer account, as README says to debug
+                ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", "#",
+                 "-q", "1", "-V", "mqttv5"], stdout=subprocess.DEVNULL,
+                env={**os.environ, **observer},
+            )  # fmt: skip
         try:
             return await _drive(fault, stack, args)
         finally:
-            stop(*stack.procs.values())
+            stop(*stack.procs.values(), *([stack.reader] if stack.reader else []))
             stack.broker.stop()
 
 
@@ -119,6 +132,15 @@ async def _drive(fault: str, stack: _Stack, args: argparse.Namespace) -> dict[st
     view = CmsView(bus)
     client = QueryClient(bus, view)
     results: list[tuple[float, str, Answer | None]] = []  # (sent at, how it ended, answer)
+    heard: dict[str, list[TokenChunk]] = {}
+    shown: dict[str, Transcript] = {}  # what `edgecollab ask` would show of each stream
+
+    def on_chunk(request: Request[TokenChunk]) -> None:
+        heard.setdefault(request.body.request_id, []).append(request.body)
+        shown.setdefault(request.body.request_id, Transcript()).add(request.body)
+
+    if args.stream:
+        bus.listen(STREAM, on_chunk)
     async with running(bus):
         if not await view.wait_online(stack.procs, timeout=60):
             raise SystemExit(f"bench faults: the stack did not come online for {fault}")
@@ -128,22 +150,30 @@ async def _drive(fault: str, stack: _Stack, args: argparse.Namespace) -> dict[st
         tasks = []
         for n in range(args.queries):
             await asyncio.sleep(max(0.0, start + n / args.rate - time.monotonic()))
-            tasks.append(asyncio.create_task(_ask(client, n, args, results)))
+            tasks.append(asyncio.create_task(_ask(client, n, args, results, shown)))
         await asyncio.gather(*tasks)
         detected_s = await strike
         await view.synced()
         keys_after = len(list(view.items()))
-    return _summary(results, start, detected_s, client.retries, keys_before, keys_after)
+    summary = _summary(results, start, detected_s, client.retries, keys_before, keys_after)
+    return summary | ({"streams": _streams(results, heard, shown)} if args.stream else {})
 
 
-async def _ask(client: QueryClient, n: int, args: argparse.Namespace, results: list) -> None:  # type: ignore[type-arg]
+async def _ask(
+    client: QueryClient,
+    n: int,
+    args: argparse.Namespace,
+    results: list[tuple[float, str, Answer | None]],
+    shown: dict[str, Transcript],
+) -> None:
     sent = time.monotonic()
     query = Query(
         request_id=f"f{n}-{uuid.uuid4().hex[:6]}", text=f"question {n}",
-        max_tokens=args.tokens, deadline=time.time() + args.deadline,
+        max_tokens=args.tokens, deadline=time.time() + args.deadline, stream=args.stream,
     )  # fmt: skip
+    transcript = shown.setdefault(query.request_id, Transcript()) if args.stream else None
     try:
-        answer = await client.ask(query)
+        answer = await client.ask(query, transcript)
     except DeadlineExceeded:
         results.append((sent, "never_answered", None))
         return
@@ -165,6 +195,7 @@ async def _strike(fault: str, stack: _Stack, view: CmsView, start: float) -> flo
         "orchestrator_kill": lambda: _kill_orchestrator(stack, view, struck, restart=True),
         "orchestrator_kill_standby": lambda: _kill_orchestrator(stack, view, struck),
         "broker_restart": lambda: _restart_broker(stack),
+        "slow_subscriber": lambda: _stall_reader(stack, struck),
     }
     return await actions[fault]()
 
@@ -194,10 +225,46 @@ async def _kill_orchestrator(
     return detected
 
 
+async def _stall_reader(stack: _Stack, struck: float) -> None:
+    """A debugging `mosquitto_sub -t '#'` stops reading for FREEZE_S: the broker queues for it
+    (to its limits) while everyone else is served."""
+    assert stack.reader is not None
+    os.kill(stack.reader.pid, signal.SIGSTOP)
+    await asyncio.sleep(max(0.0, struck + FREEZE_S - time.monotonic()))
+    os.kill(stack.reader.pid, signal.SIGCONT)
+
+
 async def _restart_broker(stack: _Stack) -> None:
     await asyncio.to_thread(stack.broker.stop)
     await asyncio.sleep(BROKER_DOWN_S)
     await asyncio.to_thread(stack.broker.start)  # the same ports, accounts and store
+
+
+def _streams(
+    results: list[tuple[float, str, Answer | None]],
+    heard: dict[str, list[TokenChunk]],
+    shown: dict[str, Transcript],
+) -> dict[str, int]:
+    """Per streamed answer: was it continued by another worker, was a sequence number sent
+    twice, and is what a client following the stream shows the answer's text."""
+    resumed = republished = shown_whole = 0
+    for _, _, answer in results:
+        if answer is None:
+            continue
+        chunks = heard.get(answer.request_id, [])
+        seqs = [c.seq for c in chunks]
+        republished += len(seqs) - len(set(seqs))
+        resumed += any("continued after" in (s.detail or "") for s in answer.steps)
+        transcript = shown.get(answer.request_id, Transcript())
+        whole = transcript.text + transcript.rest(answer.text)
+        shown_whole += whole.split() == answer.text.split()
+    answered = sum(a is not None for _, _, a in results)
+    return {
+        "answered": answered,
+        "resumed": resumed,
+        "chunks_republished": republished,
+        "shown_equals_answer": shown_whole,
+    }
 
 
 def _summary(

@@ -10,7 +10,8 @@ question is asked. An answer is scored on its text alone, against the scenario f
 
 - named: every abnormal stream's name and live value (number and unit, any spelling) appear;
 - unmeasured: the numbers with a unit in the text that no injected reading supports (a value,
-  the mean, lowest or highest of a stream's readings, or the stream's documented threshold).
+  the mean, lowest or highest of a stream's readings, or the stream's documented threshold),
+  nor a knowledge-base passage the answer cites (a range it retrieved: Answer.passages).
 
 Printed (JSON): the fraction of answers naming every abnormal stream with its value, the number
 of answers citing a value that was not measured, and how many answers had numbers the model
@@ -139,6 +140,8 @@ def score(scenario: Scenario, answer: Answer, tag: str) -> Score:
         if not (valued and item.label.lower() in lower):
             missing.append(f"{item.device}: {item.label} {item.value:g} {item.unit}")
     allowed = _measured(scenario)
+    for p in answer.passages:  # retrieved reference ranges, with their source
+        allowed.setdefault(p.unit or "", []).extend(v for v in (p.low, p.high) if v is not None)
     unmeasured = [c.text for c in found if not any(_close(c, v) for v in allowed.get(c.unit, []))]
     classify = next((s for s in answer.steps if s.name == "classify"), None)
     return Score(

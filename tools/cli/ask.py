@@ -17,6 +17,7 @@ from services.core.bus import Request
 from services.core.client import QueryClient
 from services.core.errors import DeadlineExceeded, NotAuthorized, RemoteError
 from services.core.topics import STREAM
+from services.core.transcript import Transcript
 from tools.cli.agents import format_table
 from tools.common import add_broker_option, connected_bus, print_json
 
@@ -89,19 +90,19 @@ async def ask(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         where = ".".join(str(p) for p in exc.errors()[0]["loc"])
         raise SystemExit(f"edgecollab: {where}: {exc.errors()[0]['msg']}") from None
-    streamed: list[int] = []  # a grounded answer is not streamed: its text is printed at the end
+    transcript = Transcript()  # a grounded answer is not streamed: its text comes at the end
 
     def print_chunk(request: Request[TokenChunk]) -> None:
-        streamed.append(request.body.seq)
-        sys.stdout.write(request.body.text)
-        sys.stdout.flush()
+        if (text := transcript.add(request.body)) is not None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         assert view is not None
         if stream:
             await bus.follow(STREAM, print_chunk, client=bus.client_id, request=query.request_id)
         try:
-            answer = await QueryClient(bus, view).ask(query)
+            answer = await QueryClient(bus, view).ask(query, transcript)
         except (DeadlineExceeded, NotAuthorized, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
             return 1
@@ -109,7 +110,7 @@ async def ask(args: argparse.Namespace) -> int:
     if args.json:
         print_json(answer.model_dump(mode="json"))
     else:
-        print("\n" if streamed else answer.text)
+        print(transcript.rest(answer.text))
         print(provenance(answer))
     return 0 if answer.outcome in ("edge", "cloud", "rejected_to_cloud") else 1
 
@@ -121,7 +122,12 @@ def provenance(answer: Answer) -> str:
         f"cloud cost ${answer.cost_usd:.6f}"
     )
     if answer.verified is not None:
-        head += f", {len(answer.facts)} measured values from the readings, " + (
+        basis = (
+            f"{len(answer.facts)} measured values from the readings"
+            if answer.facts or not answer.passages
+            else f"{len(answer.passages)} passages retrieved"
+        )
+        head += f", {basis}, " + (
             "the model's text cites no value they do not support"
             if answer.verified
             else f"removed the model's unmatched {', '.join(answer.unverified)}"
@@ -130,7 +136,7 @@ def provenance(answer: Answer) -> str:
         {
             "step": step.name,
             "where": step.where,
-            "agent": step.agent or "-",
+            "agent": f"{step.agent} at site {step.site}" if step.site else step.agent or "-",
             "outcome": step.outcome,
             "tokens": f"{step.prompt_tokens}+{step.output_tokens}",
             "ms": f"{step.ms:.1f}",

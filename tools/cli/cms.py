@@ -10,6 +10,7 @@ import sys
 import orjson
 
 from services.core import cms as cms_ops
+from services.core import configs
 from services.core.cms import cms_key
 from services.core.settings import MqttSettings
 from services.core.topics import CMS_KEY, CMS_ROOT, BadTopic
@@ -129,6 +130,9 @@ async def _put(args: argparse.Namespace) -> int:
         value = orjson.loads(args.value)
     except orjson.JSONDecodeError:
         value = args.value
+    key = cms_key(args.key)
+    if key.startswith("cms/configs/") and (problem := configs.problem(key, value)):
+        raise SystemExit(f"edgecollab: {key}: {problem}")
     limit = MqttSettings().max_payload
     if len(args.value.encode()) > limit - 512:  # the entry's envelope takes the rest
         raise SystemExit(f"edgecollab: the value has {len(args.value):,} bytes; at most ~{limit:,}")

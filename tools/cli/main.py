@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "tools.cli.credentials",
     "tools.cli.contract",
     "tools.cli.classify",
+    "tools.cli.kb",
     "tools.sim.command",
     "tools.bench",
     "tools.export.model",

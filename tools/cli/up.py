@@ -14,16 +14,19 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 from services.core.errors import ConfigError
-from services.core.settings import RuntimeSettings
+from services.core.logging import configure_logging
+from services.core.settings import MqttSettings, RuntimeSettings
 from services.gateway.keys import ensure_key_file
 from services.gateway.settings import GatewaySettings
 from tools import ROOT
 from tools.common import add_broker_option, child_env, mqtt_settings
 from tools.common.broker import CERT, TLS, broker_answers, reload_broker, start_mosquitto
 from tools.common.credentials import Credentials, stack_identities
-from tools.common.security import peer_account
+from tools.common.scaling import Scaler, pools
+from tools.common.security import Identity, Role, peer_account
 from tools.common.stack import STACK, ServiceSpec, scaled
 from tools.common.supervise import Child, Supervisor, relay
 
@@ -45,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--emulated-workers", type=_count, default=0, metavar="N",
         help="also N emulated devices emulated-1 ... emulated-N (sleep per token)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-instances", type=_count, default=8, metavar="N",
+        help="most workers of one model that cms/scaling/<model>/desired_instances may ask for "
+        "(default 8)",
     )  # fmt: skip
     parser.add_argument(
         "--site", help="this site's name (for the replicator; its broker state apart)"
@@ -124,13 +132,21 @@ def up(args: argparse.Namespace) -> int:
         extra["EDGECOLLAB_REPLICATOR_SITE"] = args.site
         extra["EDGECOLLAB_REPLICATOR_PEERS"] = json.dumps(args.peer)
     gateway = _gateway_banner() if any(s.module == "services.gateway" for s in specs) else None
-    for spec in specs:
-        env = child_env(credentials.settings(spec.agent, settings), **extra)
-        children.append(Child(spec.name, functools.partial(_start, spec, env)))
+    broker_dir = state_dir / f"site-{args.site}" if args.site else state_dir
+    child = functools.partial(
+        _child, credentials=credentials, mqtt=settings, broker_dir=broker_dir, extra=extra
+    )
+    children += [child(spec) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
     if gateway:
         print(gateway, flush=True)
-    supervisor = Supervisor(children, say=lambda line: print(f"up: {line}", flush=True))
+    say = functools.partial(print, "up:", flush=True)
+    supervisor = Supervisor(children, say=say)
+    models = RuntimeSettings(models_dir=extra["EDGECOLLAB_MODELS_DIR"])
+    if scalable := pools(specs, models):  # the scaling loop (cms/scaling/<model>/...)
+        configure_logging("up", level="warning")
+        scaler = Scaler(supervisor, scalable, child, max_instances=args.max_instances, say=say)
+        scaler.start(mqtt_settings(args))  # an operator account: cms/scaling/ is theirs
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     return supervisor.run()
 
@@ -152,6 +168,22 @@ def _gateway_banner() -> str:
             raise SystemExit(f"edgecollab: {exc}") from None
         lines.append(f"up: API key {key} (tenant default; kept in {gateway.key_file})")
     return "\n".join(lines)
+
+
+def _child(
+    spec: ServiceSpec,
+    *,
+    credentials: Credentials,
+    mqtt: MqttSettings,
+    broker_dir: Path,
+    extra: dict[str, str],
+) -> Child:
+    """A service with its own account (made now for one the scaling loop adds: the broker
+    reloads), its secret passed as a file."""
+    if credentials.add([Identity(spec.agent, Role(spec.role))]):
+        reload_broker(broker_dir)
+    env = child_env(credentials.settings(spec.agent, mqtt), **extra)
+    return Child(spec.name, functools.partial(_start, spec, env))
 
 
 def _start(spec: ServiceSpec, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -30,12 +30,16 @@ from services.core.topics import (
     CMS_ALL,
     EMBEDDING,
     ERRORS,
+    FINETUNE,
     INFERENCE_STATE,
+    KB_DOCUMENTS,
+    KB_RETRIEVE,
     KNOWLEDGE,
     METRIC,
     MODEL_DETAIL,
     QUERIES,
     READING,
+    REMOTE_TASKS,
     REPLICA_CHANGES,
     REPLIES,
     SENSOR_ASK,
@@ -61,6 +65,7 @@ class Role(StrEnum):
     replicator = "replicator"  # copies cms/ between sites
     peer = "peer"  # another site's replicator on this broker: peer-<site>
     sandbox = "sandbox"  # the calculator peer: runs programs (knowledge/arithmetic/run)
+    kb = "kb"  # a domain's knowledge base: retrieval and documents (knowledge/<domain>/...)
     bench = "bench"  # benchmarks' bare ping-pongs (bench/#) and their load
 
 
@@ -112,7 +117,9 @@ def _cms(family: str) -> str:
 
 # Readable by every account that keeps a CMS view: what agents are and how they are set up.
 # Not cms/inference (task outputs), cms/cache (answers), cms/sessions, cms/tenants.
-CMS_PUBLIC = tuple(_cms(f) for f in ("agents", "slm", "parameters", "configs", "metrics"))
+CMS_PUBLIC = tuple(
+    _cms(f) for f in ("agents", "slm", "parameters", "configs", "metrics", "scaling", "experiments")
+)
 # What a replicator writes into its site's CMS: other sites' entries, the shared families
 # (services/replicator/rules.py), its links' state; never another agent's cms/agents/<a>.
 REPLICATED = (_family(SITE_KEY), *(_cms(f) for f in ("slm", "finetune", "sessions")))
@@ -139,13 +146,15 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
             ("read", CMS_ALL),
             ("read", "data/#"),
             ("read", _subtree(QUERIES.filter())),
+            ("read", _family(STREAM)),  # what its streamed queries' requesters were sent
             own_entries,
-            ("write", _family(METRIC)),  # its own, the agents' it used, its tenants' usage
+            ("write", _family(METRIC, scope=me)),  # its requests, its tenants' usage
             ("write", _family(INFERENCE_STATE)),
             ("write", _family(CACHE)),
             ("write", _cms("sessions")),
             ("write", _subtree(CLASSIFY.filter())),
             ("write", _family(TASKS)),
+            ("write", _family(REMOTE_TASKS)),  # a neighbour site's worker, via the replicator
             ("write", _family(KNOWLEDGE)),  # experts' questions and sensors' (knowledge/#)
             ("write", ANSWER_ANYONE),
             reports,
@@ -158,6 +167,7 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
             ("read", _family(TASKS, agent=me)),
             ("read", _subtree(KNOWLEDGE.filter())),
             ("write", _family(MODEL_DETAIL)),
+            ("write", _family(METRIC, scope=me)),  # its inference time, tokens used
             ("write", _family(STREAM)),
             reports,
         ]
@@ -177,10 +187,16 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
         return [*agent, ("read", _cms("tenants")), asks, reports]
     if role is Role.sandbox:
         return [*agent, ("read", _subtree(ARITHMETIC.filter())), reports]
+    if role is Role.kb:
+        inbox = [("read", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS)]
+        return [*agent, *inbox, ("write", _family(FINETUNE)), reports]
     if role is Role.operator:
-        writes = [("write", _cms(f)) for f in (*OPERATOR_FAMILIES, "finetune", "scaling")]
+        families = (*OPERATOR_FAMILIES, "finetune", "scaling", "experiments")
+        writes = [("write", _cms(f)) for f in families]
         read_all = [("read", f) for f in (CMS_ALL, "data/#", _family(ERRORS))]
-        return [*read_all, *writes, asks, reports]
+        # `edgecollab kb add|search`: a knowledge base's documents, its retrieval, a domain
+        kb = [("write", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS, CLASSIFY)]
+        return [*read_all, *writes, *kb, asks, reports]
     if role is Role.observer:
         return [("read", "#"), ("read", "$SYS/#")]
     if role is Role.replicator:
@@ -189,12 +205,14 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
             own_entries,
             *(("write", f) for f in REPLICATED),
             ("read", "replication/#"),  # peers' changes, digests, wants; its tombstones
+            ("read", _subtree(REMOTE_TASKS.filter())),  # tasks for a neighbour site's workers
             ("write", _family(TOMBSTONE)),
             ("write", ANSWER_ANYONE),
             reports,
         ]
     if role is Role.peer:  # publishes only as its own site, into this site's replicator
-        return [("write", _subtree(REPLICA_CHANGES.filter(site=identity.site).rsplit("/", 1)[0]))]
+        own = REPLICA_CHANGES.filter(site=identity.site).rsplit("/", 1)[0]
+        return [("write", _subtree(own)), ("write", _family(TASKS))]  # and tasks for our workers
     if role is Role.bench:
         return [
             ("readwrite", "bench/#"),

@@ -50,6 +50,8 @@ STACK: tuple[ServiceSpec, ...] = (
     ),
     # The OpenAI-compatible HTTP API and the dashboard (127.0.0.1:8080 unless configured).
     ServiceSpec("gateway", "services.gateway", ("--agent-id", "gateway-1")),
+    # The knowledge base (knowledge/<domain>/retrieve): health and environment passages, cited.
+    ServiceSpec("kb", "services.kb", ("--agent-id", "kb-1", "--model-dir", "all-MiniLM-L6-v2")),
     # The sandboxed calculator peer (knowledge/arithmetic/run): math answered by a program.
     ServiceSpec("sandbox", "services.sandbox", ("--agent-id", "sandbox-1")),
     # The code (and math, by program) expert: Qwen2.5-Coder-0.5B-Instruct, a second model family.
@@ -83,7 +85,7 @@ def scaled(workers: int = 1, emulated: int = 0) -> tuple[ServiceSpec, ...]:
     """STACK with `workers` SLM workers (worker-1 ... worker-N, like worker-1) and `emulated`
     emulated devices (emulated-1 ...: an Orin Nano's rate and concurrency, docs/scheduling.md)."""
     template = next(s for s in STACK if s.name == "worker-1")
-    real = tuple(_renamed(template, f"worker-{i}") for i in range(1, workers + 1))
+    real = tuple(renamed(template, f"worker-{i}") for i in range(1, workers + 1))
     fake = tuple(
         ServiceSpec(f"emulated-{i}", "services.worker",
                     ("--agent-id", f"emulated-{i}", "--backend", "emulated",
@@ -93,7 +95,7 @@ def scaled(workers: int = 1, emulated: int = 0) -> tuple[ServiceSpec, ...]:
     return tuple(x for s in STACK for x in ((*real, *fake) if s is template else (s,)))
 
 
-def _renamed(spec: ServiceSpec, name: str) -> ServiceSpec:
+def renamed(spec: ServiceSpec, name: str) -> ServiceSpec:
     args = list(spec.args)
     args[args.index("--agent-id") + 1] = name
     return ServiceSpec(name, spec.module, tuple(args))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BACKOFF_FIRST_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
+RETIRE_S = 5.0  # a retired child that ignores SIGTERM this long is killed
 
 
 @dataclass
@@ -42,6 +43,20 @@ class Supervisor:
     def __init__(self, children: list[Child], *, say: Callable[[str], None]) -> None:
         self.children, self.say = children, say
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._added: list[Child] = []
+        self._retired: set[str] = set()
+        self._leaving: list[tuple[subprocess.Popen[bytes], float]] = []  # (process, kill at)
+
+    def add(self, child: Child) -> None:
+        """Start `child` soon and keep it running like the others."""
+        with self._lock:
+            self._added.append(child)
+
+    def retire(self, name: str) -> None:
+        """Stop the child called `name` soon (SIGTERM: it says offline) and not restart it."""
+        with self._lock:
+            self._retired.add(name)
 
     def request_stop(self) -> None:
         """Stop soon (from a signal handler or another thread)."""
@@ -53,6 +68,7 @@ class Supervisor:
             child.launch()
         try:
             while not self._stop.wait(poll_s):
+                self._rescale(time.monotonic())
                 for child in self.children:
                     self._tend(child, time.monotonic())
         except KeyboardInterrupt:
@@ -60,6 +76,26 @@ class Supervisor:
         finally:
             self.stop()
         return 0
+
+    def _rescale(self, now: float) -> None:
+        with self._lock:
+            added, retired = self._added, self._retired
+            self._added, self._retired = [], set()
+        for child in added:
+            child.launch()
+            self.children.append(child)
+            self.say(f"{child.name} started")
+        for child in [c for c in self.children if c.name in retired]:
+            self.children.remove(child)
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+                self._leaving.append((child.proc, now + RETIRE_S))
+            self.say(f"{child.name} stopped")
+        for proc, kill_at in list(self._leaving):
+            if proc.poll() is not None:
+                self._leaving.remove((proc, kill_at))
+            elif now >= kill_at:
+                proc.kill()
 
     def _tend(self, child: Child, now: float) -> None:
         proc = child.proc
@@ -81,6 +117,7 @@ class Supervisor:
         """Services first, all at once (they say offline), the broker last."""
         for brokers in (False, True):
             group = [c.proc for c in self.children if c.broker is brokers and c.proc is not None]
+            group += [] if brokers else [proc for proc, _ in self._leaving]
             for proc in group:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
 from pathlib import Path
 
 import orjson
 
+from services.core import cms
+from services.core.topics import EXPERIMENT
 from services.scheduling.policies import POLICIES
+from tools.common import add_broker_option, connected_bus
 from tools.sim.engine import KNOWLEDGE, Knowledge
 from tools.sim.experiment import Experiment, run_experiment
-from tools.sim.report import PlotUnavailable, plot, table
+from tools.sim.report import PlotUnavailable, fig6, plot, table
+from tools.sim.sites import check, run_sites, site_nodes, site_workload
+from tools.sim.sites import table as sites_table
 from tools.sim.workload import (
     DEFAULT_SCENARIO,
     MAX_TOKENS_LIMIT,
@@ -74,9 +81,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
     p.add_argument("--policy", action="append", help=f"repeatable, or 'all': {', '.join(POLICIES)}")
     p.add_argument("--no-cloud", action="store_true", help="no cloud: over-capacity is rejected")
+    p.add_argument(
+        "--sites",
+        type=int,
+        help="N sites, each with the fleet and its own load, surges out of phase; every policy "
+        "runs with each site alone and with neighbour offload",
+    )
+    p.add_argument(
+        "--site-rtt-ms", type=float, default=50.0, help="--sites: round trip between sites (ms)"
+    )
     p.add_argument("--bound-latency", type=_positive, help="Δ for the lower bound (default: auto)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="draw Fig. 6 (needs matplotlib)")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="also put Fig. 6's numbers in the CMS (cms/experiments/fig6) for the dashboard",
+    )
+    add_broker_option(p)
     p.add_argument("--write-trace", type=Path, metavar="FILE", help="write the workload and exit")
     p.add_argument("--write-nodes", type=Path, metavar="FILE", help="write the fleet and exit")
     p.set_defaults(func=run)
@@ -89,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         scenario = _adjusted(load_scenario(args.scenario), args)
         nodes = load_nodes(args.nodes) if args.nodes else scenario.nodes(args.fleet)
         seeds = range(args.seed, args.seed + max(args.seeds, 1))
+        if args.sites is not None:
+            return _run_sites(args, scenario, nodes, seeds, policies, knowledge)
         workloads = {seed: _workload(args, scenario, seed) for seed in seeds}
     except (InputFileError, ValueError) as e:
         print(f"edgecollab simulate: error: {e}", file=sys.stderr)
@@ -109,7 +133,59 @@ def run(args: argparse.Namespace) -> int:
         except PlotUnavailable as e:
             print(f"edgecollab simulate: {e}", file=sys.stderr)
             return 1
+    if args.publish:
+        asyncio.run(_publish(args, fig6(report)))
     return 0
+
+
+def _run_sites(
+    args: argparse.Namespace,
+    scenario: Scenario,
+    nodes: list[NodeSpec],
+    seeds: range,
+    policies: list[str],
+    knowledge: list[Knowledge],
+) -> int:
+    """`--sites N`: the report of `tools/sim/sites.py`; ValueError for what it cannot do."""
+    check(args.sites, args.site_rtt_ms)
+    unsupported = [
+        flag
+        for flag, value in (
+            ("--trace", args.trace),
+            ("--plot", args.plot),
+            ("--write-trace", args.write_trace),
+            ("--write-nodes", args.write_nodes),
+            ("--bound-latency", args.bound_latency),
+        )
+        if value
+    ]
+    if unsupported:
+        raise ValueError(f"--sites generates each site's load; not with {', '.join(unsupported)}")
+    horizon = args.horizon or scenario.horizon_s
+    workloads = {
+        seed: site_workload(
+            scenario.workload,
+            sites=args.sites,
+            horizon_s=horizon,
+            seed=seed,
+            load_scale=args.load_scale,
+        )
+        for seed in seeds
+    }
+    all_nodes, of_node = site_nodes(nodes, args.sites)
+    cloud = None if args.no_cloud else scenario.cloud
+    exp = Experiment(all_nodes, workloads, policies, cloud, None, knowledge)
+    report = run_sites(exp, of_node, args.site_rtt_ms)
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json else None
+    print(text or sites_table(report))
+    return 0
+
+
+async def _publish(args: argparse.Namespace, figure: dict[str, object]) -> None:
+    async with connected_bus(args) as (bus, _):
+        key = EXPERIMENT.format(name="fig6")
+        await cms.put(bus, key, figure, version=time.time_ns() // 1000)
+    print(f"edgecollab simulate: published {key}", file=sys.stderr)
 
 
 def _workload(args: argparse.Namespace, scenario: Scenario, seed: int) -> list[Arrival]:

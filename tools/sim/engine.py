@@ -7,6 +7,14 @@ or a leave only changes the node's stream rate and its next completion time. Req
 wait queue FIFO at their node and start when a slot frees, or go to the cloud when their wait
 expires. The cloud has no capacity limit. The policy sees only a `Fleet`, kept up to date with
 the same calls the live orchestrator makes.
+
+Several sites (`Sites`): each request arrives at one site, whose policy sees that site's nodes
+first. With offload on, a request the site would send to the cloud (its policy says so, or finds
+its node full) goes to a free slot at another site if the policy, over the other sites' nodes
+(a second `Fleet`, each node with the round trip as extra latency), finds one, as the live
+allocator does: it holds that slot from then on and its latency gains the round trip. Every site
+sees every node's load exactly (live, a neighbour's load is known from its statuses and its
+workers' rejections).
 """
 
 from __future__ import annotations
@@ -61,6 +69,20 @@ class _Node:
 
 
 @dataclass(frozen=True, slots=True)
+class Sites:
+    """Nodes in several sites: each node's site (an index), the round trip between any two,
+    and whether a full site sends work to another's free slot before the cloud."""
+
+    of_node: list[int]
+    rtt_s: float
+    offload: bool
+
+    @property
+    def count(self) -> int:
+        return max(self.of_node, default=0) + 1
+
+
+@dataclass(frozen=True, slots=True)
 class SimResult:
     """What one run produced: counts, per-node slot utilization, and each request's end."""
 
@@ -72,6 +94,8 @@ class SimResult:
     latencies_s: list[float | None]
     knowledge: Knowledge = "predicted"
     predicted_tokens: list[float] = field(default_factory=list)  # per request: the mean at arrival
+    sites: list[Tally] = field(default_factory=list)  # per site, of the requests arriving there
+    offloaded: int = 0  # requests served at another site than their own
 
 
 class Simulation:
@@ -87,22 +111,40 @@ class Simulation:
         cloud: CloudModel | None,
         knowledge: Knowledge = "predicted",
         predictor: LengthPredictor | None = None,
+        sites: Sites | None = None,
     ) -> None:
         if knowledge not in KNOWLEDGE:
             raise ValueError(f"unknown knowledge {knowledge!r}; valid: {', '.join(KNOWLEDGE)}")
         self.requests, self.policy, self.cloud = requests, policy, cloud
         self.knowledge = knowledge
-        self.predictor = predictor or LengthPredictor()
         self.prices = cloud.prices if cloud else None
-        self.rng = random.Random(seed)
         self.now = 0.0
         self.nodes = [_Node(spec) for spec in nodes]
         self.by_id: dict[str, int] = {n.spec.id: i for i, n in enumerate(self.nodes)}
-        self.fleet = Fleet(clock=lambda: self.now)
-        for n in nodes:
-            self.fleet.upsert(
-                n.id, tokens_per_s=n.tokens_per_s, concurrency=n.concurrency, beta=n.batching_beta
-            )
+        self.sites = sites or Sites([0] * len(nodes), 0.0, offload=False)
+        count = self.sites.count
+        # each site's orchestrator: its own predictor (`predictor` is the first's) and random
+        self.predictors = [predictor or LengthPredictor()]
+        self.predictors += [LengthPredictor() for _ in range(1, count)]
+        self.rngs = [random.Random(seed)] + [random.Random(f"{seed}:{s}") for s in range(1, count)]
+        self.local = [Fleet(clock=lambda: self.now) for _ in range(count)]
+        self.away = [Fleet(clock=lambda: self.now) for _ in range(count)]
+        self.views: list[list[Fleet]] = []  # per node: the fleets it is in (its site's first)
+        for n, site in zip(nodes, self.sites.of_node, strict=True):
+            views = [self.local[site]]
+            if self.sites.offload:
+                views += [self.away[s] for s in range(count) if s != site]
+            for fleet in views:
+                fleet.upsert(
+                    n.id,
+                    tokens_per_s=n.tokens_per_s,
+                    concurrency=n.concurrency,
+                    beta=n.batching_beta,
+                    latency_s=0.0 if fleet is views[0] else self.sites.rtt_s,
+                )
+            self.views.append(views)
+        self.site_tallies = [Tally() for _ in range(count)]
+        self.remote: set[int] = set()  # requests served at another site
         self.events: list[tuple[float, int, int, int]] = []  # (time, seq, node or -1, payload)
         self.seq = 0
         self.waiting_at: dict[int, int] = {}  # request -> node it waits at
@@ -111,7 +153,7 @@ class Simulation:
         self.outcomes: list[Outcome] = [Outcome.FAILED] * len(requests)
         self.latencies: list[float | None] = [None] * len(requests)
         self.estimates: list[LengthEstimate | None] = [None] * len(requests)
-        self.tickets: list[int] = [0] * len(requests)
+        self.tickets: list[list[int]] = [[] for _ in requests]  # per view of its node
         self.predicted: list[float] = [0.0] * len(requests)
         self.models = [model_of(n) for n in nodes]
 
@@ -135,6 +177,8 @@ class Simulation:
             self.latencies,
             self.knowledge,
             self.predicted,
+            self.site_tallies,
+            len(self.remote),
         )
 
     def _push(self, t: float, node: int, payload: int) -> None:
@@ -158,7 +202,7 @@ class Simulation:
             return LengthEstimate.exactly(req.output_tokens, req.max_tokens)
         if self.knowledge == "max_tokens":
             return LengthEstimate.exactly(req.max_tokens)
-        return self.predictor.predict(
+        return self.predictors[req.site].predict(
             max_tokens=req.max_tokens, domain=req.domain, difficulty=req.difficulty, model=model
         )
 
@@ -166,7 +210,7 @@ class Simulation:
         """Request r's answer is complete: its length is known now."""
         if self.knowledge == "predicted":
             req = self.requests[r]
-            self.predictor.observe(
+            self.predictors[req.site].observe(
                 req.output_tokens, domain=req.domain, difficulty=req.difficulty, model=model
             )
 
@@ -175,21 +219,34 @@ class Simulation:
         estimate = self.estimates[r] = self._estimate(req)
         self.predicted[r] = estimate.mean
         demand = Demand(req.prompt_tokens, estimate, req.max_tokens, req.domain, req.difficulty)
-        decision = self.policy.choose(demand, self.fleet, self.rng)
-        if decision.agent is None:
-            self._to_cloud(r, Outcome.CLOUD)
-            return
-        i = self.by_id[decision.agent]
+        rng = self.rngs[req.site]
+        decision = self.policy.choose(demand, self.local[req.site], rng)
+        outcome = Outcome.CLOUD
+        if decision.agent is not None:
+            i = self.by_id[decision.agent]
+            node = self.nodes[i]
+            if self._has_slot(i):
+                self._start(i, r)
+                return
+            if decision.max_wait_s > 0:
+                node.waiting.append(r)
+                self.waiting_at[r] = i
+                for fleet in self.views[i]:
+                    fleet.enqueued(node.spec.id, estimate)
+                self._push(self.now + decision.max_wait_s, _EXPIRE, r)
+                return
+            outcome = Outcome.REJECTED_TO_CLOUD
+        if self.sites.offload:
+            away = self.policy.choose(demand, self.away[req.site], rng).agent
+            if away is not None and self._has_slot(self.by_id[away]):
+                self.remote.add(r)
+                self._start(self.by_id[away], r)
+                return
+        self._to_cloud(r, outcome)
+
+    def _has_slot(self, i: int) -> bool:
         node = self.nodes[i]
-        if node.k < node.spec.concurrency and not node.waiting:
-            self._start(i, r)
-        elif decision.max_wait_s > 0:
-            node.waiting.append(r)
-            self.waiting_at[r] = i
-            self.fleet.enqueued(node.spec.id, estimate)
-            self._push(self.now + decision.max_wait_s, _EXPIRE, r)
-        else:
-            self._to_cloud(r, Outcome.REJECTED_TO_CLOUD)
+        return node.k < node.spec.concurrency and not node.waiting
 
     def _start(self, i: int, r: int) -> None:
         node = self.nodes[i]
@@ -200,7 +257,7 @@ class Simulation:
         if self.knowledge == "predicted":  # on this node: what this node's model writes
             estimate = self._estimate(self.requests[r], self.models[i])
         assert estimate is not None
-        self.tickets[r] = self.fleet.started(node.spec.id, estimate)
+        self.tickets[r] = [fleet.started(node.spec.id, estimate) for fleet in self.views[i]]
         self._reschedule(i)
 
     def _reschedule(self, i: int) -> None:
@@ -215,9 +272,10 @@ class Simulation:
         while node.streams and node.streams[0][0] <= node.vs + _EPS * max(1.0, node.vs):
             _, r = heapq.heappop(node.streams)
             node.k -= 1
-            self.fleet.finished(node.spec.id, self.tickets[r])
+            for fleet, ticket in zip(self.views[i], self.tickets[r], strict=True):
+                fleet.finished(node.spec.id, ticket)
             self._learn(r, self.models[i])
-            latency = self.now - self.requests[r].t
+            latency = self.now - self.requests[r].t + (self.sites.rtt_s if r in self.remote else 0)
             self.max_edge_latency = max(self.max_edge_latency, latency)
             self._record(r, Outcome.EDGE, latency)
         if not node.k:
@@ -225,7 +283,7 @@ class Simulation:
         while node.waiting and node.k < node.spec.concurrency:
             r = node.waiting.popleft()
             del self.waiting_at[r]
-            self.fleet.dequeued(node.spec.id, self.estimates[r] or 0)
+            self._dequeued(i, r)
             self._start(i, r)
         self._reschedule(i)
 
@@ -233,10 +291,13 @@ class Simulation:
         i = self.waiting_at.pop(r, None)
         if i is None:
             return  # it got a slot in time
-        node = self.nodes[i]
-        node.waiting.remove(r)
-        self.fleet.dequeued(node.spec.id, self.estimates[r] or 0)
+        self.nodes[i].waiting.remove(r)
+        self._dequeued(i, r)
         self._to_cloud(r, Outcome.REJECTED_TO_CLOUD)
+
+    def _dequeued(self, i: int, r: int) -> None:
+        for fleet in self.views[i]:
+            fleet.dequeued(self.nodes[i].spec.id, self.estimates[r] or 0)
 
     def _to_cloud(self, r: int, outcome: Outcome) -> None:
         req = self.requests[r]
@@ -253,6 +314,7 @@ class Simulation:
     def _record(self, r: int, outcome: Outcome, latency: float | None, cost: float = 0.0) -> None:
         self.outcomes[r], self.latencies[r] = outcome, latency
         self.tally.record(outcome, latency_s=latency, cost_usd=cost)
+        self.site_tallies[self.requests[r].site].record(outcome, latency_s=latency, cost_usd=cost)
 
 
 def simulate(
@@ -264,12 +326,21 @@ def simulate(
     cloud: CloudModel | None = None,
     knowledge: Knowledge = "predicted",
     predictor: LengthPredictor | None = None,
+    sites: Sites | None = None,
 ) -> SimResult:
     """Run `policy` over `requests` on `nodes`; `cloud` None means no cloud (rejections stay).
 
     `knowledge` is what the policy may know of output lengths (see the module); a fresh
-    predictor learns from nothing unless one is given."""
+    predictor learns from nothing unless one is given. `sites`: the nodes' sites (a request's
+    is its `site`); None: one site."""
     sim = Simulation(
-        requests, nodes, policy, seed=seed, cloud=cloud, knowledge=knowledge, predictor=predictor
+        requests,
+        nodes,
+        policy,
+        seed=seed,
+        cloud=cloud,
+        knowledge=knowledge,
+        predictor=predictor,
+        sites=sites,
     )
     return sim.run()

@@ -20,6 +20,12 @@ COLUMNS = (
 
 
 PALETTE = ("#999999", "#6f9fd8", "#e39b3a", "#3a9d5d", "#b05fc2")
+# The paper's Fig. 6: (report column, title, unit) of each panel.
+FIG6_PANELS = (
+    ("processed_edge", "processed at edge", "requests"),
+    ("rejected_edge", "rejected at edge", "requests"),
+    ("cloud_cost_usd", "cloud cost", "USD"),
+)
 
 
 class PlotUnavailable(RuntimeError):
@@ -81,6 +87,23 @@ def _util(values: list[float]) -> str:
     return "/".join(f"{v:.2f}" for v in values)
 
 
+def fig6(report: dict[str, Any]) -> dict[str, Any]:
+    """Fig. 6's numbers: each panel's value per policy, mean per seed (what `plot` draws, and
+    what `simulate --publish` puts in the CMS for the dashboard)."""
+    seeds = len(report["seeds"])
+    return {
+        "source": "edgecollab simulate",
+        "nodes": len(report["nodes"]),
+        "seeds": seeds,
+        "knowledge": report["knowledge"],
+        "panels": [{"metric": k, "title": t, "unit": u} for k, t, u in FIG6_PANELS],
+        "policies": {
+            name: {key: round(stats[key] / seeds, 6) for key, _, _ in FIG6_PANELS}
+            for name, stats in report["policies"].items()
+        },
+    }
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Fig. 6: processed at edge, rejected at edge and cloud cost per policy (mean per seed)."""
     try:
@@ -90,23 +113,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotUnavailable("--plot needs matplotlib: pip install 'edgecollab[plot]'") from None
-    names = list(report["policies"])
-    seeds = len(report["seeds"])
-    panels = (
-        ("processed_edge", "processed at edge", "requests"),
-        ("rejected_edge", "rejected at edge", "requests"),
-        ("cloud_cost_usd", "cloud cost", "USD"),
-    )
+    figure = fig6(report)
+    names = list(figure["policies"])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    for ax, (key, title, unit) in zip(axes, panels, strict=True):
-        values = [report["policies"][n][key] / seeds for n in names]
+    for ax, (key, title, unit) in zip(axes, FIG6_PANELS, strict=True):
+        values = [figure["policies"][n][key] for n in names]
         colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
         bars = ax.bar(names, values, color=colors)
         ax.bar_label(bars, fmt="%.1f" if key == "cloud_cost_usd" else "%.0f", fontsize=8)
         ax.set_title(title)
         ax.set_ylabel(unit)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.suptitle(f"edgecollab simulate: per simulated run, mean of {seeds} seed(s)")
+    fig.suptitle(f"edgecollab simulate: per simulated run, mean of {figure['seeds']} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -71,6 +71,7 @@ class Arrival:
     max_tokens: int = DEFAULT_MAX_TOKENS
     domain: str = "general"
     difficulty: str | None = None
+    site: int = 0  # the site it arrives at (`edgecollab simulate --sites`)
 
 
 class PromptSpec(BaseModel):

@@ -1,0 +1,165 @@
+"""The knowledge-base peer: a domain's passages nearest a text, and documents added to it.
+
+It serves, for each domain it holds, `knowledge/<domain>/retrieve` (knowledge bases of a domain
+share it: one of them answers) and `knowledge/<domain>/documents` (every one of them adds the
+document). Passages are ranked by the cosine similarity of MiniLM embeddings
+(services/core/embedder.py); each carries its source and the label answers cite it by.
+
+Indexing is a job, one at a time, in the paper's fine-tuning / RAG state family of the CMS:
+`cms/finetune/<job>/status` (queued, running, done, failed), `.../progress` ({done, total}
+passages embedded), `.../model`, `.../documents`, `.../domain` and, when it failed, `.../error`.
+A document is answered at once with its job (`KbJob`); the index is saved when the job is done
+and persists across restarts; the catalogue of what the base holds is its own CMS entry,
+`cms/agents/<agent>/documents`. Retrieval goes on while a job runs (on the index as it was).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from schemas import KbDocument, KbJob, Passages, Retrieve
+from services.core import cms
+from services.core.bus import Bus, Request
+from services.core.embedder import Embedder
+from services.core.errors import BadInput
+from services.core.topics import FINETUNE, KB_CATALOG, KB_DOCUMENTS, KB_RETRIEVE
+from services.kb.documents import DocumentError, parse
+from services.kb.index import Document, Index
+
+log = structlog.get_logger("edgecollab.kb")
+
+SHIPPED = Path(__file__).parent / "data"  # the curated set: <domain>.md
+BATCH = 8  # passages embedded between two progress reports
+JOB_EXPIRY_S = 7 * 24 * 3600.0  # a job's CMS entries outlive it by a week
+
+
+def shipped(domains: Sequence[str], folder: Path = SHIPPED) -> list[Document]:
+    """The curated documents of these domains (`<domain>.md` in `folder`)."""
+    documents = []
+    for domain in domains:
+        path = folder / f"{domain}.md"
+        if path.exists():
+            text = path.read_text()
+            documents.append(Document.of(domain, path.name, text, parse(path.name, text)))
+    return documents
+
+
+class KnowledgeBase:
+    """Serves retrieval and documents for `domains`; `run_jobs` is its indexing loop."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        agent: str,
+        embedder: Embedder,
+        index: Index,
+        folder: Path,
+        domains: Sequence[str],
+        base_version: int = 0,
+    ) -> None:
+        self.bus = bus
+        self.agent = agent
+        self.embedder = embedder
+        self.index = index
+        self.folder = folder
+        self.domains = tuple(domains)
+        self.jobs: asyncio.Queue[tuple[str, list[Document]]] = asyncio.Queue()
+        self._versions: dict[str, int] = {}
+        self._catalog_version = base_version
+        for domain in self.domains:
+            bus.serve(KB_RETRIEVE, self.handle_retrieve, shared=f"kb-{domain}", domain=domain)
+            bus.serve(KB_DOCUMENTS, self.handle_document, domain=domain)
+        bus.on_connect(self.publish_catalog)  # after a broker restart too
+
+    async def handle_retrieve(self, request: Request[Retrieve]) -> Passages:
+        ask = request.body
+        started = time.perf_counter()
+        vector = (await asyncio.to_thread(self.embedder.embed, [ask.text]))[0]
+        passages = self.index.search(
+            ask.domain, vector, k=ask.k, min_score=ask.min_score, streams=tuple(ask.streams)
+        )
+        return Passages(
+            request_id=ask.request_id,
+            agent=self.agent,
+            domain=ask.domain,
+            model=self.embedder.card.name,
+            passages=passages,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    async def handle_document(self, request: Request[KbDocument]) -> KbJob:
+        body = request.body
+        try:
+            chunks = parse(body.name, body.text, source=body.source)
+        except DocumentError as exc:
+            raise BadInput("bad_request", str(exc)) from None
+        job = await self.submit([Document.of(body.domain, body.name, body.text, chunks)])
+        return KbJob(request_id=body.request_id, agent=self.agent, job=job, domain=body.domain)
+
+    async def submit(self, documents: list[Document]) -> str:
+        """Queue a job that embeds and indexes `documents`; its id."""
+        job = f"{self.agent}-{uuid.uuid4().hex[:8]}"
+        total = sum(len(d.chunks) for d in documents)
+        await self._state(
+            job,
+            status="queued",
+            progress={"done": 0, "total": total},
+            model=self.embedder.card.name,
+            documents=len(documents),
+            domain=",".join(dict.fromkeys(d.domain for d in documents)),
+        )
+        self.jobs.put_nowait((job, documents))
+        log.info("kb.job_queued", job=job, documents=len(documents), passages=total)
+        return job
+
+    async def run_jobs(self) -> None:
+        """Run queued jobs one at a time, forever."""
+        while True:
+            job, documents = await self.jobs.get()
+            await self._run(job, documents)
+
+    async def _run(self, job: str, documents: list[Document]) -> None:
+        total = sum(len(d.chunks) for d in documents)
+        await self._state(job, status="running")
+        done, embedded = 0, []
+        try:
+            for document in documents:
+                parts = []
+                for start in range(0, len(document.chunks), BATCH):
+                    texts = [c.embedded for c in document.chunks[start : start + BATCH]]
+                    parts.append(await asyncio.to_thread(self.embedder.embed, texts))
+                    done += len(texts)
+                    await self._state(job, progress={"done": done, "total": total})
+                embedded.append((document, np.concatenate(parts)))
+            for document, vectors in embedded:
+                self.index.put(document, vectors)
+            await asyncio.to_thread(self.index.save, self.folder)
+        except Exception as exc:  # the job fails, the service goes on
+            log.exception("kb.job_failed", job=job)
+            await self._state(job, status="failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        await self._state(job, status="done")
+        await self.publish_catalog()
+        log.info("kb.job_done", job=job, passages=total, index=len(self.index))
+
+    async def publish_catalog(self) -> None:
+        """cms/agents/<agent>/documents: every document held, with its passage count."""
+        self._catalog_version += 1
+        documents = [d.summary() for d in self.index.documents.values()]
+        key = KB_CATALOG.format(agent=self.agent)
+        await cms.put(self.bus, key, documents, version=self._catalog_version)
+
+    async def _state(self, job: str, **fields: Any) -> None:
+        for name, value in fields.items():
+            version = self._versions[job] = self._versions.get(job, 0) + 1
+            key = FINETUNE.format(job=job, field=name)
+            await cms.put(self.bus, key, value, version=version, expiry_s=JOB_EXPIRY_S)
