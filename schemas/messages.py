@@ -259,6 +259,12 @@ class Step(BaseModel):
     cost_usd: float = 0.0
     detail: str | None = None
     program: str | None = Field(None, description="the program this step wrote or ran")
+    confidence: float | None = Field(
+        None, ge=0, le=1, description="a generation's knowledge-gap signal (its first tokens)"
+    )
+    output: str | None = Field(
+        None, description="what this step answered, where the answer is another's (a gap)"
+    )
 
 
 class Accepted(Message):
@@ -350,6 +356,26 @@ class ClassifyRequest(Message):
     text: str = Field(min_length=1, max_length=8000)
 
 
+class Embed(Message):
+    """Texts to embed, on computation/embed: the Classifier Engine's MiniLM serves the site."""
+
+    type: Literal["embed"] = "embed"
+    request_id: RequestIdField
+    texts: list[Annotated[str, Field(max_length=8000)]] = Field(min_length=1, max_length=32)
+
+
+class Embeddings(Message):
+    """One unit vector per text, in order (7 decimals: what float32 holds)."""
+
+    type: Literal["embeddings"] = "embeddings"
+    request_id: RequestIdField
+    agent: AgentIdField
+    model: str
+    dims: int = Field(ge=1, le=8192)
+    tokens: int = Field(ge=0, description="what the texts cost the embedder's tokenizer")
+    vectors: list[list[float]]
+
+
 Difficulty = Literal["easy", "medium", "hard"]
 
 
@@ -414,6 +440,13 @@ class GenerationStats(BaseModel):
     ttft_ms: float = Field(0.0, ge=0, description="time to the first token")
     decode_tok_s: float = Field(ge=0)
     finish_reason: FinishReason
+    confidence: float | None = Field(
+        None, ge=0, le=1,
+        description="mean probability the model gave its first 32 tokens (a knowledge-gap signal)",
+    )  # fmt: skip
+    entropy: float | None = Field(
+        None, ge=0, description="mean entropy (nats) of its distribution over those tokens"
+    )
 
 
 class TaskResult(GenerationStats, Message):
@@ -473,6 +506,7 @@ class KnowledgeAnswer(Message):
     answer: str
     output_tokens: int = Field(0, ge=0)
     ms: float = Field(0.0, ge=0)
+    confidence: float | None = Field(None, ge=0, le=1, description="as GenerationStats'")
 
 
 MAX_DOCUMENT_CHARS = 131072  # a document for the knowledge base, at most (split a longer one)
@@ -681,6 +715,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Answer,
     ClassifyRequest,
     Classification,
+    Embed,
+    Embeddings,
     Task,
     TaskResult,
     Rejected,
@@ -712,6 +748,8 @@ AnyMessage = Annotated[
     | Answer
     | ClassifyRequest
     | Classification
+    | Embed
+    | Embeddings
     | Task
     | TaskResult
     | Rejected

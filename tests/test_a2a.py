@@ -30,7 +30,7 @@ async def test_a2a_client_reads_the_card_and_sends_plain_and_streaming_messages(
         "--domains",
         '["health"]',
     )
-    gateway = start_gateway(spawn, uid, tmp_path, "--embedder-dir", "", "--max-tokens", "8")
+    gateway = start_gateway(spawn, uid, tmp_path, "--max-tokens", "8")
     wait_ready(gateway, orchestrator=1, worker=1)
 
     async with httpx.AsyncClient(headers=gateway.headers(), timeout=30) as http:
@@ -80,7 +80,7 @@ async def test_a2a_client_reads_the_card_and_sends_plain_and_streaming_messages(
 
 
 async def test_a2a_without_an_orchestrator_is_a_failed_task_with_the_reason(spawn, uid, tmp_path):
-    gateway = start_gateway(spawn, uid, tmp_path, "--embedder-dir", "")
+    gateway = start_gateway(spawn, uid, tmp_path)
     wait_ready(gateway)
     async with httpx.AsyncClient(headers=gateway.headers(), timeout=30) as http:
         card = await A2ACardResolver(http, gateway.url).get_agent_card()

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 def test_dashboard_shows_agents_a_new_query_and_fig6_live(spawn, uid, tmp_path, mqtt):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
     spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "200")
-    gateway = start_gateway(spawn, uid, tmp_path, "--embedder-dir", "")
+    gateway = start_gateway(spawn, uid, tmp_path)
     wait_ready(gateway, orchestrator=1, worker=1)
 
     browser = Browser(tmp_path, height=1300)

@@ -17,7 +17,7 @@ import pytest
 from services.worker.chat import TextAssembler, render_prompt
 from services.worker.engine import DecoderRunner, Engine, ModelError, measure_tokens_per_s
 from services.worker.generator import Generator
-from services.worker.sampling import Sampler, SamplingParams
+from services.worker.sampling import SIGNAL_TOKENS, Sampler, SamplingParams, Signal
 
 GREEDY = SamplingParams(max_tokens=24)
 PROMPTS = ["Tell me about the sea.", "Edge devices cooperate.", "What is two plus two?"]
@@ -192,6 +192,29 @@ def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy() -> None:
         for s in range(60)
     }
     assert draws == set(np.argsort(logits)[-3:].tolist())
+
+
+def test_the_gap_signal_is_the_models_own_certainty_of_its_first_tokens() -> None:
+    signal = Signal()
+    signal.add(np.log(np.array([0.5, 0.25, 0.25], np.float32)), 0)  # sure-ish of token 0
+    signal.add(np.zeros(4, np.float32), 2)  # no idea: uniform over 4
+    assert signal.confidence == pytest.approx((0.5 + 0.25) / 2, abs=1e-4)
+    assert signal.entropy == pytest.approx((1.5 * np.log(2) + np.log(4)) / 2, abs=1e-4)
+    # from the raw logits: a repetition penalty changes the choice, not the signal
+    logits = np.zeros(10, np.float32)
+    logits[[3, 4]] = [2.0, 1.9]
+    sampler = Sampler(SamplingParams(repetition_penalty=1.3), 10, [3])
+    assert sampler(logits) == 4
+    assert sampler.signal.probs == [pytest.approx(np.exp(1.9) / (np.exp(2) + np.exp(1.9) + 8))]
+    for _ in range(2 * SIGNAL_TOKENS):
+        sampler(logits)
+    assert len(sampler.signal.probs) == SIGNAL_TOKENS  # only the first tokens count
+
+
+async def test_every_generation_reports_its_gap_signal(generator: Generator) -> None:
+    _, stats = await generator.submit(PROMPTS[0], GREEDY).result()
+    assert stats.confidence is not None and 0 < stats.confidence <= 1
+    assert stats.entropy is not None and stats.entropy >= 0
 
 
 def test_repetition_penalty_pushes_seen_tokens_down() -> None:

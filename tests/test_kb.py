@@ -16,8 +16,8 @@ from schemas import Answer, CmsEntry, Passages, Query, Retrieve
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.embedder import Embedder
-from services.core.errors import PeerGone
-from services.core.topics import FINETUNE, KB_RETRIEVE, QUERIES
+from services.core.errors import PeerGone, RemoteError
+from services.core.topics import FINETUNE, KB_CATALOG, KB_RETRIEVE, QUERIES
 from services.kb.documents import MAX_CHARS, DocumentError, check_text, parse
 from services.kb.index import Document, Index
 from services.kb.service import shipped
@@ -209,7 +209,7 @@ async def test_the_knowledge_base_indexes_as_a_job_answers_and_keeps_what_is_add
     mqtt, login, uid, spawn, minilm_dir, tmp_path
 ):
     agent, folder = f"kb-{uid}", tmp_path / "index"
-    args = ("--agent-id", agent, "--model-dir", str(minilm_dir), "--index-dir", str(folder))
+    args = ("--agent-id", agent, "--index-dir", str(folder))
     operator = f"operator-{uid}"  # reads the jobs (cms/finetune), asks the knowledge base
     bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     view = CmsView(bus)
@@ -223,6 +223,10 @@ async def test_the_knowledge_base_indexes_as_a_job_answers_and_keeps_what_is_add
     async with running(bus):
         await view.synced()
         kb = spawn("services.kb", *args)
+        assert await view.wait_online([agent], timeout=60)
+        with pytest.raises(RemoteError, match="waits for an embedder"):  # no classifier yet
+            await retrieve(bus, "health", "What temperature means I am running a fever?")
+        spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
         [seed] = await jobs.until_done(1)
         assert view.online(agent) and view.cards[agent].kind == "kb"
         assert view.cards[agent].domains == ["health", "environment"]
@@ -233,11 +237,16 @@ async def test_the_knowledge_base_indexes_as_a_job_answers_and_keeps_what_is_add
         found = await asyncio.to_thread(cli, mqtt, "search", "how much to drink when it is hot",
                                         "--domain", "health", "-k", "1")  # fmt: skip
         listed = await asyncio.to_thread(cli, mqtt, "ls")
+        catalog = KB_CATALOG.format(agent=agent)
+        before = view.get(catalog)
         kb.terminate()
         kb.wait(30)
         assert await view.changes.until(lambda: not view.online(agent), timeout=30)
         spawn("services.kb", *args)  # the same index folder: what was added is still there
-        assert await view.wait_online([agent], timeout=60)
+        assert await view.changes.until(  # its catalogue again: the index is open
+            lambda: (entry := view.get(catalog)) is not None and entry.version > before.version,
+            timeout=60,
+        )
         again = await retrieve(bus, "health", "how much to drink when it is hot", k=1)
         with pytest.raises(PeerGone):  # no knowledge base holds the domain: nobody subscribed
             await retrieve(bus, "cooking", "how long to boil an egg")
@@ -295,8 +304,7 @@ async def test_health_answers_cite_the_knowledge_base_and_ground_ranges_in_it(
     spawn("services.classifier", "--agent-id", agents[1], "--model-dir", str(minilm_dir))
     spawn("services.worker", "--agent-id", agents[2], "--tokens-per-s", "500",
           "--domains", '["health"]')  # fmt: skip
-    spawn("services.kb", "--agent-id", agents[3], "--model-dir", str(minilm_dir),
-          "--index-dir", str(tmp_path))  # fmt: skip
+    spawn("services.kb", "--agent-id", agents[3], "--index-dir", str(tmp_path))
     watch = f"watch-{uid}"
     topic = f"data/health/heart_rate/{watch}"
     operator = f"operator-{uid}"  # reads the jobs (cms/finetune) and asks

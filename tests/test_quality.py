@@ -49,6 +49,8 @@ def test_numbers_facts_and_sensor_answers():
     assert quality.mentions_any("It is Léonardo da Vinci!", ["leonardo da vinci"])
     assert quality.mentions_any("There are 7 continents.", ["7", "seven"])
     assert not quality.mentions_any("In 1776 it was.", ["7"])  # whole words only
+    assert not quality.mentions_any("There are 7,981,960 of them.", ["7"])  # one number
+    assert quality.mentions_any("It is 8,848 m high.", ["8848", "8,848"])
     sensor = SensorItem(id="s", domain="health", question="-", readings={"spo2": 88},
                         expect=[["88"], ["oxygen", "spo2"]])  # fmt: skip
     assert quality.check_sensor_answer(sensor, "Your SpO2 is 88%, low.")

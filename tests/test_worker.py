@@ -140,6 +140,29 @@ async def test_cms_parameters_apply_to_the_next_request(login, uid, spawn, tiny_
     assert "unknown parameter 'marker'" in marker.message
 
 
+async def test_the_worker_publishes_its_models_defaults_and_leaves_parameters_to_operators(
+    login, uid, spawn, tiny_model_dir
+):
+    name = model_name(tiny_model_dir)
+    key, defaults = f"cms/parameters/{name}/repetition_penalty", f"cms/slm/{name}/defaults"
+    operator = f"operator-{uid}"
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
+    view = CmsView(bus)
+    async with running(bus):
+        await view.synced()
+        before = view.get(key)
+        await cms.put(bus, key, 1.05, version=before.version + 1 if before else 1)
+        await wait_for(lambda: (e := view.get(key)) is not None and e.value == 1.05)
+        spawn("services.worker", "--agent-id", f"w-{uid}", "--backend", "onnx",
+              "--model-dir", str(tiny_model_dir), "--threads", "1")  # fmt: skip
+        await wait_for(lambda: (e := view.get(defaults)) is not None and e.origin == f"w-{uid}", 60)
+        await wait_for(online(view, f"w-{uid}"), 60)  # its card comes after its defaults
+        published, entry = view.get(defaults), view.get(key)
+        await cms.delete(bus, key)
+    assert published is not None and published.value == {"repetition_penalty": 1.15}  # unmeasured
+    assert entry is not None and entry.value == 1.05 and entry.origin == operator
+
+
 async def test_bad_requests_get_clear_errors_and_worker_goes_on(login, uid, spawn, tiny_model_dir):
     bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     topic = TASKS.format(agent=f"w-{uid}")

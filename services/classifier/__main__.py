@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from schemas import AgentCard, now
+from schemas import AgentCard, ModelInfo, now
 from schemas.ids import AGENT_ID_PATTERN
 from services.classifier.engine import ClassifierEngine
 from services.classifier.head import HEADS_PATH, TRAIN_PATH, HeadsError
@@ -63,7 +63,10 @@ async def serve(
     accounts: Accounts | None = None,
 ) -> None:
     def card(epoch: int) -> AgentCard:
-        return AgentCard(agent=settings.agent_id, kind="classifier", epoch=epoch, started_at=now())
+        model = ModelInfo(name=engine.embedder.card.name)  # what it embeds with (computation/embed)
+        return AgentCard(
+            agent=settings.agent_id, kind="classifier", epoch=epoch, model=model, started_at=now()
+        )
 
     def setup(bus: Bus, presence: Presence) -> None:
         Classifier(bus=bus, view=CmsView(bus, accounts=accounts), engine=engine)

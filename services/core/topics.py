@@ -19,7 +19,9 @@ from schemas import (
     Classification,
     ClassifyRequest,
     CmsEntry,
+    Embed,
     EmbeddingRecord,
+    Embeddings,
     Error,
     KbDocument,
     KbJob,
@@ -184,6 +186,7 @@ EMBEDDING = Topic("data/{domain}/{stream}/embeddings/{agent}", EmbeddingRecord, 
 # An orchestrator first says it took the query (Accepted), then answers.
 QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
+EMBED = Topic("computation/embed", Embed, replies=(Embeddings,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
 # A request's tokens, under its requester's name: only the requester may read them.
 STREAM = Topic("computation/stream/{client}/{request}", TokenChunk, qos=0)

@@ -53,19 +53,6 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_embedder(settings: GatewaySettings, runtime: RuntimeSettings) -> Any | None:
-    """MiniLM for /v1/embeddings, or None (that route then answers 503) with a warning."""
-    if not settings.embedder_dir:
-        return None
-    folder = runtime.model_dir(settings.embedder_dir)
-    if not (folder / "model.onnx").is_file():
-        log.warning("embedder.missing", folder=str(folder), hint="edgecollab export-model minilm")
-        return None
-    from services.core.embedder import Embedder  # onnxruntime only where it is used
-
-    return Embedder.load(folder, threads=settings.embedder_threads)
-
-
 class _Starting:
     """The ASGI app until the bus is up: every request gets 503 (the broker is not reachable
     yet), so clients hear at once instead of waiting on a socket nobody serves."""
@@ -94,7 +81,6 @@ async def serve(
     *,
     keys: dict[str, str],
     sock: socket.socket,
-    embedder: Any | None,
 ) -> None:
     """HTTP from the start; the API proper once the bus is up; both stop on SIGTERM."""
     app = _Starting()
@@ -119,7 +105,6 @@ async def serve(
             gateway=gateway,
             view=view,
             keys=KeyRing(keys),
-            embedder=embedder,
             default_max_tokens=settings.max_tokens,
             timeout_s=settings.timeout_s,
         )
@@ -147,8 +132,7 @@ def main() -> None:
         sock = listen(settings.host, settings.port)
     except ConfigError as exc:
         sys.exit(f"gateway: {exc}")
-    embedder = load_embedder(settings, runtime)
-    asyncio.run(serve(settings, MqttSettings(), keys=keys, sock=sock, embedder=embedder))
+    asyncio.run(serve(settings, MqttSettings(), keys=keys, sock=sock))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from starlette.routing import Route
 
 from schemas import Answer, Outcome, Query
 from services.core.cms import CmsView
+from services.core.embeddings import embed
+from services.core.errors import DeadlineExceeded, NoSubscriber, RemoteError
 from services.core.topics import TENANT
 from services.gateway.a2a import A2A
 from services.gateway.chat import (
@@ -64,18 +66,15 @@ class Api:
         gateway: Gateway,
         view: CmsView,
         keys: KeyRing,
-        embedder: Any | None,
         default_max_tokens: int,
         timeout_s: float,
     ) -> None:
         self.gateway = gateway
         self.view = view
         self.keys = keys
-        self.embedder = embedder  # services.core.embedder.Embedder, or None
         self.default_max_tokens = default_max_tokens
         self.timeout_s = timeout_s
         self.metrics = GatewayMetrics(gateway, view)
-        self._embedding = asyncio.Semaphore(1)  # one batch at a time: the box has few cores
 
     def app(self) -> Starlette:
         api = self._api
@@ -286,48 +285,47 @@ class Api:
         everyone = [a for agents in models.values() for a in agents]
         data = [_model(AUTO_MODEL, created, everyone, "any edge agent the orchestrator picks")]
         data += [_model(name, created, agents) for name, agents in sorted(models.items())]
-        if self.embedder is not None:
-            me = [{"agent": self.gateway.bus.client_id, "online": True, "backend": "onnx"}]
-            data.append(_model(self.embedder.card.name, created, me, "embeddings"))
+        for name, agents in sorted(self._embedders().items()):
+            data.append(_model(name, created, agents, "embeddings"))
         return JSON({"object": "list", "data": data})
+
+    def _embedders(self) -> dict[str, list[dict[str, Any]]]:
+        """Embedding models of the online classifiers (they serve computation/embed)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for agent in self.view.agents("classifier"):
+            if agent.online and agent.card.model is not None:
+                found.setdefault(agent.card.model.name, []).append(
+                    {"agent": agent.card.agent, "online": True, "backend": "onnx"}
+                )
+        return found
 
     async def embeddings(self, request: Request, tenant: str) -> Response:
         body = parse(EmbeddingsRequest, await read_json(request))
-        if self.embedder is None:
-            raise ApiError(
-                503, "this gateway has no embedder (see --embedder-dir)", code="no_embedder"
-            )
-        if body.model != self.embedder.card.name:
-            known = self.embedder.card.name
-            message = f"no embedding model {body.model!r}; known: {known}"
+        known = self._embedders()
+        if not known:
+            raise ApiError(503, "no embedder is online (the classifier serves them)",
+                           code="no_embedder")  # fmt: skip
+        if body.model not in known:
+            message = f"no embedding model {body.model!r}; known: {', '.join(sorted(known))}"
             raise ApiError(404, message, code="model_not_found", param="model")
-        if body.dimensions is not None and body.dimensions != self.embedder.dims:
-            raise ApiError(
-                400,
-                f"{self.embedder.card.name} has {self.embedder.dims} dimensions",
-                param="dimensions",
-            )
-        texts = body.texts()
-        async with self._embedding:
-            vectors, tokens = await asyncio.to_thread(self._embed, texts)
+        try:
+            done = await embed(self.gateway.bus, body.texts(), timeout_s=self.timeout_s)
+        except NoSubscriber:
+            raise ApiError(503, "no embedder is online", code="no_embedder") from None
+        except DeadlineExceeded:
+            raise ApiError(504, "the embedder did not answer in time", code="deadline") from None
+        except RemoteError as exc:
+            raise ApiError(502, f"the embedder failed: {exc}", type="server_error") from None
+        if body.dimensions is not None and body.dimensions != done.vectors.shape[1]:
+            message = f"{done.model} has {done.vectors.shape[1]} dimensions"
+            raise ApiError(400, message, param="dimensions")
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
-            for i, v in enumerate(vectors)
+            for i, v in enumerate(done.vectors)
         ]
-        self.metrics.tokens.labels(tenant, "embedding").inc(tokens)
-        return JSON(
-            {
-                "object": "list",
-                "data": data,
-                "model": self.embedder.card.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
-
-    def _embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        assert self.embedder is not None  # the route answers 404 without one
-        tokens = sum(len(e.ids) for e in self.embedder.tokenizer.encode_batch(texts))
-        return self.embedder.embed(texts), tokens
+        self.metrics.tokens.labels(tenant, "embedding").inc(done.tokens)
+        usage = {"prompt_tokens": done.tokens, "total_tokens": done.tokens}
+        return JSON({"object": "list", "data": data, "model": done.model, "usage": usage})
 
     # -- operations ---------------------------------------------------------------------------
 

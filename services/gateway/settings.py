@@ -30,10 +30,6 @@ class GatewaySettings(BaseSettings):
     )
     timeout_s: float = Field(60.0, gt=0, description="a request's deadline (the body may ask less)")
     max_tokens: int = Field(128, ge=1, le=4096, description="when a request sets none")
-    embedder_dir: str = Field(
-        "all-MiniLM-L6-v2", description="exported MiniLM for /v1/embeddings ('' for none)"
-    )
-    embedder_threads: int = Field(1, ge=1)
     recent: int = Field(50, ge=1, le=1000, description="queries the dashboard remembers")
 
     @property

@@ -2,8 +2,10 @@
 
 It serves, for each domain it holds, `knowledge/<domain>/retrieve` (knowledge bases of a domain
 share it: one of them answers) and `knowledge/<domain>/documents` (every one of them adds the
-document). Passages are ranked by the cosine similarity of MiniLM embeddings
-(services/core/embedder.py); each carries its source and the label answers cite it by.
+document). Passages are ranked by the cosine similarity of MiniLM embeddings, made by the site's
+embedder on computation/embed (the Classifier Engine's model: services/core/embeddings.py), so
+the knowledge base holds no model of its own; each passage carries its source and the label
+answers cite it by. Until an embedder has answered once, retrieval is `unavailable`.
 
 Indexing is a job, one at a time, in the paper's fine-tuning / RAG state family of the CMS:
 `cms/finetune/<job>/status` (queued, running, done, failed), `.../progress` ({done, total}
@@ -28,8 +30,8 @@ import structlog
 from schemas import KbDocument, KbJob, Passages, Retrieve
 from services.core import cms
 from services.core.bus import Bus, Request
-from services.core.embedder import Embedder
-from services.core.errors import BadInput
+from services.core.embeddings import embed
+from services.core.errors import BadInput, EdgecollabError
 from services.core.topics import FINETUNE, KB_CATALOG, KB_DOCUMENTS, KB_RETRIEVE
 from services.kb.documents import DocumentError, parse
 from services.kb.index import Document, Index
@@ -39,6 +41,7 @@ log = structlog.get_logger("edgecollab.kb")
 SHIPPED = Path(__file__).parent / "data"  # the curated set: <domain>.md
 BATCH = 8  # passages embedded between two progress reports
 JOB_EXPIRY_S = 7 * 24 * 3600.0  # a job's CMS entries outlive it by a week
+EMBEDDER_RETRY_S = 1.0
 
 
 def shipped(domains: Sequence[str], folder: Path = SHIPPED) -> list[Document]:
@@ -60,17 +63,16 @@ class KnowledgeBase:
         *,
         bus: Bus,
         agent: str,
-        embedder: Embedder,
-        index: Index,
         folder: Path,
         domains: Sequence[str],
+        embedder: str,
         base_version: int = 0,
     ) -> None:
         self.bus = bus
         self.agent = agent
-        self.embedder = embedder
-        self.index = index
+        self.index: Index | None = None  # opened once the embedder is known (`open`)
         self.folder = folder
+        self.embedder = embedder  # the model name computation/embed must answer with
         self.domains = tuple(domains)
         self.jobs: asyncio.Queue[tuple[str, list[Document]]] = asyncio.Queue()
         self._versions: dict[str, int] = {}
@@ -83,15 +85,16 @@ class KnowledgeBase:
     async def handle_retrieve(self, request: Request[Retrieve]) -> Passages:
         ask = request.body
         started = time.perf_counter()
-        vector = (await asyncio.to_thread(self.embedder.embed, [ask.text]))[0]
-        passages = self.index.search(
+        index = self._ready()
+        vector = (await self._embed([ask.text], index.model))[0]
+        passages = index.search(
             ask.domain, vector, k=ask.k, min_score=ask.min_score, streams=tuple(ask.streams)
         )
         return Passages(
             request_id=ask.request_id,
             agent=self.agent,
             domain=ask.domain,
-            model=self.embedder.card.name,
+            model=index.model,
             passages=passages,
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
@@ -107,19 +110,41 @@ class KnowledgeBase:
 
     async def submit(self, documents: list[Document]) -> str:
         """Queue a job that embeds and indexes `documents`; its id."""
+        index = self._ready()
         job = f"{self.agent}-{uuid.uuid4().hex[:8]}"
         total = sum(len(d.chunks) for d in documents)
         await self._state(
             job,
             status="queued",
             progress={"done": 0, "total": total},
-            model=self.embedder.card.name,
+            model=index.model,
             documents=len(documents),
             domain=",".join(dict.fromkeys(d.domain for d in documents)),
         )
         self.jobs.put_nowait((job, documents))
         log.info("kb.job_queued", job=job, documents=len(documents), passages=total)
         return job
+
+    async def open(self, seed: Sequence[Document]) -> None:
+        """Wait for the site's embedder, open the index it made (or a new one), and index
+        what the index lacks of `seed` and what another embedder had made."""
+        while True:
+            try:
+                probe = await embed(self.bus, ["probe"])
+                if probe.model == self.embedder:
+                    break
+                log.warning("kb.wrong_embedder", site=probe.model, expected=self.embedder)
+            except EdgecollabError as exc:  # nobody embeds yet (the classifier is starting)
+                log.info("kb.waiting_for_embedder", reason=str(exc))
+            await asyncio.sleep(EMBEDDER_RETRY_S)
+        index, stale = await asyncio.to_thread(
+            Index.load, self.folder, self.embedder, probe.vectors.shape[1]
+        )
+        self.index = index
+        todo = stale + [d for d in seed if not index.has(d.domain, d.name, d.sha256)]
+        await self.publish_catalog()
+        if todo:
+            await self.submit(todo)
 
     async def run_jobs(self) -> None:
         """Run queued jobs one at a time, forever."""
@@ -129,6 +154,7 @@ class KnowledgeBase:
 
     async def _run(self, job: str, documents: list[Document]) -> None:
         total = sum(len(d.chunks) for d in documents)
+        index = self._ready()
         await self._state(job, status="running")
         done, embedded = 0, []
         try:
@@ -136,27 +162,44 @@ class KnowledgeBase:
                 parts = []
                 for start in range(0, len(document.chunks), BATCH):
                     texts = [c.embedded for c in document.chunks[start : start + BATCH]]
-                    parts.append(await asyncio.to_thread(self.embedder.embed, texts))
+                    parts.append(await self._embed(texts, index.model))
                     done += len(texts)
                     await self._state(job, progress={"done": done, "total": total})
                 embedded.append((document, np.concatenate(parts)))
             for document, vectors in embedded:
-                self.index.put(document, vectors)
-            await asyncio.to_thread(self.index.save, self.folder)
+                index.put(document, vectors)
+            await asyncio.to_thread(index.save, self.folder)
         except Exception as exc:  # the job fails, the service goes on
             log.exception("kb.job_failed", job=job)
             await self._state(job, status="failed", error=f"{type(exc).__name__}: {exc}")
             return
         await self._state(job, status="done")
         await self.publish_catalog()
-        log.info("kb.job_done", job=job, passages=total, index=len(self.index))
+        log.info("kb.job_done", job=job, passages=total, index=len(index))
 
     async def publish_catalog(self) -> None:
         """cms/agents/<agent>/documents: every document held, with its passage count."""
+        if self.index is None:
+            return  # nothing held until the embedder is known
         self._catalog_version += 1
         documents = [d.summary() for d in self.index.documents.values()]
         key = KB_CATALOG.format(agent=self.agent)
         await cms.put(self.bus, key, documents, version=self._catalog_version)
+
+    def _ready(self) -> Index:
+        if self.index is None:
+            raise BadInput("unavailable", f"{self.agent} waits for an embedder (computation/embed)")
+        return self.index
+
+    async def _embed(self, texts: list[str], model: str) -> np.ndarray:
+        """Vectors by the embedder that made the index (another one's do not compare)."""
+        try:
+            done = await embed(self.bus, texts)
+        except EdgecollabError as exc:
+            raise BadInput("unavailable", f"no embedder: {exc}") from None
+        if done.model != model:
+            raise BadInput("unavailable", f"the embedder is {done.model}, the index is {model}'s")
+        return done.vectors
 
     async def _state(self, job: str, **fields: Any) -> None:
         for name, value in fields.items():

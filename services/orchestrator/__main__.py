@@ -21,7 +21,7 @@ from services.orchestrator.cloud import CloudSettings
 from services.orchestrator.configs import OrchestratorConfigs
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher
-from services.orchestrator.service import Orchestrator
+from services.orchestrator.service import GAP_CONFIDENCE, Orchestrator
 from services.orchestrator.tenants import Tenants
 from services.scheduling.outcomes import Prices
 from services.scheduling.policies import POLICIES, make_policy
@@ -49,6 +49,13 @@ class OrchestratorSettings(BaseSettings):
     cloud_usd_per_1m_input: float = Field(30.0, ge=0)
     cloud_usd_per_1m_output: float = Field(60.0, ge=0)
     metrics_interval_s: float = Field(5.0, gt=0)
+    gap_confidence: float = Field(
+        GAP_CONFIDENCE,
+        ge=0,
+        le=1,
+        description="a plain answer whose first tokens' mean probability is below this asks "
+        "the expert of its sub-label or domain (knowledge/<domain>/ask); 0: never, 1: always",
+    )
 
     def cloud(self) -> CloudSettings | None:
         if not self.cloud_url:
@@ -93,8 +100,9 @@ async def serve(
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
         tenants = Tenants(bus, view, accounts=accounts, base_version=presence.base_version)
         orchestrator = Orchestrator(
-            bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation, tenants=tenants
-        )
+            bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation,
+            gap_confidence=settings.gap_confidence, tenants=tenants,
+        )  # fmt: skip
         return [
             lambda: orchestrator.publish_metrics(
                 base_version=presence.base_version, interval_s=settings.metrics_interval_s

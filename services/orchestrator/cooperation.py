@@ -112,8 +112,9 @@ class Cooperation:
         await self._remember(key, reply)
         tokens = reply.output_tokens
         return reply.answer, record(
-            step.name, topic, reply.agent, started, "ok", output_tokens=tokens
-        )
+            step.name, topic, reply.agent, started, "ok", output_tokens=tokens,
+            confidence=reply.confidence,
+        )  # fmt: skip
 
     async def retrieve(
         self, step: PlanStep, question: str, *, request_id: str, deadline: float

@@ -57,6 +57,7 @@ class Generated:
     text: str | None
     outcome: Outcome
     steps: list[Step] = field(default_factory=list)
+    confidence: float | None = None  # the worker's knowledge-gap signal (None: not measured)
 
 
 CONTINUE = "Continue your answer exactly where it stopped, without repeating any of it."
@@ -122,7 +123,7 @@ class Dispatcher:
                 self.allocator.release(grant, demand, result)  # a whole answer's length is learned
             steps.append(step)
             if result is not None:
-                return Generated(result.text, Outcome.EDGE, steps)
+                return Generated(result.text, Outcome.EDGE, steps, result.confidence)
             if time.time() >= job.deadline:
                 return Generated(None, Outcome.FAILED, steps)
             grant = await self._another(demand, tried)
@@ -183,6 +184,7 @@ class Dispatcher:
         step = record(
             job.name, topic, agent, started, "ok", site=site, detail=resumed,
             prompt_tokens=reply.prompt_tokens, output_tokens=reply.output_tokens,
+            confidence=reply.confidence,
         )  # fmt: skip
         return step, reply
 

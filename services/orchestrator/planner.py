@@ -17,6 +17,11 @@ A plan with data steps is grounded: the orchestrator composes the measured part 
 from the readings (services/data/grounding.py); the final generation writes only the advice
 around them, and its prompts say so.
 
+Knowledge gaps: a plain answer (no expert of the query's domain online) whose domain or
+sub-label (e.g. `facts`) an expert declares carries `gap_domain`: when the general worker's
+answer shows a gap (its confidence below the orchestrator's threshold), that expert is asked on
+knowledge/<gap_domain>/ask and its answer is the answer (services/orchestrator/service.py).
+
 With a knowledge base of the domain online, `with_passages` puts a retrieve step first (in
 parallel with the data steps); every generation and expert after it reads its passages, and the
 answer cites them.
@@ -57,6 +62,8 @@ class PlanStep:
     fallback_of: str | None = None
     # knowledge steps: decoding asked of the expert (None: its model's defaults)
     sampling: SamplingOptions | None = None
+    # generate steps: the expert domain asked when this answer shows a knowledge gap
+    gap_domain: str | None = None
     # retrieve steps: the streams whose reference ranges are fetched too (a plan with data)
     streams: tuple[str, ...] = ()
 
@@ -117,9 +124,11 @@ def make_plan(
     expert_available: bool = False,
     sandbox_available: bool = False,
     program_writer: str | None = None,
+    gap_domain: str | None = None,
 ) -> Plan:
     """The plan for a query of `domain` given the sensors, experts and sandboxes online;
-    `program_writer` is the expert domain asked for programs (None: any worker writes them)."""
+    `program_writer` is the expert domain asked for programs (None: any worker writes them),
+    `gap_domain` the one asked when a plain answer shows a gap (None: none is asked)."""
     data = [
         PlanStep(f"data:{s.agent}", "data", agent=s.agent, domain=domain, max_age_s=s.max_age_s)
         for s in sensors
@@ -140,6 +149,7 @@ def make_plan(
         after=tuple(s.name for s in expert),
         prompt=ANSWER,
         max_tokens=max_tokens,
+        gap_domain=None if expert else gap_domain,
     )
     return Plan(domain, (*expert, answer), "sequential" if expert else "single")
 

@@ -24,6 +24,7 @@ def record(
     output_tokens: int = 0,
     cost_usd: float = 0.0,
     detail: str | None = None,
+    confidence: float | None = None,
 ) -> Step:
     """A step that began at `started` (time.perf_counter(); None: took no time) and ended now."""
     ms = 0.0 if started is None else round((time.perf_counter() - started) * 1000, 3)
@@ -39,4 +40,5 @@ def record(
         ms=ms,
         cost_usd=round(cost_usd, 8),
         detail=detail,
+        confidence=confidence,
     )

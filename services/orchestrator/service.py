@@ -12,6 +12,13 @@ card in the CMS). A plan with data steps is answered grounded: the measured part
 clinician report are composed from the readings' facts, the model's advice is checked against
 them (services/data/grounding.py), and the final generation is not streamed, since what a
 model writes is only shown once checked.
+
+Knowledge gaps: the worker reports how sure its model was of its first tokens (`confidence`,
+GenerationStats). A plain answer whose plan names a `gap_domain` and whose confidence is below
+`gap_confidence` is a gap: the expert of that domain is asked the question on
+knowledge/<gap_domain>/ask and its answer is the answer; the general step keeps its own answer
+(`output`) and confidence in the provenance. Such an answer is not streamed, since the general
+model's text may not be the answer.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ CLASSIFY_TIMEOUT_S = 2.0
 DATA_STEP_S = 3.0  # a sensor publishes at least this often when alive
 STATE_EXPIRY_S = 300.0  # cms/inference/<request>/... outlives its request by this much
 PROGRAM_WRITERS = ("math", "code")  # expert domains asked for programs, in this order
+# Below this confidence a general answer shows a gap: the threshold `edgecollab bench gap` chose on
+# half of the facts set for SmolLM2-135M, Qwen2.5-Coder the expert (docs/results/gap.json).
+GAP_CONFIDENCE = 0.34
 
 
 class Orchestrator:
@@ -66,8 +76,10 @@ class Orchestrator:
         cooperation: Cooperation,
         programs: Programs | None = None,
         tenants: Tenants | None = None,
+        gap_confidence: float = GAP_CONFIDENCE,
     ) -> None:
         self.bus = bus
+        self.gap_confidence = gap_confidence  # 0: never ask on a gap
         self.view = view
         self.dispatcher = dispatcher
         self.cooperation = cooperation
@@ -89,7 +101,7 @@ class Orchestrator:
         steps: list[Step] = []
         classification = await self._classify(query, steps)
         plan = self.plan(query, classification)
-        if plan.sensed:  # grounded: the advice is checked before anyone sees it
+        if plan.sensed or plan.final.gap_domain:  # grounded, or maybe an expert's answer
             query = query.model_copy(update={"stream": False})
         outputs: dict[str, str] = {}
         facts: dict[str, list[Fact]] = {}
@@ -137,6 +149,11 @@ class Orchestrator:
         writer = next(
             (d for d in PROGRAM_WRITERS if any(d in a.card.domains for a in workers)), None
         )
+        declared = {d for a in workers for d in a.card.domains}
+        gap = next(  # the query's sub-labels, then its domain: an expert for a gap
+            (d for d in (*classification.sub_labels, domain) if d != "general" and d in declared),
+            None,
+        )
         plan = make_plan(
             domain=domain,
             max_tokens=query.max_tokens,
@@ -144,6 +161,7 @@ class Orchestrator:
             expert_available=bool(experts) and domain != "general",
             sandbox_available=any(a.online for a in self.view.agents("sandbox")),
             program_writer=writer,
+            gap_domain=gap if self.gap_confidence > 0 else None,
         )
         bases = (a for a in self.view.agents("kb") if a.online and domain in a.card.domains)
         return with_passages(plan) if any(bases) else plan
@@ -197,12 +215,49 @@ class Orchestrator:
             client=client,
         )
         generated = await self.dispatcher.run(job)
+        if step.gap_domain and generated.text is not None and self._gap(generated, step.gap_domain):
+            return await self._close_gap(step, query, generated)
         if step.fallback_of and generated.steps:
             note = f"fallback: a plain generation, as {step.fallback_of} gave no answer"
             last = generated.steps[-1]
             detail = f"{note}; {last.detail}" if last.detail else note
             generated.steps[-1] = last.model_copy(update={"detail": detail})
         return generated.text, generated.steps, generated
+
+    def _gap(self, generated: Generated, domain: str) -> bool:
+        """The answer's confidence is below the threshold, and its writer is no expert of
+        `domain` itself (busy general workers leave a question to the expert now and then)."""
+        writer = self.view.cards.get(generated.steps[-1].agent or "")
+        if writer is not None and domain in writer.domains:
+            return False
+        return generated.confidence is not None and generated.confidence < self.gap_confidence
+
+    async def _close_gap(
+        self, step: PlanStep, query: Query, generated: Generated
+    ) -> tuple[str | None, list[Step], Generated]:
+        """Ask the gap domain's expert; its answer is the answer, the general one stays in
+        the provenance (or stands, when the expert gives none)."""
+        assert step.gap_domain is not None and generated.confidence is not None
+        ask = PlanStep(
+            f"knowledge:{step.gap_domain}", "knowledge", domain=step.gap_domain,
+            prompt="{query}", max_tokens=step.max_tokens,
+        )  # fmt: skip
+        text, asked = await self.cooperation.ask(
+            ask, query.text, request_id=query.request_id, deadline=query.deadline
+        )
+        general = generated.steps[-1]
+        why = f"gap: confidence {generated.confidence:.2f} below {self.gap_confidence:.2f}"
+        if text is None:
+            note = f"{why}; {ask.name} gave no answer, this one stands"
+            steps = [*generated.steps[:-1], general.model_copy(update={"detail": note}), asked]
+            return generated.text, steps, generated
+        note = f"{why}; the answer is {asked.agent}'s ({ask.name})"
+        steps = [
+            *generated.steps[:-1],
+            general.model_copy(update={"detail": note, "output": generated.text}),
+            asked.model_copy(update={"detail": f"asked for {general.agent}'s gap", "output": text}),
+        ]
+        return text, steps, Generated(text, generated.outcome, steps, generated.confidence)
 
     async def _classify(self, query: Query, steps: list[Step]) -> Classification | None:
         """The Classifier Engine's view of the query; None when no classifier is online."""

@@ -300,4 +300,6 @@ def _stats(request: _Request, reason: FinishReason) -> GenerationStats:
         ttft_ms=round(ttft, 2),
         decode_tok_s=round((produced - 1) / decode_s, 2) if decode_s > 0 else 0.0,
         finish_reason=reason,
+        confidence=request.sampler.signal.confidence,
+        entropy=request.sampler.signal.entropy,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
 import numpy as np
@@ -10,6 +10,10 @@ import numpy as np
 from schemas import SamplingOptions
 
 _CANDIDATES = 256  # top-p looks at this many best tokens first and sorts everything only if needed
+# The knowledge-gap signal looks at this many first generated tokens. Chosen on half of the
+# facts set (AUROC 0.87 at 32 against 0.73 at 8 and 0.81 at 16), checked on the other half
+# (0.76 against 0.61): a model unsure of a fact rambles, and that shows past the first words.
+SIGNAL_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks each next token of one request; keeps its own RNG and the tokens seen so far."""
+    """Picks each next token of one request; keeps its own RNG and the tokens seen so far, and
+    the model's own certainty about its first tokens (the knowledge-gap signal)."""
 
     def __init__(self, params: SamplingParams, vocab: int, prompt: list[int]) -> None:
         self.params = params
@@ -63,14 +68,18 @@ class Sampler:
         self.seen = np.zeros(vocab, bool) if params.repetition_penalty != 1.0 else None
         if self.seen is not None:
             self.seen[prompt] = True
+        self.signal = Signal()
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
+        raw = logits
         if self.seen is not None:
             logits = _penalize(logits, self.seen, p.repetition_penalty)
         token = int(np.argmax(logits)) if p.temperature == 0 else self._sample(logits)
         if self.seen is not None:
             self.seen[token] = True
+        if len(self.signal.probs) < SIGNAL_TOKENS:
+            self.signal.add(raw, token)
         return token
 
     def _sample(self, logits: np.ndarray) -> int:
@@ -105,3 +114,30 @@ def _penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarra
     picked = out[seen]
     out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
     return out
+
+
+@dataclass
+class Signal:
+    """How sure the model was of its first SIGNAL_TOKENS tokens, from its raw distribution
+    (temperature 1, no penalty): each chosen token's probability and each step's entropy."""
+
+    probs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+
+    def add(self, logits: np.ndarray, token: int) -> None:
+        shifted = logits.astype(np.float64) - float(logits.max())
+        weights = np.exp(shifted)
+        total = float(weights.sum())
+        p = weights / total
+        self.probs.append(float(p[token]))
+        self.entropies.append(float(np.log(total) - float((p * shifted).sum())))
+
+    @property
+    def confidence(self) -> float | None:
+        """The mean probability of the first tokens (None before any token)."""
+        return round(sum(self.probs) / len(self.probs), 4) if self.probs else None
+
+    @property
+    def entropy(self) -> float | None:
+        """Their mean entropy in nats."""
+        return round(sum(self.entropies) / len(self.entropies), 4) if self.entropies else None

@@ -1,10 +1,11 @@
 """The SLM worker service: tasks on computation/tasks/<agent>, questions on knowledge/<domain>/ask.
 
 At its concurrency limit it answers a task with `Rejected` at once. Decoding parameters come
-from the request, then from cms/parameters/<model>/..., then the defaults; a request writes at
-most cms/configs/<model>/max_tokens tokens. It publishes what its generations cost, tasks and
-expert answers together: cms/metrics/<agent>/inference_time_avg (seconds per request) and
-.../tokens_used_total (tokens written).
+from the request, then from cms/parameters/<model>/..., then the model's measured defaults
+(services/worker/parameters.py), which it publishes there where no operator set a value; a
+request writes at most cms/configs/<model>/max_tokens tokens. It publishes what its generations
+cost, tasks and expert answers together: cms/metrics/<agent>/inference_time_avg (seconds per
+request) and .../tokens_used_total (tokens written).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Worker:
         for domain in domains:
             bus.serve(KNOWLEDGE, self.handle_knowledge, shared=f"knowledge-{domain}", domain=domain)
         if backend.model is not None:
+            bus.on_connect(self.parameters.publish_defaults)  # before the card: seen first
             bus.on_connect(self.publish_model_card)
 
     def load(self) -> tuple[int, int, float]:
@@ -135,6 +137,7 @@ class Worker:
             answer=text.strip(),
             output_tokens=stats.output_tokens,
             ms=round((time.perf_counter() - started) * 1000, 3),
+            confidence=stats.confidence,
         )
 
     async def publish_model_card(self) -> None:

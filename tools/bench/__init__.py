@@ -15,6 +15,8 @@ BENCH_MODULES = (
     "tools.bench.faults",
     "tools.bench.grounding",
     "tools.bench.quality",
+    "tools.bench.sampling",
+    "tools.bench.gap",
     "tools.bench.replicate",
     "tools.bench.kb",
     "tools.bench.security",

@@ -490,7 +490,7 @@ async def _measure_gateway(
         ServiceSpec(
             "gateway",
             "services.gateway",
-            ("--agent-id", gateway, "--port", str(http_port), "--embedder-dir", "",
+            ("--agent-id", gateway, "--port", str(http_port),
              "--api-keys", orjson.dumps({key: "bench"}).decode()),
         ),
     ]  # fmt: skip

@@ -15,8 +15,9 @@ through the QueryClient, as `edgecollab ask` asks them:
   declares no expert domain; no sandbox, no code expert, no sensors (a sensor question is
   asked with no readings behind it).
 - **cooperating**: the orchestrator, the classifier, every worker and sandbox of the stack,
-  plus a code expert (`--code-model`, Qwen2.5-Coder, domains code and math) when the stack has
-  none; for each sensor scenario a sensor agent of this bench's own publishes the readings.
+  plus a code expert (`--code-model`, Qwen2.5-Coder, domains code, math and facts) when the
+  stack has none; for each sensor scenario a sensor agent of this bench's own publishes the
+  readings.
 
 Grading: **code**: the function taken from the answer (the first Python block defining it,
 else the text from its `def` line on) runs with its asserts in the sandbox that serves the
@@ -60,6 +61,7 @@ from services.data.streams import lookup
 from services.orchestrator.programs import PYTHON_TAGS, code_blocks
 from services.sandbox.runner import Limits, Sandbox
 from tools import ROOT
+from tools.bench.gap import auroc
 from tools.common import print_json, running, spawn, stop
 from tools.common.broker import LocalBroker
 from tools.common.stack import STACK, ServiceSpec
@@ -176,7 +178,7 @@ def stack_specs(kind: str, args: argparse.Namespace) -> list[ServiceSpec]:
             ServiceSpec(
                 "code-1", "services.worker",
                 ("--agent-id", "code-1", "--backend", "onnx", "--model-dir", args.code_model,
-                 "--concurrency", "2", "--domains", '["code","math"]'),
+                 "--concurrency", "2", "--domains", '["code","math","facts"]'),
             )
         )  # fmt: skip
     return specs
@@ -269,9 +271,13 @@ async def _one(
         answer, ms, error = await ask(client, text, MAX_TOKENS[domain], args.timeout)
     reply = answer.text if answer is not None and answer.outcome != "failed" else ""
     correct = bool(reply) and await grade(item, reply, sandbox)
+    general = next((s for s in answer.steps if s.name == "answer"), None) if answer else None
+    replaced = general.output if general is not None else None  # an expert answered a gap
     return {
         "id": item.id,
         "correct": correct,
+        "confidence": general.confidence if general is not None else None,
+        "general_correct": await grade(item, replaced, sandbox) if replaced else None,
         "ms": round(ms, 1),
         "answered": answer is not None and answer.outcome in ("edge", "cloud", "rejected_to_cloud"),
         "path": path(answer) if answer is not None else f"no answer: {error}",
@@ -313,14 +319,25 @@ def path(answer: Answer) -> str:
 def _summary(graded: list[dict[str, object]], details: bool) -> dict[str, object]:
     latencies = [float(g["ms"]) for g in graded if g["answered"]]  # type: ignore[arg-type]
     correct = sum(1 for g in graded if g["correct"])
+    odd = graded[1::2]
     summary: dict[str, object] = {
         "n": len(graded),
         "correct": correct,
         "accuracy": round(correct / len(graded), 3) if graded else None,
         "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
         "failed": sum(1 for g in graded if not g["answered"]),
+        # odd positions: the gap threshold was chosen on the even ones (bench gap)
+        "held_out": {"n": len(odd), "correct": sum(1 for g in odd if g["correct"])},
         "paths": dict(Counter(str(g["path"]) for g in graded).most_common()),
     }
+    scored = [g for g in graded if g["confidence"] is not None]
+    if scored:  # does the general model's signal tell its right answers from its wrong ones?
+        own = [g["correct"] if g["general_correct"] is None else g["general_correct"]
+               for g in scored]  # fmt: skip
+        summary["auroc_confidence"] = auroc(
+            [float(g["confidence"]) for g in scored],  # type: ignore[arg-type]
+            [bool(r) for r in own],
+        )
     if details:
         summary["items"] = graded
     return summary
@@ -385,8 +402,10 @@ def check_number(expected: float, answer: str) -> bool:
 
 
 def normalize(text: str) -> str:
-    """Lower case, no accents, words separated by single spaces (punctuation dropped)."""
+    """Lower case, no accents, words separated by single spaces (punctuation dropped; digit
+    groups joined: "7,981,960" is one number, not a 7)."""
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    plain = re.sub(r"(?<=\d)[,.](?=\d)", "", plain)
     return " ".join(re.sub(r"[^a-z0-9]+", " ", plain).split())
 
 

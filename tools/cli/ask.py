@@ -153,4 +153,10 @@ def provenance(answer: Answer) -> str:
         for step in answer.steps
         if step.program
     ]
-    return "\n".join([head, *("   " + line for line in table.splitlines()), *programs])
+    replaced = [  # a knowledge gap: what the general model had said, before the expert's
+        f"   answer of step {step.name} ({step.agent or '-'}, confidence {step.confidence:.2f}),"
+        " replaced:\n" + textwrap.indent(step.output.rstrip("\n"), "     | ")
+        for step in answer.steps
+        if step.output and step.confidence is not None
+    ]
+    return "\n".join([head, *("   " + line for line in table.splitlines()), *programs, *replaced])

@@ -28,6 +28,7 @@ from services.core.topics import (
     CACHE,
     CLASSIFY,
     CMS_ALL,
+    EMBED,
     EMBEDDING,
     ERRORS,
     FINETUNE,
@@ -159,8 +160,14 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
             ("write", ANSWER_ANYONE),
             reports,
         ]
+    embeds = ("write", _subtree(EMBED.filter()))  # the site's one MiniLM, the classifier's
     if role is Role.classifier:
-        return [*agent, ("read", _subtree(CLASSIFY.filter())), reports]
+        return [
+            *agent,
+            ("read", _subtree(CLASSIFY.filter())),
+            ("read", _subtree(EMBED.filter())),
+            reports,
+        ]
     if role is Role.worker:
         return [
             *agent,
@@ -184,19 +191,19 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
     if role is Role.client:
         return [*(("read", f) for f in CMS_PUBLIC), asks, reports]
     if role is Role.gateway:  # a client for many users (its API keys' tenants) with a card
-        return [*agent, ("read", _cms("tenants")), asks, reports]
+        return [*agent, ("read", _cms("tenants")), asks, embeds, reports]
     if role is Role.sandbox:
         return [*agent, ("read", _subtree(ARITHMETIC.filter())), reports]
     if role is Role.kb:
         inbox = [("read", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS)]
-        return [*agent, *inbox, ("write", _family(FINETUNE)), reports]
+        return [*agent, *inbox, ("write", _family(FINETUNE)), embeds, reports]
     if role is Role.operator:
         families = (*OPERATOR_FAMILIES, "finetune", "scaling", "experiments")
         writes = [("write", _cms(f)) for f in families]
         read_all = [("read", f) for f in (CMS_ALL, "data/#", _family(ERRORS))]
         # `edgecollab kb add|search`: a knowledge base's documents, its retrieval, a domain
         kb = [("write", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS, CLASSIFY)]
-        return [*read_all, *writes, *kb, asks, reports]
+        return [*read_all, *writes, *kb, embeds, asks, reports]
     if role is Role.observer:
         return [("read", "#"), ("read", "$SYS/#")]
     if role is Role.replicator:

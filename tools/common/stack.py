@@ -51,15 +51,16 @@ STACK: tuple[ServiceSpec, ...] = (
     # The OpenAI-compatible HTTP API and the dashboard (127.0.0.1:8080 unless configured).
     ServiceSpec("gateway", "services.gateway", ("--agent-id", "gateway-1")),
     # The knowledge base (knowledge/<domain>/retrieve): health and environment passages, cited.
-    ServiceSpec("kb", "services.kb", ("--agent-id", "kb-1", "--model-dir", "all-MiniLM-L6-v2")),
+    ServiceSpec("kb", "services.kb", ("--agent-id", "kb-1")),
     # The sandboxed calculator peer (knowledge/arithmetic/run): math answered by a program.
     ServiceSpec("sandbox", "services.sandbox", ("--agent-id", "sandbox-1")),
-    # The code (and math, by program) expert: Qwen2.5-Coder-0.5B-Instruct, a second model family.
+    # The code (and math, by program) expert: Qwen2.5-Coder-0.5B-Instruct, a second model family;
+    # it also answers facts where the general model shows a knowledge gap.
     ServiceSpec(
         "code-1",
         "services.worker",
         ("--agent-id", "code-1", "--backend", "onnx", "--model-dir", "Qwen2.5-Coder-0.5B-Instruct",
-         "--concurrency", "2", "--domains", '["code","math"]'),
+         "--concurrency", "2", "--domains", '["code","math","facts"]'),
     ),
     # Simulated devices: a feverish wearer (Fig. 5a) and a city block before an event (Fig. 5b).
     ServiceSpec(
