@@ -54,6 +54,9 @@ def test_numbers_facts_and_sensor_answers():
     sensor = SensorItem(id="s", domain="health", question="-", readings={"spo2": 88},
                         expect=[["88"], ["oxygen", "spo2"]])  # fmt: skip
     assert quality.check_sensor_answer(sensor, "Your SpO2 is 88%, low.")
+    assert quality.check_sensor_answer(sensor, "SpO2 88.0 % (steady), below 92 %.")  # a reading
+    assert not quality.check_sensor_answer(sensor, "SpO2 880 %, oxygen")
+    assert quality.mentions_any("body temperature 36.6 °C", ["36.6"])
     assert not quality.check_sensor_answer(sensor, "Your SpO2 is fine.")
 
 

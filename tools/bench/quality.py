@@ -402,10 +402,12 @@ def check_number(expected: float, answer: str) -> bool:
 
 
 def normalize(text: str) -> str:
-    """Lower case, no accents, words separated by single spaces (punctuation dropped; digit
-    groups joined: "7,981,960" is one number, not a 7)."""
+    """Lower case, no accents, words separated by single spaces (punctuation dropped;
+    thousands separators dropped: "7,981,960" is one number, not a 7; a whole number's ".0"
+    dropped: "85.0" is 85, and "36.6" stays two words, as its expected "36.6" does)."""
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    plain = re.sub(r"(?<=\d)[,.](?=\d)", "", plain)
+    plain = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", plain)
+    plain = re.sub(r"(?<=\d)\.0+(?!\d)", "", plain)
     return " ".join(re.sub(r"[^a-z0-9]+", " ", plain).split())
 
 
