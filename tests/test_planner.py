@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from schemas import SamplingOptions
 from services.orchestrator.planner import (
+    PROSE,
     Plan,
     PlanStep,
     Sensor,
@@ -12,6 +14,7 @@ from services.orchestrator.planner import (
     render,
     with_passages,
 )
+from services.orchestrator.service import under
 
 WEARABLES = [Sensor("wearable-1", "health"), Sensor("ring-1", "health")]
 CITY = [Sensor(a, "environment") for a in ("camera-1", "air-1", "noise-1", "traffic-1")]
@@ -130,3 +133,18 @@ def test_a_knowledge_base_retrieves_first_and_every_generation_and_expert_reads_
         ["answer"],
     ]
     assert plain.by_name["retrieve:environment"].streams == ()  # no data: no ranges needed
+
+
+def test_advice_is_decoded_with_a_penalty_and_the_users_choice_wins():
+    health = make_plan(domain="health", max_tokens=50, sensors=WEARABLES, expert_available=True)
+    city = make_plan(domain="environment", max_tokens=50, sensors=CITY, expert_available=True)
+    prose = [s for p in (health, city) for s in p.steps if s.kind in ("generate", "knowledge")]
+    assert prose and all(s.sampling == PROSE for s in prose)
+    facts = make_plan(domain="general", max_tokens=50)
+    assert facts.final.sampling is None  # facts do best without a penalty (bench sampling)
+    asked = SamplingOptions(repetition_penalty=1.0, temperature=0.2)
+    assert under(PROSE, asked) == asked
+    assert under(PROSE, SamplingOptions(temperature=0.2)) == SamplingOptions(
+        temperature=0.2, repetition_penalty=1.15
+    )
+    assert under(None, asked) is asked

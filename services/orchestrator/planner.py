@@ -60,7 +60,7 @@ class PlanStep:
     # A fallback: when the step named here produced an output, that output is this step's, and
     # this one runs (as a plain generation) only when it did not.
     fallback_of: str | None = None
-    # knowledge steps: decoding asked of the expert (None: its model's defaults)
+    # decoding asked of the agent, under what the query sets (None: its model's defaults)
     sampling: SamplingOptions | None = None
     # generate steps: the expert domain asked when this answer shows a knowledge gap
     gap_domain: str | None = None
@@ -156,28 +156,32 @@ def make_plan(
 
 def _health(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
     vitals = tuple(s.name for s in data)
-    analysis = PlanStep("analysis", "generate", after=vitals, prompt=ANALYSIS, max_tokens=96)
+    analysis = PlanStep(
+        "analysis", "generate", after=vitals, prompt=ANALYSIS, max_tokens=96, sampling=PROSE
+    )
     steps: list[PlanStep] = [*data, analysis]
     if expert:
-        steps.append(_expert("health", ("analysis",)))
+        steps.append(_expert("health", ("analysis",), sampling=PROSE))
     answer = PlanStep(
         "answer",
         "generate",
         after=(*vitals, steps[-1].name),  # the vitals too: the advice is about them
         prompt=HEALTH_ANSWER,
         max_tokens=max_tokens,
+        sampling=PROSE,
     )
     return Plan("health", (*steps, answer), "sequential")
 
 
 def _environment(data: list[PlanStep], max_tokens: int, expert: bool) -> Plan:
-    fan_out = [*data, *([_expert("environment", ())] if expert else [])]
+    fan_out = [*data, *([_expert("environment", (), sampling=PROSE)] if expert else [])]
     answer = PlanStep(
         "answer",
         "generate",
         after=tuple(s.name for s in fan_out),
         prompt=CITY_ANSWER,
         max_tokens=max_tokens,
+        sampling=PROSE,
     )
     return Plan("environment", (*fan_out, answer), "parallel")
 
@@ -226,16 +230,23 @@ def with_passages(plan: Plan) -> Plan:
     return Plan(plan.domain, (retrieve, *steps), plan.shape)
 
 
-def _expert(domain: str, after: tuple[str, ...]) -> PlanStep:
+def _expert(
+    domain: str, after: tuple[str, ...], sampling: SamplingOptions | None = None
+) -> PlanStep:
     return PlanStep(
-        f"knowledge:{domain}", "knowledge", after=after, domain=domain, prompt=EXPERT, max_tokens=96
-    )
+        f"knowledge:{domain}", "knowledge", after=after, domain=domain, prompt=EXPERT,
+        max_tokens=96, sampling=sampling,
+    )  # fmt: skip
 
 
 # Domains whose expert's answer is the answer; code must repeat identifiers, so its expert
 # decodes greedily without a repetition penalty (measured: 1.15 turned 5/20 functions into 0/20).
 EXPERT_ANSWERS = frozenset({"code"})
 EXACT = SamplingOptions(temperature=0.0, repetition_penalty=1.0)
+# Advice is prose, which SmolLM2 loops in without a penalty (bench sampling --domain advice: a
+# sentence repeated in 10 of 10 answers at 1.0, in none at 1.1 or 1.15); facts and code do best
+# without one (bench sampling), so only the steps that write advice ask for it.
+PROSE = SamplingOptions(repetition_penalty=1.15)
 
 # Prompt templates: {query} is the user's text, {context} the outputs of the step's `after`.
 ANSWER = "{context}\n\nQuestion: {query}"

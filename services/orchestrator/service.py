@@ -29,7 +29,16 @@ from collections import deque
 
 import structlog
 
-from schemas import Answer, Classification, ClassifyRequest, Fact, Passage, Query, Step
+from schemas import (
+    Answer,
+    Classification,
+    ClassifyRequest,
+    Fact,
+    Passage,
+    Query,
+    SamplingOptions,
+    Step,
+)
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
@@ -210,7 +219,7 @@ class Orchestrator:
             deadline=query.deadline,
             stream=query.stream and step.name == "answer",
             resume=query.resume if step.name == "answer" else None,
-            sampling=query.sampling,
+            sampling=under(step.sampling, query.sampling),
             **_length_labels(step, classification),
             client=client,
         )
@@ -389,3 +398,11 @@ def _refusal(final: Generated, steps: list[Step]) -> str:
     if final.outcome is Outcome.REJECTED:
         return f"rejected: {reason}; no cloud endpoint is configured"
     return f"failed: {reason}"
+
+
+def under(step: SamplingOptions | None, query: SamplingOptions) -> SamplingOptions:
+    """The step's decoding where the query set nothing (what the user asks wins)."""
+    if step is None:
+        return query
+    return SamplingOptions(**(step.model_dump(exclude_defaults=True)
+                              | query.model_dump(exclude_defaults=True)))  # fmt: skip

@@ -12,8 +12,11 @@ own system prompt). The prompt is the one the stack renders for the role the mod
   worker's `EXPERT_PROMPT`.
 
 Grading is `bench quality`'s (code run with its asserts in the sandbox, the last number for
-math, an accepted alias for facts). Every item records the worker's knowledge-gap signal
-(`confidence`, `entropy` of its first tokens), which `edgecollab bench gap` reads. Prints JSON.
+math, an accepted alias for facts). `advice` is the final generation of a grounded answer (the
+planner's health or city answer prompt over the sensor scenarios' readings), right when no
+sentence of it comes twice: it measures the loops a small model falls into. Every item records
+the worker's knowledge-gap signal (`confidence`, `entropy` of its first tokens), which
+`edgecollab bench gap` reads. Prints JSON.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from pathlib import Path
 
 from tools.common import print_json
 
-DOMAINS = ("facts", "code", "math")
+DOMAINS = ("facts", "code", "math", "advice")
 EXPERT_DOMAIN = {"facts": "facts", "code": "code", "math": "math"}  # as the stack asks them
+ITEMS_OF = {"advice": "sensors"}  # the labelled set a domain's prompts come from
+MAX_TOKENS_OF = {"advice": 160}
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,13 @@ async def bench(args: argparse.Namespace) -> int:
     generator = Generator(engine, max_batch=1)
     sandbox = await Sandbox.detect()
     domains = args.domain or list(DOMAINS)
-    items = {d: load(d, args.limit) for d in domains}
+    items = {d: load(ITEMS_OF.get(d, d), args.limit) for d in domains}
     chosen = [s for s in SETTINGS if not args.setting or s.name in args.setting]
     report: dict[str, object] = {
         "model": engine.card["name"],
         "role": args.role,
         "limit": args.limit,
-        "max_tokens": {d: MAX_TOKENS[d] for d in domains},
+        "max_tokens": {d: MAX_TOKENS_OF.get(d) or MAX_TOKENS[d] for d in domains},
         "settings": {},
     }
     try:
@@ -127,7 +132,9 @@ def messages(setting: Setting, role: str, domain: str, question: str) -> list[di
     from services.orchestrator.planner import ANSWER, PlanStep, render
     from services.worker.service import EXPERT_PROMPT
 
-    if role == "general":
+    if domain == "advice":
+        user, system = question, None  # already the rendered answer prompt (`advice_prompt`)
+    elif role == "general":
         user = render(PlanStep("answer", "generate", prompt=ANSWER), question, {})
         system = None
     else:
@@ -145,8 +152,10 @@ async def _one(generator, engine, setting, role, domain, item, n, sandbox) -> di
     from tools.bench.quality import MAX_TOKENS, CodeItem, grade
 
     question = item.prompt if isinstance(item, CodeItem) else item.question
+    if domain == "advice":
+        question = advice_prompt(item)
     params = SamplingParams(
-        max_tokens=MAX_TOKENS[domain],
+        max_tokens=MAX_TOKENS_OF.get(domain) or MAX_TOKENS[domain],
         temperature=setting.temperature,
         repetition_penalty=setting.repetition_penalty,
         seed=n,  # the same draw for an item under every sampled setting
@@ -156,13 +165,32 @@ async def _one(generator, engine, setting, role, domain, item, n, sandbox) -> di
     ms = (time.perf_counter() - started) * 1000
     return {
         "id": item.id,
-        "correct": bool(text.strip()) and await grade(item, text, sandbox),
+        "correct": bool(text.strip())
+        and (repeated(text) == 0 if domain == "advice" else await grade(item, text, sandbox)),
         "confidence": stats.confidence,
         "entropy": stats.entropy,
         "output_tokens": stats.output_tokens,
         "ms": round(ms, 1),
         "answer": text[:600],
     }
+
+
+def advice_prompt(item) -> str:  # type: ignore[no-untyped-def]
+    """The planner's final prompt of a grounded answer to a sensor scenario."""
+    from services.orchestrator.planner import CITY_ANSWER, HEALTH_ANSWER, PlanStep, render
+
+    template = HEALTH_ANSWER if item.domain == "health" else CITY_ANSWER
+    readings = ", ".join(f"{stream} {value}" for stream, value in item.readings.items())
+    step = PlanStep("answer", "generate", after=("data",), prompt=template)
+    return render(step, item.question, {"data": readings})
+
+
+def repeated(text: str) -> int:
+    """Sentences (12 characters or more) that come again later in `text`."""
+    import re
+
+    sentences = [s.strip() for s in re.split(r"[.!?\n]+", text) if len(s.strip()) >= 12]
+    return len(sentences) - len(set(sentences))
 
 
 def _summary(graded: list[dict[str, object]], details: bool) -> dict[str, object]:
