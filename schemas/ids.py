@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import StringConstraints
 
 AGENT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-# Request and task ids travel in topic levels (computation/stream/<request>), so no '/', '+', '#'.
+# Request and task ids travel in topic levels (computation/stream/<client>/<request>): no '/+#'.
 TOKEN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 DOMAIN_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 # A model's name is a topic level (cms/slm/<model>/..., cms/configs/<model>/...); a version too.

@@ -61,6 +61,8 @@ ErrorCode = Literal[
     "unavailable",
     "cloud_error",
     "internal",
+    "forbidden",
+    "quota",
 ]
 
 
@@ -420,6 +422,9 @@ class Task(Message):
     deadline: float
     stream: bool = False
     sampling: SamplingOptions = SamplingOptions()
+    client: AgentIdField | None = Field(
+        None, description="the requester: tokens stream to computation/stream/<client>/<request>"
+    )
     attempt: int = Field(1, ge=1, le=1000, description="1 + the workers tried before this one")
     resume: Resume | None = Field(None, description="a streamed answer to continue, not restart")
 
@@ -467,7 +472,7 @@ class Rejected(Message):
 
 
 class TokenChunk(Message):
-    """A piece of streamed output on computation/stream/<request>."""
+    """A piece of streamed output on computation/stream/<client>/<request>."""
 
     type: Literal["token_chunk"] = "token_chunk"
     request_id: RequestIdField

@@ -6,7 +6,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import aiomqtt
 import orjson
 import pytest
 
@@ -17,7 +16,7 @@ from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, NoSubscriber, RemoteError
 from services.core.presence import card_entry
 from services.core.topics import AGENT_CARD, ERRORS, TASKS, Address
-from tests.conftest import running, wait_for
+from tests.conftest import mqtt_client, running, wait_for
 
 
 def _task(uid: str, deadline_s: float = 5.0) -> Task:
@@ -45,10 +44,10 @@ async def _echo_worker(request: Request[Task]) -> TaskResult:
     )
 
 
-async def test_request_gets_its_reply(mqtt, uid):
-    server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
+async def test_request_gets_its_reply(login, uid):
+    server = Bus(settings=login(f"w-{uid}", "worker"), client_id=f"w-{uid}", service="worker")
     server.serve(TASKS, _echo_worker, agent=f"w-{uid}")
-    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    client = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="c")
     async with running(server), running(client):
         replies = await asyncio.gather(
             *(
@@ -64,10 +63,11 @@ async def test_request_gets_its_reply(mqtt, uid):
     assert all(isinstance(r, TaskResult) and r.text == "HI" for r in replies)
 
 
-async def test_request_to_silent_agent_fails_at_its_deadline(mqtt, uid):
-    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+async def test_request_to_silent_agent_fails_at_its_deadline(login, uid):
+    client = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="c")
     topic = TASKS.format(agent=f"silent-{uid}")
-    async with running(client), aiomqtt.Client(mqtt.host, mqtt.port) as silent:
+    silent = mqtt_client(login(f"silent-{uid}", "worker"))
+    async with running(client), silent:
         await silent.subscribe(topic, qos=1)  # takes every task, answers none
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="no answer"):
@@ -75,8 +75,8 @@ async def test_request_to_silent_agent_fails_at_its_deadline(mqtt, uid):
         assert time.monotonic() - started > 0.4  # not before its deadline
 
 
-async def test_request_nobody_is_subscribed_to_fails_at_once(mqtt, uid):
-    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+async def test_request_nobody_is_subscribed_to_fails_at_once(login, uid):
+    client = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="c")
     async with running(client):
         with pytest.raises(NoSubscriber, match=f"nobody-{uid}"):  # PUBACK 0x10, not a deadline
             await client.request(
@@ -85,7 +85,7 @@ async def test_request_nobody_is_subscribed_to_fails_at_once(mqtt, uid):
 
 
 @pytest.mark.logged_exceptions(1)
-async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, uid):
+async def test_handler_exception_becomes_error_reply_and_service_survives(login, uid):
     calls = 0
 
     async def flaky(request: Request[Task]) -> Rejected:
@@ -97,9 +97,9 @@ async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, 
             task_id=request.body.task_id, agent=f"w-{uid}", reason="full", active=1, limit=1
         )
 
-    server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
+    server = Bus(settings=login(f"w-{uid}", "worker"), client_id=f"w-{uid}", service="worker")
     server.serve(TASKS, flaky, agent=f"w-{uid}")
-    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    client = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="c")
     async with running(server), running(client):
         topic = TASKS.format(agent=f"w-{uid}")
         with pytest.raises(RemoteError, match="internal: RuntimeError: boom"):
@@ -109,7 +109,7 @@ async def test_handler_exception_becomes_error_reply_and_service_survives(mqtt, 
 
 
 @pytest.mark.logged_exceptions(1)
-async def test_listener_bug_is_counted_in_the_status_and_reading_goes_on(mqtt, uid):
+async def test_listener_bug_is_counted_in_the_status_and_reading_goes_on(login, uid):
     from services.core.logging import EXCEPTIONS
     from services.core.presence import Presence
 
@@ -122,11 +122,13 @@ async def test_listener_bug_is_counted_in_the_status_and_reading_goes_on(mqtt, u
 
     card = AgentCard(agent=f"l-{uid}", kind="worker", epoch=1, started_at=now())
     presence = Presence(card)
-    bus = Bus(settings=mqtt, client_id=f"l-{uid}", service="t")
-    bus.listen(ERRORS, listener, service=f"s-{uid}")
+    bus = Bus(settings=login(f"l-{uid}", "worker"), client_id=f"l-{uid}", service="t")
     view = CmsView(bus)
+    reader = f"operator-{uid}"  # who reads errors/#
+    errors = Bus(settings=login(reader, "operator"), client_id=reader, service="t")
+    errors.listen(ERRORS, listener, service=f"s-{uid}")
     before = EXCEPTIONS.count
-    async with running(bus):
+    async with running(bus), running(errors):
         for text in ("first", "second"):
             error = Error(code="internal", message=text, service="t", topic="t")
             await bus.publish(ERRORS.format(service=f"s-{uid}"), error)
@@ -146,11 +148,11 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("code", [*BAD_INPUTS, "unknown_topic", "other_schema"])
-async def test_bad_input_is_answered_with_error_and_next_request_served(mqtt, uid, code):
+async def test_bad_input_is_answered_with_error_and_next_request_served(login, uid, code):
     agent = f"w-{uid}"
-    server = Bus(settings=mqtt, client_id=agent, service="worker")
+    server = Bus(settings=login(agent, "worker"), client_id=agent, service="worker")
     server.serve(TASKS, _echo_worker, agent=agent)
-    client = Bus(settings=mqtt, client_id=f"c-{uid}", service="client")
+    client = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="c")
     topic = TASKS.format(agent=agent)
     payload = BAD_INPUTS.get(code, b"")
     if code == "unknown_topic":
@@ -172,13 +174,14 @@ async def test_bad_input_is_answered_with_error_and_next_request_served(mqtt, ui
     assert server.errors_sent == 1
 
 
-async def test_bad_input_without_response_topic_goes_to_errors_topic(mqtt, uid):
+async def test_bad_input_without_response_topic_goes_to_errors_topic(login, uid):
     agent = f"w-{uid}"
-    server = Bus(settings=mqtt, client_id=agent, service=f"worker-{uid}")
+    server = Bus(settings=login(agent, "worker"), client_id=agent, service=f"worker-{uid}")
     server.serve(TASKS, _echo_worker, agent=agent)
-    async with running(server), aiomqtt.Client(mqtt.host, mqtt.port) as sub:
+    sender, reader = login(f"o-{uid}", "orchestrator"), login(f"operator-{uid}", "operator")
+    async with running(server), mqtt_client(reader) as sub, mqtt_client(sender) as pub:
         await sub.subscribe(ERRORS.format(service=f"worker-{uid}"), qos=1)
-        await sub.publish(TASKS.format(agent=agent), b"[1, 2]", qos=1)
+        await pub.publish(TASKS.format(agent=agent), b"[1, 2]", qos=1)
         async with asyncio.timeout(30):
             message = await anext(sub.messages)
     error = Error.model_validate_json(message.payload)
@@ -186,9 +189,10 @@ async def test_bad_input_without_response_topic_goes_to_errors_topic(mqtt, uid):
     assert error.topic == TASKS.format(agent=agent)
 
 
-async def test_cms_view_mirrors_puts_and_deletes_with_callbacks(mqtt, uid):
-    writer = Bus(settings=mqtt, client_id=f"cw-{uid}", service="cli")
-    reader = Bus(settings=mqtt, client_id=f"cr-{uid}", service="cli")
+async def test_cms_view_mirrors_puts_and_deletes_with_callbacks(login, uid):
+    operator = f"operator-{uid}"  # who writes cms/parameters
+    writer = Bus(settings=login(operator, "operator"), client_id=operator, service="cli")
+    reader = Bus(settings=login(f"cr-{uid}"), client_id=f"cr-{uid}", service="cli")
     view = CmsView(reader)
     seen: list[tuple[str, object]] = []
     view.on_change(lambda key, entry: seen.append((key, entry and entry.value)))
@@ -202,28 +206,29 @@ async def test_cms_view_mirrors_puts_and_deletes_with_callbacks(mqtt, uid):
         async with asyncio.timeout(30):
             while len([k for k, _ in seen if k.endswith(key)]) < 3:
                 await asyncio.sleep(0.01)
-        assert view.get(key).version == 3 and view.get(key).origin == f"cw-{uid}"
+        assert view.get(key).version == 3 and view.get(key).origin == operator
         await cms.delete(writer, key)
     mine = [(k, v) for k, v in seen if k == f"cms/{key}"]
     assert mine[:3] == [(f"cms/{key}", 0.7), (f"cms/{key}", None), (f"cms/{key}", 0.2)]
 
 
-async def test_fresh_view_receives_every_one_of_10000_retained_cards(mqtt, uid):
+async def test_fresh_view_receives_every_one_of_10000_retained_cards(open_broker, uid):
     count = 10_000
     prefix = f"s{uid}"
-    async with aiomqtt.Client(mqtt.host, mqtt.port, max_inflight_messages=1000) as pub:
+    writer = open_broker.anonymous  # one client for 10,000 agents: the broker without an ACL
+    async with mqtt_client(writer, max_inflight_messages=1000) as pub:
         for i in range(count):
             agent = f"{prefix}-{i}"
             card = AgentCard(agent=agent, kind="sensor", epoch=1, started_at=now())
             body = card_entry(card).model_dump_json()
             await pub.publish(AGENT_CARD.format(agent=agent), body, qos=1, retain=True)
-    reader = Bus(settings=mqtt, client_id=f"r-{uid}", service="cli")
+    reader = Bus(settings=writer, client_id=f"r-{uid}", service="cli")
     view = CmsView(reader)
     async with running(reader):
         await view.synced()
         mine = [a for a in view.cards if a.startswith(prefix + "-")]
     assert len(mine) == count
-    async with aiomqtt.Client(mqtt.host, mqtt.port) as pub:  # leave the broker clean
+    async with mqtt_client(writer) as pub:  # leave the broker clean
         for i in range(count):
             await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), b"", qos=0, retain=True)
 
@@ -272,14 +277,12 @@ async def test_a_stalled_broker_holds_publishers_back(tmp_path) -> None:
     import os
     import signal
 
-    from services.core.settings import MqttSettings
     from tests.broker import Broker
 
     broker = Broker(tmp_path)
+    settings = broker.login("stall", "worker")
     broker.start()
-    bus = Bus(
-        settings=MqttSettings(host=broker.host, port=broker.port), client_id="stall", service="t"
-    )
+    bus = Bus(settings=settings, client_id="stall", service="t")
     big = Error(code="internal", message="x" * 200_000, service="test", topic="t")
     size, most = len(big.model_dump_json()), _most_a_loopback_socket_holds()
     count = most // size + 2  # more than the kernel can take in for a broker that does not read

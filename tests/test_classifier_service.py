@@ -17,10 +17,12 @@ from tests.conftest import running, wait_for
 from tests.test_stack import online
 
 
-async def test_classifier_service_answers_with_domain_gap_and_matches(mqtt, uid, spawn, minilm_dir):
+async def test_classifier_service_answers_with_domain_gap_and_matches(
+    login, uid, spawn, minilm_dir
+):
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
     spawn("services.worker", "--agent-id", f"med-{uid}", "--domains", '["health"]')
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"cls-{uid}", f"med-{uid}"), timeout=60)
@@ -42,9 +44,9 @@ async def test_classifier_service_answers_with_domain_gap_and_matches(mqtt, uid,
     assert raised.value.error.code == "bad_request" and "empty" in raised.value.error.message
 
 
-async def test_the_classifier_embeds_for_services_that_hold_no_model(mqtt, uid, spawn, minilm_dir):
+async def test_the_classifier_embeds_for_services_that_hold_no_model(login, uid, spawn, minilm_dir):
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"kb-{uid}", "kb"), client_id=f"kb-{uid}", service="test")  # embeds
     view = CmsView(bus)
     texts = ["the air in the park is clean", "air quality in the park is good", "def f(x):"]
     async with running(bus):

@@ -11,12 +11,11 @@ import subprocess
 import sys
 import threading
 
-import aiomqtt
-
 from schemas import AgentCard, now
 from services.core.presence import card_entry
 from services.core.topics import AGENT_CARD
 from tests.broker import ROOT
+from tests.conftest import mqtt_client
 
 
 def cli(mqtt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -115,19 +114,20 @@ def test_no_broker_is_a_clear_error():
     assert out.returncode != 0 and "no MQTT broker answers at 127.0.0.1:1" in out.stderr
 
 
-async def test_agents_lists_10000_agents(mqtt, uid):
+async def test_agents_lists_10000_agents(open_broker, uid):
     prefix, count = f"a{uid}", 10_000
-    async with aiomqtt.Client(mqtt.host, mqtt.port, max_inflight_messages=1000) as pub:
+    writer = open_broker.anonymous  # one client for 10,000 agents: the broker without an ACL
+    async with mqtt_client(writer, max_inflight_messages=1000) as pub:
         for i in range(count):
             card = AgentCard(agent=f"{prefix}-{i}", kind="sensor", epoch=1, started_at=now())
             body = card_entry(card).model_dump_json()
             await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), body, qos=1, retain=True)
     try:
-        out = cli(mqtt, "agents", "--kind", "sensor", "--json", timeout=120)
+        out = cli(writer, "agents", "--kind", "sensor", "--json", timeout=120)
         rows = [r for r in json.loads(out.stdout) if r["agent"].startswith(prefix + "-")]
         assert len(rows) == count and all(r["state"] == "offline" for r in rows)
     finally:
-        async with aiomqtt.Client(mqtt.host, mqtt.port) as pub:
+        async with mqtt_client(writer) as pub:
             for i in range(count):
                 await pub.publish(AGENT_CARD.format(agent=f"{prefix}-{i}"), b"", retain=True)
 
@@ -135,18 +135,23 @@ async def test_agents_lists_10000_agents(mqtt, uid):
 def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
     from tools.common.broker import broker_answers, free_port
 
-    port = free_port()
+    port, tls_port = free_port(), free_port()
     env = {**os.environ, "EDGECOLLAB_STATE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     up = subprocess.Popen(
         [sys.executable, "-m", "tools.cli.main", "up", "--only", "orchestrator",
-         "--broker", f"127.0.0.1:{port}"],
+         "--broker", f"127.0.0.1:{port}", "--tls-port", str(tls_port), "--cert-port", "0",
+         "--listen", "127.0.0.1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
+        said = [next_line(up.stdout)]
+        while "services on" not in said[-1]:  # the accounts and the broker are there now
+            said.append(next_line(up.stdout))
+        # the CLI on the box finds an operator account in the state dir by itself
         ready = subprocess.run(
             [sys.executable, "-m", "tools.cli.main", "agents", "--wait-for", "orchestrator-1",
              "--timeout", "60", "--broker", f"127.0.0.1:{port}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=90,
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=90,
         )  # fmt: skip
         assert ready.returncode == 0, ready.stdout
         assert "orchestrator-1" in ready.stdout and "online" in ready.stdout
@@ -155,6 +160,7 @@ def test_up_starts_a_broker_and_the_services_and_ctrl_c_stops_them(tmp_path):
     finally:
         if up.poll() is None:
             up.kill()
+    out = "".join(said) + out
     assert up.returncode == 0
     assert "starting mosquitto" in out and "up: stopped" in out
     assert not broker_answers("127.0.0.1", port)

@@ -93,8 +93,9 @@ def test_no_broker_is_one_line():
     assert_one_line_error(result, "no MQTT broker answers")
 
 
-async def test_a_reader_that_leaves_ends_the_command_quietly(mqtt, uid):
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+async def test_a_reader_that_leaves_ends_the_command_quietly(mqtt, login, uid):
+    operator = f"operator-{uid}"  # configs/ are the operators'
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     async with running(bus):
         from services.core import cms
 
@@ -124,10 +125,12 @@ async def test_a_reader_that_leaves_ends_the_command_quietly(mqtt, uid):
     assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr, shell.stderr
 
 
-async def test_ask_reads_a_long_question_from_stdin_or_a_file(spawn, mqtt, uid, tmp_path: Path):
+async def test_ask_reads_a_long_question_from_stdin_or_a_file(
+    spawn, mqtt, login, uid, tmp_path: Path
+):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
     spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "200")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(lambda: view.online(f"orch-{uid}", f"w-{uid}"))

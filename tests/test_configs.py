@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,12 +32,13 @@ def tiny_named(tiny_model_dir: Path, folder: Path, name: str) -> Path:
 
 @asynccontextmanager
 async def refusals(
-    mqtt: MqttSettings, uid: str, service: str
+    login: Callable[..., MqttSettings], uid: str, service: str
 ) -> AsyncIterator[tuple[Bus, CmsView]]:
     """A test client on the bus with its CMS view; `refused` takes the errors `service`
     reports about the keys of this test (those with `uid` in them, and the site's own keys;
-    other tests' leftovers under cms/configs/ are reported too)."""
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    other tests' leftovers under cms/configs/ are reported too). An operator: configs are theirs."""
+    operator = f"operator-{uid}"
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     found: asyncio.Queue[Error] = asyncio.Queue()
 
     def collect(request) -> None:  # type: ignore[no-untyped-def]
@@ -60,25 +61,26 @@ async def refused(bus: Bus, key: str) -> Error:
 
 
 async def test_worker_caps_max_tokens_live_and_publishes_its_metrics(
-    mqtt, uid, spawn, tiny_model_dir, tmp_path
+    mqtt, login, uid, spawn, tiny_model_dir, tmp_path
 ):
     model = f"tiny-{uid}"
     folder = tiny_named(tiny_model_dir, tmp_path / model, model)
     spawn("services.worker", "--agent-id", f"w-{uid}", "--backend", "onnx",
           "--model-dir", str(folder), "--threads", "1", "--metrics-interval-s", "0.5")  # fmt: skip
     key = f"configs/{model}/max_tokens"
-    async with refusals(mqtt, uid, "worker") as (bus, view):
+    tasker = Bus(settings=login(f"o-{uid}", "orchestrator"), client_id=f"o-{uid}", service="t")
+    async with refusals(login, uid, "worker") as (bus, view), running(tasker):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
-        free = await generate(bus, uid, max_tokens=12, prompt="Tell me a story")
+        free = await generate(tasker, uid, max_tokens=12, prompt="Tell me a story")
         await cms.put(bus, key, 2, version=1)
-        capped = await generate(bus, uid, max_tokens=12, prompt="Tell me a story")
+        capped = await generate(tasker, uid, max_tokens=12, prompt="Tell me a story")
         problems = []
         for n, bad in enumerate((True, "2", 10**9, 0, 2.5, [3]), start=2):
             await cms.put(bus, key, bad, version=n)
             problems.append((await refused(bus, key)).message)
-        still = await generate(bus, uid, max_tokens=12, prompt="Tell me a story")
+        still = await generate(tasker, uid, max_tokens=12, prompt="Tell me a story")
         await cms.delete(bus, key)
-        again = await generate(bus, uid, max_tokens=12, prompt="Tell me a story")
+        again = await generate(tasker, uid, max_tokens=12, prompt="Tell me a story")
         served = [free, capped, still, again]
         tokens = METRIC.format(scope=f"w-{uid}", name="tokens_used_total")
         average = METRIC.format(scope=f"w-{uid}", name="inference_time_avg")
@@ -93,11 +95,11 @@ async def test_worker_caps_max_tokens_live_and_publishes_its_metrics(
     assert 0 < mean.value <= sum(r.ms for r in served) / 1000
 
 
-async def test_orchestrator_takes_its_cloud_fallback_from_the_cms_live(mqtt, uid, spawn):
+async def test_orchestrator_takes_its_cloud_fallback_from_the_cms_live(mqtt, login, uid, spawn):
     with FakeCloud() as home, FakeCloud(api_key=None) as other:
         spawn("services.orchestrator", "--agent-id", f"orch-{uid}",
               "--cloud-url", home.url, "--cloud-api-key", home.api_key)  # fmt: skip
-        async with refusals(mqtt, uid, "orchestrator") as (bus, view):
+        async with refusals(login, uid, "orchestrator") as (bus, view):
             await wait_for(online(view, f"orch-{uid}"), timeout=60)
             keys = {name: f"configs/{name}" for name in ("fallback_endpoint", "fallback_model")}
             try:
@@ -141,7 +143,7 @@ async def test_orchestrator_takes_its_cloud_fallback_from_the_cms_live(mqtt, uid
 
 
 async def test_tasks_go_only_to_the_configured_model_version(
-    mqtt, uid, spawn, tiny_model_dir, tmp_path
+    mqtt, login, uid, spawn, tiny_model_dir, tmp_path
 ):
     model = f"tiny-{uid}"
     folder = tiny_named(tiny_model_dir, tmp_path / model, model)
@@ -151,7 +153,7 @@ async def test_tasks_go_only_to_the_configured_model_version(
               "--model-dir", str(folder), "--threads", "1", "--model-version", version)  # fmt: skip
     key = f"configs/{model}/version"
     wild = f"configs/*-{uid}/version"
-    async with refusals(mqtt, uid, "orchestrator") as (bus, view):
+    async with refusals(login, uid, "orchestrator") as (bus, view):
         await wait_for(online(view, f"orch-{uid}", f"wa-{uid}", f"wb-{uid}"), timeout=60)
 
         async def agents(n: int = 4) -> set[str | None]:

@@ -9,15 +9,13 @@ import subprocess
 import sys
 import time
 
-import aiomqtt
-
 from schemas import Answer, Query
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.topics import QUERIES
 from services.data.view import DataView
 from tests.broker import ROOT
-from tests.conftest import running, wait_for
+from tests.conftest import mqtt_client, running, wait_for
 
 
 def readme_reading(agent: str, value: int, ts: int) -> str:
@@ -38,16 +36,16 @@ def agents_json(mqtt) -> list[dict]:  # type: ignore[no-untyped-def]
 
 
 async def test_a_device_publishing_as_the_readme_shows_is_used_by_the_next_health_query(
-    mqtt, uid, spawn, minilm_dir
+    mqtt, login, uid, spawn, minilm_dir
 ):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
     spawn("services.worker", "--agent-id", f"slm-{uid}", "--tokens-per-s", "500",
           "--domains", '["health"]')  # fmt: skip
     watch, topic = f"watch-{uid}", f"data/health/heart_rate/watch-{uid}"
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
-    async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as device:
+    async with running(bus), mqtt_client(login(watch, "sensor")) as device:
         try:
             assert await view.wait_online([f"orch-{uid}", f"cls-{uid}", f"slm-{uid}"], timeout=90)
             now = int(time.time())
@@ -87,19 +85,23 @@ async def test_a_device_publishing_as_the_readme_shows_is_used_by_the_next_healt
     assert (row["kind"], row["state"], row["domains"]) == ("sensor", "discovered", "health")
 
 
-async def test_only_readings_heard_live_make_a_device_live_not_a_retained_last_value(mqtt, uid):
+async def test_only_readings_heard_live_make_a_device_live_not_a_retained_last_value(
+    mqtt, login, uid
+):
     gone, alive = f"gone-{uid}", f"alive-{uid}"
     ts = int(time.time())
-    async with aiomqtt.Client(mqtt.host, mqtt.port) as device:
+    live_device = mqtt_client(login(alive, "sensor"))
+    async with mqtt_client(login(gone, "sensor")) as device, live_device:
         await device.publish(f"data/health/heart_rate/{gone}", readme_reading(gone, 70, ts),
                              qos=1, retain=True)  # fmt: skip
-        bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+        planner = login(f"c-{uid}", "orchestrator")  # reads data/#, as an orchestrator does
+        bus = Bus(settings=planner, client_id=f"c-{uid}", service=f"planner-{uid}")
         data = DataView(bus, domains=["health"])
         try:
             async with running(bus):
                 await wait_for(lambda: data.listening)
                 assert data.window(gone, "heart_rate") and data.live("health", within_s=60) == []
-                await device.publish(f"data/health/heart_rate/{alive}",
+                await live_device.publish(f"data/health/heart_rate/{alive}",
                                      readme_reading(alive, 71, ts), qos=1)  # fmt: skip
                 await wait_for(lambda: data.live("health", within_s=60) == [alive])
         finally:

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import aiomqtt
 from aiomqtt import ProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -19,7 +18,7 @@ from services.core.cms import CmsView
 from services.core.topics import REPLIES, STREAM, TASKS
 from services.core.transcript import Transcript
 from services.worker.emulated import _text as emulated_text
-from tests.conftest import running, wait_for
+from tests.conftest import mqtt_client, running, wait_for
 from tests.test_stack import online
 
 
@@ -37,10 +36,10 @@ def _worker(spawn, agent: str, tokens_per_s: str = "200"):  # type: ignore[no-un
     )  # fmt: skip
 
 
-async def test_a_killed_workers_tasks_are_answered_by_another(mqtt, uid, spawn):
+async def test_a_killed_workers_tasks_are_answered_by_another(mqtt, login, uid, spawn):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
     slow = _worker(spawn, f"slow-{uid}", tokens_per_s="2")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     async with running(bus):
@@ -59,18 +58,20 @@ async def test_a_killed_workers_tasks_are_answered_by_another(mqtt, uid, spawn):
 
 
 async def test_a_streamed_answer_cut_off_by_a_dead_worker_goes_on_where_it_stopped(
-    mqtt, uid, spawn
+    login, uid, spawn
 ):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
     slow = _worker(spawn, f"slow-{uid}", tokens_per_s="2")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     heard: list[TokenChunk] = []
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"slow-{uid}"))
         query = _query(uid, 0, max_tokens=200).model_copy(update={"stream": True})
-        await bus.follow(STREAM, lambda r: heard.append(r.body), request=query.request_id)
+        await bus.follow(
+            STREAM, lambda r: heard.append(r.body), client=f"c-{uid}", request=query.request_id
+        )
         asked = asyncio.create_task(client.ask(query))
         await wait_for(lambda: len(heard) >= 3)
         _worker(spawn, f"spare-{uid}")
@@ -89,21 +90,22 @@ async def test_a_streamed_answer_cut_off_by_a_dead_worker_goes_on_where_it_stopp
     assert answer.text.split() == emulated_text(200).split()  # what one worker would have said
 
 
-async def test_a_rejected_task_is_served_by_a_worker_with_room(mqtt, uid, spawn):
+async def test_a_rejected_task_is_served_by_a_worker_with_room(mqtt, login, uid, spawn):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "random")
     for name in ("a", "b"):
         spawn("services.worker", "--agent-id", f"{name}-{uid}", "--tokens-per-s", "20",
               "--concurrency", "1")  # fmt: skip
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
+    second = Bus(settings=login(f"o2-{uid}", "orchestrator"), client_id=f"o2-{uid}", service="t")
     view = CmsView(bus)
     client = QueryClient(bus, view)
-    async with running(bus):
+    async with running(bus), running(second):
         await wait_for(online(view, f"orch-{uid}", f"a-{uid}", f"b-{uid}"))
         # a second orchestrator's work, unknown to ours, fills worker a
         other = Task(task_id=f"t-{uid}", request_id=f"r-{uid}", prompt="x", max_tokens=200,
                      deadline=time.time() + 60)  # fmt: skip
         blocker = asyncio.create_task(
-            bus.request(TASKS.format(agent=f"a-{uid}"), other, deadline=other.deadline)
+            second.request(TASKS.format(agent=f"a-{uid}"), other, deadline=other.deadline)
         )
         await wait_for(lambda: view.statuses[f"a-{uid}"].active == 1)
         answers = [await client.ask(_query(uid, n)) for n in range(6)]
@@ -113,9 +115,11 @@ async def test_a_rejected_task_is_served_by_a_worker_with_room(mqtt, uid, spawn)
     assert all(a.steps[-2].outcome == "rejected" for a in retried)
 
 
-async def test_a_query_sent_before_any_orchestrator_is_answered_once_one_is_up(mqtt, uid, spawn):
+async def test_a_query_sent_before_any_orchestrator_is_answered_once_one_is_up(
+    mqtt, login, uid, spawn
+):
     _worker(spawn, f"w-{uid}")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     client = QueryClient(bus, CmsView(bus))
     async with running(bus):
         asked = asyncio.create_task(client.ask(_query(uid, 0)))
@@ -125,10 +129,10 @@ async def test_a_query_sent_before_any_orchestrator_is_answered_once_one_is_up(m
     assert isinstance(answer, Answer) and answer.outcome == "edge"
 
 
-async def test_queries_of_a_killed_orchestrator_are_answered_by_the_other(mqtt, uid, spawn):
+async def test_queries_of_a_killed_orchestrator_are_answered_by_the_other(mqtt, login, uid, spawn):
     first = spawn("services.orchestrator", "--agent-id", f"o1-{uid}")
     _worker(spawn, f"w-{uid}", tokens_per_s="4")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     async with running(bus):
@@ -142,20 +146,24 @@ async def test_queries_of_a_killed_orchestrator_are_answered_by_the_other(mqtt, 
     assert [a.outcome for a in answers] == ["edge"] * 3 and client.retries >= 3
 
 
-async def test_a_stream_whose_orchestrator_died_goes_on_under_the_next(mqtt, uid, spawn):
+async def test_a_stream_whose_orchestrator_died_goes_on_under_the_next(login, uid, spawn):
     orchestrators = {o: spawn("services.orchestrator", "--agent-id", o)
                      for o in (f"o1-{uid}", f"o2-{uid}")}  # fmt: skip
     _worker(spawn, f"w-{uid}", tokens_per_s="2")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
+    # the worker's inbox is readable by it and an observer only
+    watcher = Bus(settings=login(f"obs-{uid}", "observer"), client_id=f"obs-{uid}", service="t")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     shown = Transcript()  # what `edgecollab ask` prints
     holders: list[str] = []  # the orchestrator each task of the worker answers to
-    async with running(bus):
+    async with running(bus), running(watcher):
         await wait_for(online(view, *orchestrators, f"w-{uid}"))
-        await bus.follow(TASKS, lambda r: holders.append(r.reply_to), agent=f"w-{uid}")
+        await watcher.follow(TASKS, lambda r: holders.append(r.reply_to), agent=f"w-{uid}")
         query = _query(uid, 0, max_tokens=24).model_copy(update={"stream": True})
-        await bus.follow(STREAM, lambda r: shown.add(r.body), request=query.request_id)
+        await bus.follow(
+            STREAM, lambda r: shown.add(r.body), client=f"c-{uid}", request=query.request_id
+        )
         asked = asyncio.create_task(client.ask(query, shown))
         await wait_for(lambda: shown.seq >= 3)
         holder = next(o for o in orchestrators if holders[0] == REPLIES.format(client=o))
@@ -166,7 +174,7 @@ async def test_a_stream_whose_orchestrator_died_goes_on_under_the_next(mqtt, uid
     assert answer.text.split() == emulated_text(24).split()  # one answer, not two spliced
 
 
-async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, uid):
+async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, login, uid):
     async def echo(request: Request[Task]) -> TaskResult:
         body = request.body
         return TaskResult(
@@ -174,13 +182,14 @@ async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, uid):
             output_tokens=1, prefill_ms=0, decode_tok_s=0, ms=0, finish_reason="stop",
         )  # fmt: skip
 
-    server = Bus(settings=mqtt, client_id=f"w-{uid}", service="worker")
+    server = Bus(settings=login(f"w-{uid}", "worker"), client_id=f"w-{uid}", service="worker")
     server.serve(TASKS, echo, agent=f"w-{uid}")
     texts = []
     async with running(server):
         for n in range(2):  # two requesters, each its own response topic, the same correlation
             reply_to = REPLIES.format(client=f"c{n}-{uid}")
-            async with aiomqtt.Client(mqtt.host, mqtt.port, protocol=ProtocolVersion.V5) as c:
+            requester = login(f"c{n}-{uid}", "orchestrator")
+            async with mqtt_client(requester, protocol=ProtocolVersion.V5) as c:
                 await c.subscribe(reply_to, qos=1)
                 props = Properties(PacketTypes.PUBLISH)
                 props.ResponseTopic, props.CorrelationData = reply_to, b"1"
@@ -194,10 +203,10 @@ async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, uid):
     assert texts == ["from 0", "from 1"]
 
 
-async def test_a_frozen_workers_tasks_go_elsewhere_before_its_will(mqtt, uid, spawn):
+async def test_a_frozen_workers_tasks_go_elsewhere_before_its_will(mqtt, login, uid, spawn):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
     frozen = _worker(spawn, f"frozen-{uid}", tokens_per_s="2")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     async with running(bus):

@@ -29,14 +29,14 @@ from tools.cli.ask import provenance
 QUESTION = "What is the capital of France?"  # the classifier says general, sub-label facts
 
 
-async def ask_with_threshold(mqtt, uid, spawn, tiny_model_dir, minilm_dir, threshold: str):  # type: ignore[no-untyped-def]
+async def ask_with_threshold(login, uid, spawn, tiny_model_dir, minilm_dir, threshold: str):  # type: ignore[no-untyped-def]
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--gap-confidence", threshold)
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
     spawn("services.worker", "--agent-id", f"w-{uid}", "--backend", "onnx",
           "--model-dir", str(tiny_model_dir), "--threads", "1")  # fmt: skip
     spawn("services.worker", "--agent-id", f"expert-{uid}", "--tokens-per-s", "2",
           "--domains", '["facts"]')  # fmt: skip
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         agents = [f"orch-{uid}", f"cls-{uid}", f"w-{uid}", f"expert-{uid}"]
@@ -51,9 +51,9 @@ async def ask_with_threshold(mqtt, uid, spawn, tiny_model_dir, minilm_dir, thres
 
 
 async def test_a_gap_in_the_general_answer_asks_the_expert(
-    mqtt, uid, spawn, tiny_model_dir, minilm_dir
+    login, uid, spawn, tiny_model_dir, minilm_dir
 ):
-    answer = await ask_with_threshold(mqtt, uid, spawn, tiny_model_dir, minilm_dir, "1")
+    answer = await ask_with_threshold(login, uid, spawn, tiny_model_dir, minilm_dir, "1")
     assert [s.name for s in answer.steps] == ["classify", "answer", "knowledge:facts"]
     general, expert = answer.steps[1], answer.steps[2]
     assert general.agent == f"w-{uid}" and general.outcome == "ok"
@@ -66,9 +66,9 @@ async def test_a_gap_in_the_general_answer_asks_the_expert(
 
 
 async def test_without_a_gap_the_general_answer_stands(
-    mqtt, uid, spawn, tiny_model_dir, minilm_dir
+    login, uid, spawn, tiny_model_dir, minilm_dir
 ):
-    answer = await ask_with_threshold(mqtt, uid, spawn, tiny_model_dir, minilm_dir, "0")
+    answer = await ask_with_threshold(login, uid, spawn, tiny_model_dir, minilm_dir, "0")
     assert [s.name for s in answer.steps] == ["classify", "answer"]
     general = answer.steps[1]
     assert general.agent == f"w-{uid}" and general.confidence is not None

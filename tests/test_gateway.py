@@ -170,9 +170,12 @@ async def test_curl_routes_error_codes_and_metrics(stack, uid):
     assert status == 405
 
 
-async def test_a_tenant_over_its_usage_limit_gets_429(stack, mqtt, uid):
+async def test_a_tenant_over_its_usage_limit_gets_429(stack, login, uid):
+    """The orchestrators count every tenant's tokens (an API key's tenant, named by the gateway's
+    account); a query that would pass the limit gets 429 before any generation."""
     capped = next(k for k, t in stack.keys.items() if t == f"capped-{uid}")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    operator = f"operator-{uid}"  # cms/tenants/ is the operators'
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     view = CmsView(bus)
     async with running(bus):
         from services.core import cms
@@ -182,23 +185,28 @@ async def test_a_tenant_over_its_usage_limit_gets_429(stack, mqtt, uid):
         hello = [{"role": "user", "content": "hello"}]
         refused = None
         async with asyncio.timeout(30):
-            while refused is None:  # until the gateway's view has the limit and the tokens
+            while refused is None:  # until the orchestrator's view has the limit
                 try:
                     await client.chat.completions.create(
                         model="edgecollab", messages=hello, max_tokens=2
                     )
                 except openai.RateLimitError as exc:
                     refused = exc
-        assert refused.code == "insufficient_quota"
+        assert refused.code == "insufficient_quota" and f"capped-{uid}" in refused.message
         other = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.key, max_retries=0)
         ok = await other.chat.completions.create(model="edgecollab", messages=hello, max_tokens=2)
         assert ok.choices[0].message.content
-        used = TENANT.format(tenant=f"capped-{uid}", name="tokens_used")
-        await wait_for(lambda: view.get(used) is not None and view.get(used).value >= 1)
+        used = f"metrics/orch-{uid}/tenants"  # what each tenant used this period
+
+        def tokens(tenant: str) -> int:
+            entry = view.get(used)
+            return entry.value.get(tenant, {}).get("tokens", 0) if entry else 0
+
+        await wait_for(lambda: tokens(f"main-{uid}") >= 1)
 
 
 async def test_no_orchestrator_no_worker_full_edge_and_deadline_map_to_503_429_504(
-    spawn, uid, tmp_path, mqtt
+    spawn, uid, tmp_path, mqtt, login
 ):
     gateway = start_gateway(spawn, uid, tmp_path)
     wait_ready(gateway)
@@ -221,7 +229,7 @@ async def test_no_orchestrator_no_worker_full_edge_and_deadline_map_to_503_429_5
     worker = f"w-{uid}"
     spawn("services.worker", "--agent-id", worker, "--tokens-per-s", "10", "--concurrency", "1")
     wait_ready(gateway, orchestrator=1, worker=1)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(lambda: view.online(worker))
@@ -249,13 +257,13 @@ async def test_no_orchestrator_no_worker_full_edge_and_deadline_map_to_503_429_5
     assert late.value.status_code == 504
 
 
-async def test_per_agent_metrics_reach_the_cms_metrics_and_dashboard(stack, mqtt, uid):
+async def test_per_agent_metrics_reach_the_cms_metrics_and_dashboard(stack, mqtt, login, uid):
     client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=stack.key, max_retries=0)
     for _ in range(2):
         await client.chat.completions.create(
             model="edgecollab", messages=[{"role": "user", "content": "hello"}], max_tokens=4
         )
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     tokens, avg = (
         f"metrics/w-{uid}/{name}" for name in ("tokens_used_total", "inference_time_avg")
@@ -348,11 +356,12 @@ def test_gateway_answers_503_while_its_broker_is_unreachable(tmp_path):
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
 
 
-def test_up_prints_the_gateway_url_and_key_and_keeps_the_key_0600(mqtt, tmp_path):
+def test_up_prints_the_gateway_url_and_key_and_keeps_the_key_0600(mqtt, broker, tmp_path):
     port = free_port()
     env = {
         **os.environ,
-        "EDGECOLLAB_STATE_DIR": str(tmp_path),
+        "EDGECOLLAB_STATE_DIR": str(broker.workdir),  # the session broker's accounts
+        "EDGECOLLAB_GATEWAY_API_KEY_FILE": str(tmp_path / "gateway.key"),
         "EDGECOLLAB_GATEWAY_PORT": str(port),
         "PYTHONUNBUFFERED": "1",
     }

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 import pytest
 
@@ -23,7 +22,7 @@ from services.kb.documents import MAX_CHARS, DocumentError, check_text, parse
 from services.kb.index import Document, Index
 from services.kb.service import shipped
 from tests.broker import ROOT
-from tests.conftest import running
+from tests.conftest import mqtt_client, running
 
 DOMAINS = ("health", "environment")
 STREAM_UNITS = {"heart_rate": "bpm", "spo2": "%", "body_temp": "°C", "respiration": "breaths/min",
@@ -207,11 +206,12 @@ async def retrieve(bus: Bus, domain: str, text: str, **extra) -> Passages:  # ty
 
 
 async def test_the_knowledge_base_indexes_as_a_job_answers_and_keeps_what_is_added(
-    mqtt, uid, spawn, minilm_dir, tmp_path
+    mqtt, login, uid, spawn, minilm_dir, tmp_path
 ):
     agent, folder = f"kb-{uid}", tmp_path / "index"
     args = ("--agent-id", agent, "--index-dir", str(folder))
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    operator = f"operator-{uid}"  # reads the jobs (cms/finetune), asks the knowledge base
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     view = CmsView(bus)
     jobs = Jobs(view, f"{agent}-")
     note = tmp_path / "hydration.md"
@@ -297,7 +297,7 @@ async def test_kb_add_refuses_what_it_cannot_index_in_one_line(mqtt, uid, tmp_pa
 
 
 async def test_health_answers_cite_the_knowledge_base_and_ground_ranges_in_it(
-    mqtt, uid, spawn, minilm_dir, tmp_path
+    mqtt, login, uid, spawn, minilm_dir, tmp_path
 ):
     agents = [f"orch-{uid}", f"cls-{uid}", f"slm-{uid}", f"kb-{uid}"]
     spawn("services.orchestrator", "--agent-id", agents[0])
@@ -307,7 +307,8 @@ async def test_health_answers_cite_the_knowledge_base_and_ground_ranges_in_it(
     spawn("services.kb", "--agent-id", agents[3], "--index-dir", str(tmp_path))
     watch = f"watch-{uid}"
     topic = f"data/health/heart_rate/{watch}"
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    operator = f"operator-{uid}"  # reads the jobs (cms/finetune) and asks
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     view = CmsView(bus)
     jobs = Jobs(view, f"kb-{uid}-")
 
@@ -318,7 +319,7 @@ async def test_health_answers_cite_the_knowledge_base_and_ground_ranges_in_it(
         assert isinstance(answer, Answer) and answer.outcome == "edge", answer
         return answer
 
-    async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as device:
+    async with running(bus), mqtt_client(login(watch, "sensor")) as device:
         await view.synced()
         assert await view.wait_online(agents, timeout=90)
         await jobs.until_done(1)

@@ -40,8 +40,8 @@ def start(spawn, uid: str, *orchestrator_args: str, concurrency: str = "1"):  # 
     return orchestrator
 
 
-async def two_at_once(mqtt, uid: str):  # type: ignore[no-untyped-def]
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+async def two_at_once(login, uid: str):  # type: ignore[no-untyped-def]
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
@@ -49,9 +49,10 @@ async def two_at_once(mqtt, uid: str):  # type: ignore[no-untyped-def]
         return sorted(answers, key=lambda a: a.outcome), view, bus
 
 
-async def test_worker_at_its_limit_rejects_at_once(mqtt, uid, spawn):
+async def test_worker_at_its_limit_rejects_at_once(login, uid, spawn):
     spawn("services.worker", "--agent-id", f"w-{uid}", "--tokens-per-s", "10", "--concurrency", "1")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    # the test sends tasks itself, as an orchestrator does
+    bus = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
 
     def task(n: int) -> Task:
@@ -74,9 +75,9 @@ async def test_worker_at_its_limit_rejects_at_once(mqtt, uid, spawn):
     assert (rejected[0].active, rejected[0].limit) == (1, 1)
 
 
-async def test_full_edge_without_cloud_is_a_clear_rejection(mqtt, uid, spawn):
+async def test_full_edge_without_cloud_is_a_clear_rejection(login, uid, spawn):
     start(spawn, uid, "--policy", "load_aware")
-    answers, _, _ = await two_at_once(mqtt, uid)
+    answers, _, _ = await two_at_once(login, uid)
     assert [a.outcome for a in answers] == ["edge", "rejected"]
     rejected = answers[1]
     refused = rejected.steps[0]
@@ -85,7 +86,7 @@ async def test_full_edge_without_cloud_is_a_clear_rejection(mqtt, uid, spawn):
     assert "no cloud endpoint is configured" in rejected.text
 
 
-async def test_full_edge_goes_to_the_cloud_and_pays_for_it(mqtt, uid, spawn):
+async def test_full_edge_goes_to_the_cloud_and_pays_for_it(login, uid, spawn):
     with FakeCloud(reply="from the cloud", usage=(1000, 500)) as cloud:
         orchestrator = start(
             spawn,
@@ -97,7 +98,7 @@ async def test_full_edge_goes_to_the_cloud_and_pays_for_it(mqtt, uid, spawn):
             "--cloud-api-key",
             cloud.api_key,
         )
-        answers, _, _ = await two_at_once(mqtt, uid)
+        answers, _, _ = await two_at_once(login, uid)
     log = Path(orchestrator.log_path).read_text()
     assert "cloud.reply" in log and cloud.api_key not in log
     assert [a.outcome for a in answers] == ["edge", "rejected_to_cloud"]
@@ -109,7 +110,7 @@ async def test_full_edge_goes_to_the_cloud_and_pays_for_it(mqtt, uid, spawn):
     assert headers["authorization"] == f"Bearer {cloud.api_key}"
 
 
-async def test_earliest_finish_waits_for_a_slot_instead_of_paying(mqtt, uid, spawn):
+async def test_earliest_finish_waits_for_a_slot_instead_of_paying(login, uid, spawn):
     with FakeCloud() as cloud:
         start(
             spawn,
@@ -121,11 +122,11 @@ async def test_earliest_finish_waits_for_a_slot_instead_of_paying(mqtt, uid, spa
             "--cloud-api-key",
             cloud.api_key,
         )
-        answers, _, _ = await two_at_once(mqtt, uid)
+        answers, _, _ = await two_at_once(login, uid)
     assert [a.outcome for a in answers] == ["edge", "edge"] and not cloud.requests
 
 
-async def test_cloud_that_keeps_failing_fails_the_request_and_service_goes_on(mqtt, uid, spawn):
+async def test_cloud_that_keeps_failing_fails_the_request_and_service_goes_on(login, uid, spawn):
     with FakeCloud(faults=["503", "garbage", "503"]) as cloud:
         start(
             spawn,
@@ -139,7 +140,7 @@ async def test_cloud_that_keeps_failing_fails_the_request_and_service_goes_on(mq
             "--cloud-retries",
             "2",
         )
-        answers, view, bus = await two_at_once(mqtt, uid)
+        answers, view, bus = await two_at_once(login, uid)
         assert [a.outcome for a in answers] == ["edge", "failed"]
         assert answers[1].steps[-1].where == "cloud" and len(cloud.requests) == 3
         async with running(bus):
@@ -148,7 +149,7 @@ async def test_cloud_that_keeps_failing_fails_the_request_and_service_goes_on(mq
     assert sorted(a.outcome for a in answers) == ["edge", "rejected_to_cloud"]
 
 
-async def test_outcomes_and_cost_are_published_as_cms_metrics(mqtt, uid, spawn):
+async def test_outcomes_and_cost_are_published_as_cms_metrics(mqtt, login, uid, spawn):
     with FakeCloud(usage=(100, 100)) as cloud:
         start(
             spawn,
@@ -160,7 +161,7 @@ async def test_outcomes_and_cost_are_published_as_cms_metrics(mqtt, uid, spawn):
             "--cloud-api-key",
             cloud.api_key,
         )
-        _, view, bus = await two_at_once(mqtt, uid)
+        _, view, bus = await two_at_once(login, uid)
         key = METRIC.format(scope=f"orch-{uid}", name="requests")
         async with running(bus):
             await view.synced()

@@ -41,11 +41,12 @@ def start(spawn, uid: str, minilm_dir) -> list[str]:  # type: ignore[no-untyped-
     return [f"orch-{uid}", f"cls-{uid}", f"sbx-{uid}", f"w-{uid}"]
 
 
-async def code_expert(mqtt, agent: str, reply: Callable[[str], str]):  # type: ignore[no-untyped-def]
+async def code_expert(login, agent: str, reply: Callable[[str], str]):  # type: ignore[no-untyped-def]
     """A test-only code expert on the bus: its card says "code", it answers every knowledge
     question with `reply(question)`."""
     card = AgentCard(agent=agent, kind="worker", epoch=1, domains=["code"], concurrency=4,
                      tokens_per_s=100.0, started_at=now())  # fmt: skip
+    mqtt = login(agent, "worker")
     presence = Presence(card, heartbeat_s=mqtt.keepalive / 2)
     bus = Bus(settings=mqtt, client_id=agent, service="test", will=presence.will())
     questions: list[KnowledgeQuery] = []
@@ -74,10 +75,10 @@ def steps(answer: Answer) -> dict[str, object]:
     return {s.name: s for s in answer.steps}
 
 
-async def run_with_expert(mqtt, uid, spawn, minilm_dir, reply):  # type: ignore[no-untyped-def]
+async def run_with_expert(login, uid, spawn, minilm_dir, reply):  # type: ignore[no-untyped-def]
     agents = start(spawn, uid, minilm_dir)
-    expert_bus, presence, questions = await code_expert(mqtt, f"coder-{uid}", reply)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    expert_bus, presence, questions = await code_expert(login, f"coder-{uid}", reply)
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(expert_bus), running(bus):
         heartbeat = asyncio.create_task(presence.run(expert_bus))
@@ -90,9 +91,9 @@ async def run_with_expert(mqtt, uid, spawn, minilm_dir, reply):  # type: ignore[
     return answer, questions
 
 
-async def test_math_is_answered_by_what_the_experts_program_printed(mqtt, uid, spawn, minilm_dir):
+async def test_math_is_answered_by_what_the_experts_program_printed(login, uid, spawn, minilm_dir):
     answer, questions = await run_with_expert(
-        mqtt, uid, spawn, minilm_dir, lambda q: "Here it is:\n```python\nprint(6 * 7)\n```\n"
+        login, uid, spawn, minilm_dir, lambda q: "Here it is:\n```python\nprint(6 * 7)\n```\n"
     )
     assert answer.text == "42" and answer.outcome == "edge" and not answer.partial
     assert [s.name for s in answer.steps] == ["classify", "program", "sandbox"]
@@ -107,10 +108,10 @@ async def test_math_is_answered_by_what_the_experts_program_printed(mqtt, uid, s
 
 
 async def test_a_program_that_fails_falls_back_to_a_plain_answer_marked_so(
-    mqtt, uid, spawn, minilm_dir
+    login, uid, spawn, minilm_dir
 ):
     answer, _ = await run_with_expert(
-        mqtt, uid, spawn, minilm_dir, lambda q: "```python\nprint(1 / 0)\n```"
+        login, uid, spawn, minilm_dir, lambda q: "```python\nprint(1 / 0)\n```"
     )
     assert answer.outcome == "edge" and answer.partial and answer.text
     assert [s.name for s in answer.steps] == ["classify", "program", "sandbox", "answer"]
@@ -121,10 +122,10 @@ async def test_a_program_that_fails_falls_back_to_a_plain_answer_marked_so(
 
 
 async def test_without_an_expert_any_worker_writes_and_nonsense_falls_back(
-    mqtt, uid, spawn, minilm_dir
+    login, uid, spawn, minilm_dir
 ):
     agents = start(spawn, uid, minilm_dir)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         assert await view.wait_online(agents, timeout=90)

@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiomqtt
 import orjson
 import pytest
 
 from schemas import CmsEntry, Error, ReplicaDigest
 from services.core import cms
 from services.core.bus import Bus
-from services.core.errors import RemoteError
+from services.core.errors import NotAuthorized, RemoteError
 from services.core.settings import MqttSettings
 from services.core.topics import ERRORS, REPLICA_CHANGES, REPLICA_DIGEST
 from services.replicator.__main__ import peer_settings
@@ -38,7 +37,7 @@ from services.replicator.merge import (
 from services.replicator.rules import DEFAULT_RULES, KeyMap, Rule
 from services.replicator.service import Replicator
 from tests.broker import ROOT, Broker
-from tests.conftest import running, service_env, wait_for
+from tests.conftest import mqtt_client, running, service_env, wait_for
 
 # -- the merge rule, pure ---------------------------------------------------------------------
 
@@ -181,6 +180,20 @@ def test_peer_urls_become_mqtt_settings():
     )
     assert peer.password is not None and peer.password.get_secret_value() == "s3cret"
     assert peer_settings("10.0.0.2", local).address == "10.0.0.2:1883"
+    secure = peer_settings(
+        "mqtts://site-b.example",
+        local,
+        account="peer-a",
+        password_file=Path("s"),
+        tls_ca=Path("ca"),
+    )
+    assert (secure.port, secure.uses_tls, secure.tls_ca, secure.username) == (
+        8883,
+        True,
+        Path("ca"),
+        "peer-a",
+    )
+    assert secure.password_file == Path("s") and not peer_settings("mqtt://x", local).uses_tls
     with pytest.raises(ValueError):
         peer_settings("http://x:1", local)
 
@@ -189,11 +202,12 @@ def test_peer_urls_become_mqtt_settings():
 
 
 class Site:
-    """One site: a mosquitto of its own and an in-process replicator (restartable)."""
+    """One site: a mosquitto of its own (its own accounts and CA) and an in-process replicator
+    (restartable), whose links log in to each peer's broker as peer-<site>, over TLS."""
 
     def __init__(self, name: str, broker: Broker, rules: tuple[Rule, ...] = DEFAULT_RULES) -> None:
         self.name, self.broker, self.rules = name, broker, rules
-        self.mqtt = MqttSettings(host=broker.host, port=broker.port)
+        self.mqtt = broker.login(f"replicator-{name}", "replicator")
         self.peers: list[Site] = []
         self.replicator: Replicator | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -203,7 +217,7 @@ class Site:
         self.replicator = Replicator(
             bus,
             site=self.name,
-            peers=[p.mqtt for p in self.peers],
+            peers=[p.broker.login(f"peer-{self.name}", "peer", tls=True) for p in self.peers],
             rules=self.rules,
             anti_entropy_s=600,  # pulls happen on (re)connect and when a test asks
             request_timeout_s=5,
@@ -263,13 +277,40 @@ async def sites(brokers, n: int = 3, rules=DEFAULT_RULES) -> AsyncIterator[list[
 
 
 class Watcher:
-    """A plain client of one site's broker that records every CMS message it sees."""
+    """A plain client of one site's broker that records every CMS message it sees (an observer
+    account); what a test writes there goes through the account that owns the key."""
 
     def __init__(self, site: Site, tag: str) -> None:
-        self.bus = Bus(settings=site.mqtt, client_id=f"watch-{site.name}-{tag}", service="test")
+        self.site, self.tag = site, tag
+        name = f"watch-{site.name}-{tag}"
+        self.bus = Bus(settings=site.broker.login(name, "observer"), client_id=name, service="t")
         self.seen: list[tuple[str, bytes]] = []
         self.state: dict[str, CmsEntry] = {}
         self.bus.listen_raw("cms/#", self._on)
+        self._writers: dict[str, Bus] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def writer(self, key: str) -> Bus:
+        """A client whose account may write `key`: an agent's own entries are its own, the
+        operators' families an operator's, the rest an orchestrator's."""
+        levels = key.split("/")
+        if levels[0] == "agents":
+            name, role = levels[1], "worker"
+        elif levels[0] in ("parameters", "configs", "tenants", "finetune", "scaling"):
+            name, role = f"operator-{self.site.name}-{self.tag}", "operator"
+        else:
+            name, role = f"orch-{self.site.name}-{self.tag}", "orchestrator"
+        if name not in self._writers:
+            bus = Bus(settings=self.site.broker.login(name, role), client_id=name, service="t")
+            self._tasks.append(asyncio.create_task(bus.run()))
+            await asyncio.wait_for(bus.connected.wait(), 10)
+            self._writers[name] = bus
+        return self._writers[name]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _on(self, topic: str, payload: bytes) -> None:
         self.seen.append((topic, payload))
@@ -302,10 +343,21 @@ async def watching(group: list[Site], tag: str) -> AsyncIterator[list[Watcher]]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for w in watchers:
+            await w.close()
 
 
-async def put(bus: Bus, key: str, value: object, version: int) -> None:
+async def put(watcher: Watcher, key: str, value: object, version: int) -> None:
+    """Write `key` at the watcher's site; the watcher sees it come back."""
+    bus = await watcher.writer(key)
     await cms.put(bus, key, value, version=version)
+    await bus.barrier()
+
+
+async def delete(watcher: Watcher, key: str) -> None:
+    bus = await watcher.writer(key)
+    await cms.delete(bus, key)
+    await bus.barrier()
 
 
 def totals(group: list[Site], counter: str) -> dict[str, int]:
@@ -319,10 +371,10 @@ async def test_an_entry_written_at_one_site_reaches_every_other_site_once(broker
     async with sites(brokers) as group, watching(group, uid) as (wa, wb, wc):
         live0, pulled0 = totals(group, "live_records"), totals(group, "pulled_records")
         key = f"parameters/m-{uid}/temperature"
-        await put(wa.bus, key, 0.7, 1)
+        await put(wa, key, 0.7, 1)
         await wait_for(lambda: wb.value(f"cms/{key}") == 0.7 and wc.value(f"cms/{key}") == 0.7)
         # a site's own entry shows under its name elsewhere, never among the local agents
-        await put(wa.bus, f"agents/w-{uid}", {"kind": "worker"}, 5_000_000)
+        await put(wa, f"agents/w-{uid}", {"kind": "worker"}, 5_000_000)
         remote = f"cms/sites/a/agents/w-{uid}"
         await wait_for(lambda: wb.value(remote) is not None and wc.value(remote) is not None)
         for site in group:  # a full anti-entropy round: nothing more moves
@@ -332,9 +384,9 @@ async def test_an_entry_written_at_one_site_reaches_every_other_site_once(broker
             assert w.value(f"cms/agents/w-{uid}") is None
         assert wa.count(f"cms/{key}") == 1  # no echo back to where it was written
         # a client at b writing an older version does not win: b's replicator puts it back
-        await put(wa.bus, key, 0.9, 3)
+        await put(wa, key, 0.9, 3)
         await wait_for(lambda: wb.value(f"cms/{key}") == 0.9 and wc.value(f"cms/{key}") == 0.9)
-        await put(wb.bus, key, 0.1, 2)
+        await put(wb, key, 0.1, 2)
         await wait_for(lambda: wb.count(f"cms/{key}") == 4)  # 0.7, 0.9, the stale 0.1, 0.9
         assert wb.value(f"cms/{key}") == 0.9 and wb.state[f"cms/{key}"].version == 3
         await group[1].replicator.sync_now()  # type: ignore[union-attr]
@@ -348,7 +400,7 @@ async def test_concurrent_writes_and_deletes_leave_every_site_identical(brokers,
     async with sites(brokers) as group, watching(group, uid) as watchers:
         rng = random.Random(14)
         keys = [f"configs/{uid}/k{i}" for i in range(6)]
-        writers = [w.bus for w in watchers]
+        writers = watchers
         for i, key in enumerate(keys):  # every key exists everywhere first
             await put(writers[i % 3], key, "initial", 1)
         await wait_for(lambda: all(len(w.under(f"cms/configs/{uid}/")) == 6 for w in watchers))
@@ -356,7 +408,7 @@ async def test_concurrent_writes_and_deletes_leave_every_site_identical(brokers,
         for _ in range(60):  # the same versions at several sites at once, and deletes
             key, site = rng.choice(keys), rng.randrange(3)
             if rng.random() < 0.25:
-                ops.append(cms.delete(writers[site], key))
+                ops.append(delete(writers[site], key))
             else:
                 ops.append(put(writers[site], key, f"{site}-{rng.random():.4f}", rng.randint(2, 4)))
         rng.shuffle(ops)
@@ -379,10 +431,10 @@ async def test_concurrent_writes_and_deletes_leave_every_site_identical(brokers,
 async def test_a_delete_propagates_and_a_stale_site_cannot_bring_it_back(brokers, uid):
     async with sites(brokers) as group, watching(group, uid) as (wa, wb, wc):
         key, topic = f"tenants/{uid}/limit", f"cms/tenants/{uid}/limit"
-        await put(wa.bus, key, 100, 3)
+        await put(wa, key, 100, 3)
         await wait_for(lambda: all(w.value(topic) == 100 for w in (wa, wb, wc)))
         await group[2].stop()  # c is away: it keeps the entry
-        await cms.delete(wa.bus, key)
+        await delete(wa, key)
         await wait_for(lambda: wb.value(topic) is None)
         assert wc.value(topic) == 100
         deleted_at = len(wa.seen), len(wb.seen)
@@ -400,19 +452,19 @@ async def test_a_delete_propagates_and_a_stale_site_cannot_bring_it_back(brokers
         # when it pulls from the owner, who no longer has it)
         cards = [f"agents/w{i}-{uid}" for i in range(2)]
         for card in cards:
-            await put(wa.bus, card, {"kind": "worker"}, 1_000_000)
+            await put(wa, card, {"kind": "worker"}, 1_000_000)
         remote = [f"cms/sites/a/{card}" for card in cards]
         await wait_for(lambda: all(w.value(t) is not None for w in (wb, wc) for t in remote))
-        await cms.delete(wa.bus, cards[0])
+        await delete(wa, cards[0])
         await wait_for(lambda: wb.value(remote[0]) is None and wc.value(remote[0]) is None)
         await group[2].stop()
-        await cms.delete(wa.bus, cards[1])
+        await delete(wa, cards[1])
         await wait_for(lambda: wb.value(remote[1]) is None)
         assert wc.value(remote[1]) is not None
         c = await group[2].restart()
         await wait_for(lambda: wc.value(remote[1]) is None)
         # a key written again after its delete lives again (one version above its tombstone)
-        await put(wc.bus, key, 200, 1)
+        await put(wc, key, 200, 1)
         await wait_for(
             lambda: all(topic in w.state and w.state[topic].version == 5 for w in (wa, wb, wc))
         )
@@ -423,17 +475,17 @@ async def test_a_partitioned_site_catches_up_by_digest_repair_of_only_what_diffe
     async with sites(brokers) as group, watching(group, uid) as (wa, wb, wc):
         prefix = f"sessions/{uid}"
         for i in range(60):
-            await put(wa.bus if i % 2 else wb.bus, f"{prefix}/u{i}", {"turn": 0}, 1)
+            await put(wa if i % 2 else wb, f"{prefix}/u{i}", {"turn": 0}, 1)
         await wait_for(lambda: all(len(w.under(f"cms/{prefix}/")) == 60 for w in (wa, wb, wc)))
         c = group[2].replicator
         assert c is not None
         await group[2].stop()  # c partitioned: what a and b push to it is lost
         for i in range(20):
-            await put(wa.bus, f"{prefix}/u{i}", {"turn": 1}, 2)
+            await put(wa, f"{prefix}/u{i}", {"turn": 1}, 2)
         for i in range(20, 30):
-            await put(wb.bus, f"{prefix}/u{i}", {"turn": 1}, 2)
+            await put(wb, f"{prefix}/u{i}", {"turn": 1}, 2)
         for i in range(30, 35):
-            await cms.delete(wa.bus, f"{prefix}/u{i}")
+            await delete(wa, f"{prefix}/u{i}")
         expected = {f"cms/{prefix}/u{i}": {"turn": 1} for i in range(30)}
         expected |= {f"cms/{prefix}/u{i}": {"turn": 0} for i in range(35, 60)}
         await wait_for(lambda: wa.under(f"cms/{prefix}/") == wb.under(f"cms/{prefix}/") == expected)
@@ -455,65 +507,64 @@ async def test_bad_input_gets_an_error_and_the_replicator_keeps_running(brokers,
             ERRORS, lambda request: errors.append(request.body), service="replicator"
         )
         wrong = orjson.dumps({"v": 1, "type": "replica_changes", "site": "zz", "records": [{}]})
-        async with aiomqtt.Client(group[0].broker.host, group[0].broker.port) as client:
+        zz = group[0].broker.login("peer-zz", "peer")  # another site's link: only its topics
+        async with mqtt_client(zz) as client:
             # not JSON, on the digest topic, with no response topic; then a wrong schema
             await client.publish(REPLICA_DIGEST.format(site="zz"), b"{nope", qos=1)
             await client.publish(REPLICA_CHANGES.format(site="zz"), wrong, qos=1)
         await wait_for(lambda: {e.code for e in errors} >= {"bad_json", "bad_schema"})
         digest = ReplicaDigest(site="zz", session="s1", buckets=BUCKETS + 1, groups={})
-        with pytest.raises(RemoteError, match="buckets"):
-            await wa.bus.request(
-                REPLICA_DIGEST.format(site="zz"), digest, deadline=time.time() + 10
-            )
-        spoofed = ReplicaDigest(site="b", session="s1", buckets=BUCKETS, groups={})
-        with pytest.raises(RemoteError, match="bad_request"):
-            await wa.bus.request(
-                REPLICA_DIGEST.format(site="zz"), spoofed, deadline=time.time() + 10
-            )
-        await put(wa.bus, f"parameters/{uid}/after", "still replicating", 1)
+        link = Bus(settings=zz, client_id="peer-zz", service="t")
+        async with running(link):
+            with pytest.raises(RemoteError, match="buckets"):
+                await link.request(
+                    REPLICA_DIGEST.format(site="zz"), digest, deadline=time.time() + 10
+                )
+            spoofed = ReplicaDigest(site="b", session="s1", buckets=BUCKETS, groups={})
+            with pytest.raises(RemoteError, match="bad_request"):
+                await link.request(
+                    REPLICA_DIGEST.format(site="zz"), spoofed, deadline=time.time() + 10
+                )
+            refused = ReplicaDigest(site="b", session="s1", buckets=BUCKETS, groups={})
+            with pytest.raises(NotAuthorized):  # posing as site b: the broker refuses it
+                await link.request(
+                    REPLICA_DIGEST.format(site="b"), refused, deadline=time.time() + 2
+                )
+        await put(wa, f"parameters/{uid}/after", "still replicating", 1)
         await wait_for(lambda: wb.value(f"cms/parameters/{uid}/after") == "still replicating")
 
 
 async def test_edgecollab_up_runs_sites_that_replicate(tmp_path, uid):
+    """Two sites on one box (one state dir: one set of accounts, one CA): each replicator logs
+    in to the other's broker as peer-<site>, over TLS."""
     from tools.common.broker import broker_answers, free_port
+    from tools.common.credentials import Credentials
 
     ports = {"a": free_port(), "b": free_port()}
+    tls = {"a": free_port(), "b": free_port()}
     env = {**service_env(MqttSettings()), "EDGECOLLAB_STATE_DIR": str(tmp_path)}
-    ups = {
-        site: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tools.cli.main",
-                "up",
-                "--only",
-                "replicator",
-                "--broker",
-                f"127.0.0.1:{ports[site]}",
-                "--site",
-                site,
-                "--peer",
-                f"mqtt://127.0.0.1:{ports[other]}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for site, other in (("a", "b"), ("b", "a"))
-    }
-    try:
+
+    def up(site: str, other: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tools.cli.main", "up", "--only", "replicator",
+             "--broker", f"127.0.0.1:{ports[site]}", "--tls-port", str(tls[site]),
+             "--cert-port", "0", "--site", site, "--peer", f"mqtts://127.0.0.1:{tls[other]}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    ups = {"a": up("a", "b")}
+    try:  # b after a's broker runs: b's account (peer-b) reaches it by a reload
+        await wait_for(lambda: (tmp_path / "site-a" / "mosquitto.pid").exists(), 30)
+        ups["b"] = up("b", "a")
         await wait_for(lambda: all(broker_answers("127.0.0.1", p) for p in ports.values()), 30)
-        a = Bus(
-            settings=MqttSettings(host="127.0.0.1", port=ports["a"]),
-            client_id=f"t-{uid}",
-            service="t",
-        )
-        b = Bus(
-            settings=MqttSettings(host="127.0.0.1", port=ports["b"]),
-            client_id=f"t-{uid}",
-            service="t",
+        credentials = Credentials.of_state_dir(tmp_path)
+        a, b = (
+            Bus(
+                settings=credentials.settings("operator-1", MqttSettings(port=ports[site])),
+                client_id="operator-1",
+                service="t",
+            )
+            for site in ("a", "b")
         )
         seen: dict[str, bytes] = {}
         b.listen_raw("cms/#", lambda topic, payload: seen.__setitem__(topic, payload))
@@ -522,26 +573,28 @@ async def test_edgecollab_up_runs_sites_that_replicate(tmp_path, uid):
             await cms.put(a, f"tenants/{uid}/model", "qwen", version=1)
             await wait_for(lambda: f"cms/tenants/{uid}/model" in seen, 30)
         assert (tmp_path / "site-a" / "mosquitto.conf").exists()  # each site's broker apart
+        assert set(credentials.accounts()) >= {"peer-a", "peer-b"}
     finally:
-        for up in ups.values():
-            up.send_signal(signal.SIGINT)
+        for running_up in ups.values():
+            running_up.send_signal(signal.SIGINT)
         outs = {site: up.communicate(timeout=30)[0] for site, up in ups.items()}
-    for site, up in ups.items():
-        assert up.returncode == 0, outs[site]
+    for site, proc in ups.items():
+        assert proc.returncode == 0, outs[site]
         assert "Traceback" not in outs[site], outs[site][-3000:]
 
 
 async def test_a_broker_that_restarts_empty_loses_only_its_own_entries(brokers, uid):
     async with sites(brokers, 2) as group, watching(group, uid) as (wa, wb):
         shared, own = f"parameters/{uid}/top_k", f"agents/w-{uid}"
-        await put(wb.bus, shared, 40, 1)
-        await put(wa.bus, own, {"kind": "worker"}, 1_000_000)
+        await put(wb, shared, 40, 1)
+        await put(wa, own, {"kind": "worker"}, 1_000_000)
         await wait_for(lambda: wa.value(f"cms/{shared}") == 40)
         await wait_for(lambda: wb.value(f"cms/sites/a/{own}") is not None)
         a = group[0].replicator
         assert a is not None
         sessions = a.bus.sessions
-        group[0].broker.stop()  # these test brokers keep no store: it comes back empty
+        group[0].broker.stop()
+        (group[0].broker.workdir / "data" / "mosquitto.db").unlink(missing_ok=True)  # empty
         group[0].broker.start()
         await wait_for(lambda: a.bus.sessions > sessions and a.bus.connected.is_set())
         await a.settled()
@@ -556,7 +609,7 @@ async def test_a_volatile_entry_is_summarised_not_sent_at_every_change(brokers, 
     rules = (Rule(filter="agents/+/status", scope="site", min_interval_s=0.5), *DEFAULT_RULES)
     async with sites(brokers, 2, rules) as group, watching(group, uid) as (wa, wb):
         for i in range(30):
-            await put(wa.bus, f"agents/w-{uid}/status", {"active": i}, 1_000_000 + i)
+            await put(wa, f"agents/w-{uid}/status", {"active": i}, 1_000_000 + i)
         topic = f"cms/sites/a/agents/w-{uid}/status"
         await wait_for(lambda: wb.value(topic) == {"active": 29})  # the latest one arrives
         await group[0].replicator.sync_now()  # type: ignore[union-attr]

@@ -161,9 +161,9 @@ def program_run(program: str, **fields: object) -> ProgramRun:
     )
 
 
-async def test_the_sandbox_peer_runs_programs_and_refuses_bad_input(mqtt, uid, spawn):
+async def test_the_sandbox_peer_runs_programs_and_refuses_bad_input(mqtt, login, uid, spawn):
     spawn("services.sandbox", "--agent-id", f"sbx-{uid}", "--max-program-bytes", "1000")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         assert await view.wait_online([f"sbx-{uid}"], timeout=60)

@@ -21,6 +21,7 @@ from tests.broker import ROOT
 from tests.conftest import running, wait_for
 from tests.test_configs import tiny_named
 from tools.common.broker import broker_answers, free_port
+from tools.common.credentials import Credentials
 from tools.common.scaling import PROCESS_MB, Scaler, pools
 from tools.common.stack import ServiceSpec
 from tools.common.supervise import Child
@@ -39,7 +40,8 @@ async def test_up_starts_and_stops_workers_to_match_desired_instances(tmp_path, 
     }
     up = subprocess.Popen(
         [sys.executable, "-m", "tools.cli.main", "up", "--only", "worker",
-         "--max-instances", "3", "--broker", f"127.0.0.1:{port}"],
+         "--max-instances", "3", "--broker", f"127.0.0.1:{port}",
+         "--tls-port", str(free_port()), "--cert-port", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines: list[str] = []
@@ -49,7 +51,11 @@ async def test_up_starts_and_stops_workers_to_match_desired_instances(tmp_path, 
         deadline = time.monotonic() + 30
         while not broker_answers("127.0.0.1", port) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        bus = Bus(settings=MqttSettings(host="127.0.0.1", port=port), client_id="op", service="t")
+        local = Credentials.of_state_dir(tmp_path / "state")  # up made them: an operator's
+        seat = local.operator_seat()  # not the one up holds (its scaling loop's)
+        assert seat is not None
+        operator = local.settings(seat, MqttSettings(host="127.0.0.1", port=port))
+        bus = Bus(settings=operator, client_id=seat, service="t")
         view = CmsView(bus)
         errors: asyncio.Queue[Error] = asyncio.Queue()
         bus.listen(ERRORS, lambda request: errors.put_nowait(request.body), service="up")
@@ -96,7 +102,7 @@ async def test_up_starts_and_stops_workers_to_match_desired_instances(tmp_path, 
     assert "Traceback" not in output
 
 
-async def test_scaling_refuses_instances_that_do_not_fit_in_memory(mqtt, uid):
+async def test_scaling_refuses_instances_that_do_not_fit_in_memory(login, uid):
     class Hands:  # what the Supervisor would be asked to do
         def __init__(self) -> None:
             self.added: list[str] = []
@@ -111,7 +117,7 @@ async def test_scaling_refuses_instances_that_do_not_fit_in_memory(mqtt, uid):
         hands, found, lambda s: Child(s.name, lambda: None), max_instances=8,  # type: ignore[arg-type]
         say=said.append, available_mb=lambda: 2.5 * PROCESS_MB,
     )  # fmt: skip
-    task = asyncio.create_task(scaler.run(mqtt))
+    task = asyncio.create_task(scaler.run(login(f"operator-{uid}", "operator")))
     try:
         await wait_for(lambda: hasattr(scaler, "bus") and scaler.bus.connected.is_set())
         scaler.desire("emulated", 4, "cms/scaling/emulated/desired_instances")

@@ -68,11 +68,11 @@ def assert_grounded(answer: Answer, agents: set[str]) -> None:
     assert all(supported(c, answer.facts) for c in claims(answer.text)), answer.text
 
 
-async def test_health_and_city_scenarios(mqtt, uid, spawn, tiny_model_dir, minilm_dir):
+async def test_health_and_city_scenarios(login, uid, spawn, tiny_model_dir, minilm_dir):
     procs = start(spawn, uid, tiny_model_dir, minilm_dir)
     agents = [f"orch-{uid}", f"cls-{uid}", f"slm-{uid}", f"wearable-{uid}",
               *(n.format(uid=uid) for n in CITY)]  # fmt: skip
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         assert await view.wait_online(agents, timeout=90), [a for a in agents if not view.online(a)]
@@ -114,7 +114,7 @@ async def test_health_and_city_scenarios(mqtt, uid, spawn, tiny_model_dir, minil
 
 
 async def test_a_repeated_question_is_served_from_the_knowledge_cache(
-    mqtt, uid, spawn, tiny_model_dir, minilm_dir
+    login, uid, spawn, tiny_model_dir, minilm_dir
 ):
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}")
     spawn("services.classifier", "--agent-id", f"cls-{uid}", "--model-dir", str(minilm_dir))
@@ -131,7 +131,7 @@ async def test_a_repeated_question_is_served_from_the_knowledge_cache(
         "--domains",
         '["math"]',
     )
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     question = f"What is the derivative of x squared? ({uid})"
     async with running(bus):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import subprocess
 import time
 
-import aiomqtt
 import orjson
 import pytest
 from pydantic import ValidationError
@@ -22,7 +22,7 @@ from services.data.streams import PROFILES, STREAMS
 from services.data.view import DataView, embedding_problem, reading_problem
 from services.sensor.__main__ import SensorSettings, build
 from services.sensor.simulator import Simulator, event_intensity, expected
-from tests.conftest import running, wait_for
+from tests.conftest import mqtt_client, running, wait_for
 from tests.test_stack import online
 
 HR = STREAMS[("health", "heart_rate")]
@@ -32,6 +32,11 @@ NIGHT = 1_700_000_000.0  # 22:13 UTC
 
 def settings(**values: object) -> SensorSettings:
     return SensorSettings(_cli_parse_args=False, **values)  # type: ignore[call-arg]
+
+
+def planner(login, uid: str):  # type: ignore[no-untyped-def]
+    """The account of a test that plays the orchestrator: it reads data/# and asks sensors."""
+    return login(f"c-{uid}", "orchestrator")
 
 
 def reading(agent: str, stream: str = "heart_rate", **fields: object) -> dict[str, object]:
@@ -137,12 +142,12 @@ def test_settings_refuse_an_event_of_another_domain_and_unknown_streams():
 
 
 async def test_wearable_process_publishes_readings_embeddings_and_answers_with_a_fever(
-    mqtt, uid, spawn
+    login, uid, spawn
 ):
     agent = f"wear-{uid}"
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=f"planner-{uid}")
     view, cms = DataView(bus, domains=["health"]), CmsView(bus)
-    probe = Bus(settings=mqtt, client_id=f"p-{uid}", service="probe")
+    probe = Bus(settings=login(f"p-{uid}", "orchestrator"), client_id=f"p-{uid}", service="probe")
     seen: list[Request[Reading]] = []
     probe.listen(READING, seen.append, domain="health", agent=agent)
     async with running(bus), running(probe):
@@ -187,14 +192,15 @@ async def test_wearable_process_publishes_readings_embeddings_and_answers_with_a
     assert "fever (body temperature" in view.summary("health")
 
 
-async def test_last_value_is_retained_for_a_late_subscriber(mqtt, uid, spawn):
+async def test_last_value_is_retained_for_a_late_subscriber(login, uid, spawn):
     agent = f"wear-{uid}"
     spawn("services.sensor", "--agent-id", agent, "--streams", "spo2", "--rate-hz", "5")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=f"planner-{uid}")
     view = DataView(bus, domains=["health"])
     async with running(bus):
         await wait_for(lambda: agent in view.agents("health"))
-    late = Bus(settings=mqtt, client_id=f"late-{uid}", service=f"late-{uid}")
+    late_settings = login(f"late-{uid}", "orchestrator")
+    late = Bus(settings=late_settings, client_id=f"late-{uid}", service=f"late-{uid}")
     late_view = DataView(late, domains=["health"])
     async with running(late):
         await late.barrier()  # every retained message is in once the barrier returns
@@ -202,14 +208,14 @@ async def test_last_value_is_retained_for_a_late_subscriber(mqtt, uid, spawn):
         assert re.search(r"SpO2 \d+ %", late_view.summary("health", agents=[agent]))
 
 
-async def test_city_sensor_shows_a_crowd_in_values_summary_and_answer(mqtt, uid):
+async def test_city_sensor_shows_a_crowd_in_values_summary_and_answer(login, uid):
     agent = f"city-{uid}"
     config = settings(
         agent_id=agent, profile="city", rate_hz=20, window_s=1, event="crowd", event_ramp_s=0
     )
-    sensor_bus = Bus(settings=mqtt, client_id=agent, service="sensor")
+    sensor_bus = Bus(settings=login(agent, "sensor"), client_id=agent, service="sensor")
     sensor = build(config, sensor_bus)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=f"planner-{uid}")
     view = DataView(bus, domains=["environment"])
     async with running(sensor_bus), running(bus):
         loop = asyncio.create_task(sensor.run())
@@ -236,16 +242,17 @@ async def test_city_sensor_shows_a_crowd_in_values_summary_and_answer(mqtt, uid)
     assert answer.agent == agent and "crowd (people in view" in answer.answer
 
 
-async def test_view_computes_a_window_embedding_when_none_was_published(mqtt, uid):
+async def test_view_computes_a_window_embedding_when_none_was_published(login, uid):
     agent = f"dev-{uid}"
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+    device = Bus(settings=login(agent, "sensor"), client_id=agent, service="sensor")
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=f"planner-{uid}")
     view = DataView(bus, domains=["health"])
     topic = READING.format(domain="health", stream="heart_rate", agent=agent)
     t0 = time.time() - 10
-    async with running(bus):
+    async with running(bus), running(device):
         for i, value in enumerate((60.0, 70.0, 110.0)):
             body = Reading.model_validate(reading(agent, value=value, ts=t0 + i))
-            await bus.publish(topic, body)
+            await device.publish(topic, body)
         await wait_for(lambda: len(view.window(agent, "heart_rate")) == 3)
     assert view.last_seen(agent) >= t0 + 10 and view.last_seen(f"none-{uid}") is None
     record = view.embedding(agent, "heart_rate")
@@ -287,19 +294,24 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-async def test_bad_data_gets_an_error_and_the_view_keeps_taking_readings(mqtt, uid, case):
+async def test_bad_data_gets_an_error_and_the_view_keeps_taking_readings(login, uid, case):
     make, code, words = BAD_INPUT[case]
     agent, service = f"dev-{uid}", f"planner-{uid}"
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=service)
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=service)
     view = DataView(bus, domains=["health"])
     template = EMBEDDING if case == "wrong_dim" else READING
     bad_topic = template.format(domain="health", stream="heart_rate", agent=agent)
     good_topic = READING.format(domain="health", stream="heart_rate", agent=agent)
-    async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as device:
-        await device.subscribe(ERRORS.format(service=service), qos=1)
+    operator = login(f"operator-{uid}", "operator")  # who reads errors/#
+    async with (
+        running(bus),
+        mqtt_client(login(agent, "sensor")) as device,
+        mqtt_client(operator) as errors,
+    ):
+        await errors.subscribe(ERRORS.format(service=service), qos=1)
         await device.publish(bad_topic, make(agent), qos=1)
         async with asyncio.timeout(30):
-            message = await anext(aiter(device.messages))
+            message = await anext(aiter(errors.messages))
         await device.publish(good_topic, orjson.dumps(reading(agent, value=64.0)), qos=1)
         await wait_for(lambda: len(view.window(agent, "heart_rate")) == 1)
     error = Error.model_validate_json(message.payload)
@@ -310,9 +322,11 @@ async def test_bad_data_gets_an_error_and_the_view_keeps_taking_readings(mqtt, u
     assert "heart rate 64 bpm" in view.summary("health", agents=[agent])
 
 
-async def test_a_plain_mosquitto_pub_reading_is_taken(mqtt, uid):
+async def test_a_plain_mosquitto_pub_reading_is_taken(login, broker, uid, tmp_path):
     agent = f"watch-{uid}"
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+    device = login(agent, "sensor")  # its options (the account) as the README tells a device
+    (tmp_path / "mosquitto_pub").write_text(f"-u {agent}\n-P {device.secret()}\n")
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=f"planner-{uid}")
     view = DataView(bus)
     ts = int(time.time())
     lines = [  # literal topics: what the README tells a device to use
@@ -335,9 +349,9 @@ async def test_a_plain_mosquitto_pub_reading_is_taken(mqtt, uid):
                     "-V",
                     "mqttv5",
                     "-h",
-                    mqtt.host,
+                    broker.host,
                     "-p",
-                    str(mqtt.port),
+                    str(broker.port),
                     "-t",
                     topic,
                     "-r",
@@ -346,6 +360,7 @@ async def test_a_plain_mosquitto_pub_reading_is_taken(mqtt, uid):
                 ],
                 check=True,
                 timeout=10,
+                env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
             )
         await wait_for(lambda: len(view.window(agent, "pm25")) == 1)
         assert [s.value for s in view.window(agent, "heart_rate")] == [72.0]
@@ -354,10 +369,10 @@ async def test_a_plain_mosquitto_pub_reading_is_taken(mqtt, uid):
     assert "PM2.5 41.5 µg/m³. Alerts: unhealthy air" in view.summary("environment", agents=[agent])
 
 
-async def test_a_sensor_leaves_the_experts_questions_to_the_experts(mqtt, uid):
+async def test_a_sensor_leaves_the_experts_questions_to_the_experts(login, uid):
     agent = f"quiet-{uid}"
     config = settings(agent_id=agent, profile="city", streams=["noise"])
-    sensor_bus = Bus(settings=mqtt, client_id=agent, service="sensor")
+    sensor_bus = Bus(settings=login(agent, "sensor"), client_id=agent, service="sensor")
     build(config, sensor_bus)
     received: list[str] = []
     dispatch = sensor_bus._dispatch
@@ -367,7 +382,7 @@ async def test_a_sensor_leaves_the_experts_questions_to_the_experts(mqtt, uid):
         dispatch(topic, payload, props)
 
     sensor_bus._dispatch = spy  # type: ignore[method-assign]
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service=f"planner-{uid}")
+    bus = Bus(settings=planner(login, uid), client_id=f"c-{uid}", service=f"planner-{uid}")
 
     def question(n: int) -> KnowledgeQuery:
         return KnowledgeQuery(

@@ -24,6 +24,7 @@ from services.core.topics import QUERIES, REMOTE_TASKS, REPLICATION_PEER
 from tests.broker import ROOT, Broker
 from tests.conftest import running, service_env, wait_for
 from tools.bench.fake_cloud import FakeCloud
+from tools.common.security import peer_account
 
 
 class Services:
@@ -67,14 +68,26 @@ def services(tmp_path: Path):  # type: ignore[no-untyped-def]
     started.close()
 
 
+def peered(site: str, broker: Broker, peer: Broker) -> None:
+    """`site`'s replicator may log in to `peer`'s broker: its account there, with the secret
+    `site` made for it (before the brokers start)."""
+    account = peer_account(site)
+    broker.credentials.add([account])
+    secret = broker.credentials.secret_file(account.name).read_text().strip()
+    peer.credentials.add([account], secrets={account.name: secret})
+
+
 def replicator(services: Services, site: str, broker: Broker, peer: Broker) -> None:
+    """The replicator of `site`, linked to `peer`'s broker over TLS as peer-<site>."""
     services.start(
-        MqttSettings(host=broker.host, port=broker.port),
+        broker.login(f"replicator-{site}", "replicator"),
         "services.replicator",
         "--agent-id",
         f"replicator-{site}",
+        EDGECOLLAB_STATE_DIR=str(broker.workdir),
         EDGECOLLAB_REPLICATOR_SITE=site,
-        EDGECOLLAB_REPLICATOR_PEERS=json.dumps([f"mqtt://{peer.host}:{peer.port}"]),
+        EDGECOLLAB_REPLICATOR_PEERS=json.dumps([f"mqtts://{peer.host}:{peer.tls_port}"]),
+        EDGECOLLAB_REPLICATOR_PEER_TLS_CA=str(peer.credentials.ca),
     )
 
 
@@ -90,25 +103,32 @@ async def ask(bus: Bus) -> Answer:
 async def test_a_site_without_room_asks_its_neighbour_before_the_cloud(
     tmp_path, uid, services, tiny_model_dir
 ):
-    a, b = Broker(tmp_path / "a"), Broker(tmp_path / "b")
+    a, b = Broker(tmp_path / "a"), Broker(tmp_path / "b")  # each its own accounts and CA
+    peered("a", a, b)
+    peered("b", b, a)
     a.start()
     b.start()
     try:
-        at_a, at_b = (MqttSettings(host=x.host, port=x.port) for x in (a, b))
         worker = f"w-{uid}"
         replicator(services, "a", a, b)
         services.start(
-            at_b, "services.worker", "--agent-id", worker, "--backend", "onnx",
-            "--model-dir", str(tiny_model_dir), "--concurrency", "1",
+            b.login(worker, "worker"), "services.worker", "--agent-id", worker,
+            "--backend", "onnx", "--model-dir", str(tiny_model_dir), "--concurrency", "1",
+            EDGECOLLAB_STATE_DIR=str(b.workdir),
         )  # fmt: skip
         replicator(services, "b", b, a)
         b_side = [proc for proc, _ in services.procs[-2:]]
         with FakeCloud(reply="from the cloud") as cloud:
             services.start(
-                at_a, "services.orchestrator", "--agent-id", f"orch-{uid}",
-                "--cloud-url", cloud.url, "--cloud-api-key", cloud.api_key,
+                a.login(f"orch-{uid}", "orchestrator"), "services.orchestrator",
+                "--agent-id", f"orch-{uid}", "--cloud-url", cloud.url,
+                "--cloud-api-key", cloud.api_key, EDGECOLLAB_STATE_DIR=str(a.workdir),
             )  # fmt: skip
-            bus = Bus(settings=at_a, client_id=f"c-{uid}", service="test")
+            operator = f"operator-{uid}"  # asks, and reads the links' state (cms/replication)
+            bus = Bus(settings=a.login(operator, "operator"), client_id=operator, service="t")
+            # a task straight to a neighbour's worker: what only an orchestrator may send
+            sender = Bus(settings=a.login(f"o-{uid}", "orchestrator"), client_id=f"o-{uid}",
+                         service="t")  # fmt: skip
             view = CmsView(bus)
             link = REPLICATION_PEER.format(site="b")
 
@@ -116,7 +136,7 @@ async def test_a_site_without_room_asks_its_neighbour_before_the_cloud(
                 entry = view.get(link)
                 return entry is not None and entry.value["connected"] and entry.value["rtt_ms"]
 
-            async with running(bus):
+            async with running(bus), running(sender):
                 remote = view.remote_agent
                 await wait_for(lambda: view.online(f"orch-{uid}"), 60)
                 await wait_for(lambda: (w := remote("b", worker)) is not None and w.online, 60)
@@ -136,7 +156,7 @@ async def test_a_site_without_room_asks_its_neighbour_before_the_cloud(
                 for site, agent, says in (("zz", worker, "no link"), ("b", "nobody", "site b")):
                     with pytest.raises(RemoteError, match=says) as refused:
                         topic = REMOTE_TASKS.format(site=site, agent=agent)
-                        await bus.request(topic, task, deadline=task.deadline)
+                        await sender.request(topic, task, deadline=task.deadline)
                     assert refused.value.error.code == "unavailable"
 
                 for proc in b_side:

@@ -51,9 +51,9 @@ async def ask(bus: Bus, text: str = "hello", *, max_tokens: int = 8, timeout: fl
     return answer
 
 
-async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
+async def test_plain_mqtt_clients_use_the_stack(login, uid, spawn, broker, tmp_path):
     start_stack(spawn, uid)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
@@ -65,15 +65,19 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
         "max_tokens": 5,
         "deadline": time.time() + 10,
     }
+    # mosquitto's clients read their options (the account too) from $XDG_CONFIG_HOME/<client>
+    rr_account = login(f"rr-{uid}")
+    options = tmp_path / "mosquitto_rr"
+    options.write_text(f"-u {rr_account.username}\n-P {rr_account.secret()}\n")
     rr = subprocess.run(
         [
             "mosquitto_rr",
             "-V",
             "mqttv5",
             "-h",
-            mqtt.host,
+            broker.host,
             "-p",
-            str(mqtt.port),
+            str(broker.port),
             "-t",
             "computation/queries",
             "-e",
@@ -86,19 +90,21 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
         capture_output=True,
         timeout=60,
         check=True,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
     )
     answer = Answer.model_validate_json(rr.stdout)
     assert answer.request_id == f"rr-{uid}" and answer.outcome == "edge"
     assert answer.steps[0].agent == f"w-{uid}" and answer.steps[0].output_tokens == 5
+    # the README's observer one-liner: XDG_CONFIG_HOME=<state dir>/security/observer
     sub = subprocess.run(
         [
             "mosquitto_sub",
             "-V",
             "mqttv5",
             "-h",
-            mqtt.host,
+            broker.host,
             "-p",
-            str(mqtt.port),
+            str(broker.port),
             "-v",
             "-t",
             f"cms/agents/w-{uid}/#",  # the card too: '#' matches the parent level
@@ -110,6 +116,7 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
         capture_output=True,
         timeout=60,
         check=True,
+        env={**os.environ, "XDG_CONFIG_HOME": str(broker.credentials.root / "observer")},
     )
     lines = dict(line.split(" ", 1) for line in sub.stdout.decode().splitlines())
     card = CmsEntry.model_validate_json(lines[f"cms/agents/w-{uid}"]).value
@@ -118,9 +125,9 @@ async def test_plain_mqtt_clients_use_the_stack(mqtt, uid, spawn):
     assert status["online"] is True
 
 
-async def test_sigkill_flips_status_offline_and_restart_raises_epoch(mqtt, uid, spawn):
+async def test_sigkill_flips_status_offline_and_restart_raises_epoch(login, uid, spawn):
     worker = spawn("services.worker", "--agent-id", f"w-{uid}")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"))
@@ -133,9 +140,9 @@ async def test_sigkill_flips_status_offline_and_restart_raises_epoch(mqtt, uid, 
         assert view.agent(f"w-{uid}").card.epoch == first_epoch + 1
 
 
-async def test_stack_survives_a_broker_restart(mqtt, uid, spawn, broker):
+async def test_stack_survives_a_broker_restart(login, uid, spawn, broker):
     start_stack(spawn, uid)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
@@ -153,9 +160,9 @@ async def test_stack_survives_a_broker_restart(mqtt, uid, spawn, broker):
     assert answer.outcome == "edge" and answer.steps[0].agent in (f"w-{uid}", f"late-{uid}")
 
 
-async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(mqtt, uid, spawn):
+async def test_worker_killed_mid_task_fails_the_request_before_its_deadline(login, uid, spawn):
     _, worker = start_stack(spawn, uid, tokens_per_s="5")
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))
@@ -177,9 +184,9 @@ def _query(text: str) -> bytes:
     [b"{oops", b'{"v": 7, "type": "query"}', b"x" * (1 << 20), _query(""), _query("x" * 100_000)],
     ids=["bad-json", "bad-version", "1MB", "empty-query", "100k-chars-query"],
 )
-async def test_orchestrator_answers_bad_queries_and_keeps_serving(mqtt, uid, spawn, payload):
+async def test_orchestrator_answers_bad_queries_and_keeps_serving(login, uid, spawn, payload):
     start_stack(spawn, uid)
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     async with running(bus):
         await wait_for(online(view, f"orch-{uid}", f"w-{uid}"))

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import aiomqtt
 import orjson
 import pytest
 
@@ -20,7 +19,7 @@ from services.core.cms import CmsView
 from services.core.errors import RemoteError
 from services.core.topics import ERRORS, KNOWLEDGE, MODEL_DETAIL, STREAM, TASKS
 from tests.broker import ROOT
-from tests.conftest import running, wait_for
+from tests.conftest import mqtt_client, running, wait_for
 from tests.test_stack import online
 
 
@@ -39,7 +38,7 @@ def task(uid: str, *, prompt: str = "Hello there", max_tokens: int = 8, **extra)
     )
 
 
-async def start_worker(spawn, mqtt, uid, model_dir, *args):  # type: ignore[no-untyped-def]
+async def start_worker(spawn, login, uid, model_dir, *args):  # type: ignore[no-untyped-def]
     spawn(
         "services.worker",
         "--agent-id",
@@ -52,7 +51,8 @@ async def start_worker(spawn, mqtt, uid, model_dir, *args):  # type: ignore[no-u
         "1",
         *args,
     )
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    # the test plays the orchestrator: it sends the worker tasks
+    bus = Bus(settings=login(f"c-{uid}", "orchestrator"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     return bus, view
 
@@ -68,14 +68,16 @@ async def generate(bus: Bus, uid: str, **kwargs) -> TaskResult:  # type: ignore[
 
 
 async def test_onnx_worker_serves_streams_and_advertises_its_model(
-    mqtt, uid, spawn, tiny_model_dir
+    login, uid, spawn, tiny_model_dir
 ):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     chunks: list[TokenChunk] = []
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
-        first = task(uid, max_tokens=12, stream=True)
-        await bus.follow(STREAM, lambda r: chunks.append(r.body), request=first.request_id)
+        first = task(uid, max_tokens=12, stream=True, client=f"c-{uid}")
+        await bus.follow(
+            STREAM, lambda r: chunks.append(r.body), client=f"c-{uid}", request=first.request_id
+        )
         result = await bus.request(TASKS.format(agent=f"w-{uid}"), first, deadline=first.deadline)
         assert isinstance(result, TaskResult)
         # a second worker takes over where the first stopped: after its first two chunks
@@ -103,10 +105,13 @@ async def test_onnx_worker_serves_streams_and_advertises_its_model(
     assert arch is not None and arch.value == card.model.architecture
 
 
-async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_model_dir):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+async def test_cms_parameters_apply_to_the_next_request(login, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     name = model_name(tiny_model_dir)
-    async with running(bus), aiomqtt.Client(mqtt.host, mqtt.port) as sub:
+    operator = f"operator-{uid}"  # who may write cms/parameters
+    ops = Bus(settings=login(operator, "operator"), client_id=operator, service="cli")
+    reader = login(f"operator-errors-{uid}", "operator")  # who reads errors/#
+    async with running(bus), running(ops), mqtt_client(reader) as sub:
         await sub.subscribe(ERRORS.format(service="worker"), qos=1)
         await wait_for(online(view, f"w-{uid}"), timeout=60)
 
@@ -117,55 +122,49 @@ async def test_cms_parameters_apply_to_the_next_request(mqtt, uid, spawn, tiny_m
         greedy = await generate(bus, uid, max_tokens=16)
         assert (await generate(bus, uid, max_tokens=16)).text == greedy.text
         try:
-            await cms.put(bus, f"parameters/{name}/temperature", 3.0, version=1)
-            await cms.put(bus, f"parameters/{name}/seed", 7, version=1)
-            await cms.put(bus, f"parameters/{name}/warmth", 1, version=1)
+            await cms.put(ops, f"parameters/{name}/temperature", 1.0, version=1)
+            await cms.put(ops, f"parameters/{name}/seed", 7, version=1)
+            await cms.put(ops, f"parameters/{name}/warmth", 1, version=1)
             # the worker's view takes the keys in order: refusing the last, it has the others
             error = await refusal()
             sampled = await generate(bus, uid, max_tokens=16)
         finally:
             for key in ("temperature", "seed", "warmth"):
-                await cms.delete(bus, f"parameters/{name}/{key}")
-        await cms.put(bus, f"parameters/{name}/marker", 1, version=1)  # refused after the deletes
+                await cms.delete(ops, f"parameters/{name}/{key}")
+        await cms.put(ops, f"parameters/{name}/marker", 1, version=1)  # refused after the deletes
         marker = await refusal()
-        await cms.delete(bus, f"parameters/{name}/marker")
+        await cms.delete(ops, f"parameters/{name}/marker")
         again = await generate(bus, uid, max_tokens=16)
     assert sampled.text != greedy.text and again.text == greedy.text
     assert error.code == "bad_request" and "unknown parameter 'warmth'" in error.message
     assert "unknown parameter 'marker'" in marker.message
 
 
-async def test_the_worker_publishes_its_models_defaults_but_keeps_an_operators(
-    mqtt, uid, spawn, tiny_model_dir
+async def test_the_worker_publishes_its_models_defaults_and_leaves_parameters_to_operators(
+    login, uid, spawn, tiny_model_dir
 ):
     name = model_name(tiny_model_dir)
-    key, card_key = f"cms/parameters/{name}/repetition_penalty", f"cms/slm/{name}/architecture"
-
-    def written(key: str, origin: str):  # type: ignore[no-untyped-def]
-        return lambda: (e := view.get(key)) is not None and e.origin == origin
-
-    bus = Bus(settings=mqtt, client_id=f"c-{uid}", service="test")
+    key, defaults = f"cms/parameters/{name}/repetition_penalty", f"cms/slm/{name}/defaults"
+    operator = f"operator-{uid}"
+    bus = Bus(settings=login(operator, "operator"), client_id=operator, service="test")
     view = CmsView(bus)
     async with running(bus):
         await view.synced()
-        await cms.delete(bus, key)
+        before = view.get(key)
+        await cms.put(bus, key, 1.05, version=before.version + 1 if before else 1)
+        await wait_for(lambda: (e := view.get(key)) is not None and e.value == 1.05)
         spawn("services.worker", "--agent-id", f"w-{uid}", "--backend", "onnx",
               "--model-dir", str(tiny_model_dir), "--threads", "1")  # fmt: skip
-        await wait_for(written(key, f"w-{uid}"), 60)
-        assert view.get(key).value == 1.15  # type: ignore[union-attr]  # unmeasured: DEFAULTS
-        await cms.put(bus, key, 1.05, version=view.get(key).version + 1)  # type: ignore[union-attr]
-        await wait_for(lambda: view.get(key).value == 1.05)  # type: ignore[union-attr]
-        spawn("services.worker", "--agent-id", f"w2-{uid}", "--backend", "onnx",
-              "--model-dir", str(tiny_model_dir), "--threads", "1")  # fmt: skip
-        # its model card comes after its defaults: once it is here, nothing else will come
-        await wait_for(written(card_key, f"w2-{uid}"), 60)
-        entry = view.get(key)
+        await wait_for(lambda: (e := view.get(defaults)) is not None and e.origin == f"w-{uid}", 60)
+        await wait_for(online(view, f"w-{uid}"), 60)  # its card comes after its defaults
+        published, entry = view.get(defaults), view.get(key)
         await cms.delete(bus, key)
-    assert entry is not None and entry.value == 1.05 and entry.origin == f"c-{uid}"
+    assert published is not None and published.value == {"repetition_penalty": 1.15}  # unmeasured
+    assert entry is not None and entry.value == 1.05 and entry.origin == operator
 
 
-async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn, tiny_model_dir):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir)
+async def test_bad_requests_get_clear_errors_and_worker_goes_on(login, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir)
     topic = TASKS.format(agent=f"w-{uid}")
     good = orjson.loads(task(uid).model_dump_json())
     cases = {
@@ -185,9 +184,9 @@ async def test_bad_requests_get_clear_errors_and_worker_goes_on(mqtt, uid, spawn
         assert (await generate(bus, uid)).output_tokens >= 1
 
 
-async def test_worker_answers_its_knowledge_domain(mqtt, uid, spawn, tiny_model_dir):
+async def test_worker_answers_its_knowledge_domain(login, uid, spawn, tiny_model_dir):
     domain = f"d{uid}"
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir, "--domains", f'["{domain}"]')
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir, "--domains", f'["{domain}"]')
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         query = KnowledgeQuery(
@@ -233,8 +232,8 @@ def test_a_bad_model_folder_is_a_clear_startup_failure(tmp_path, tiny_model_dir,
     assert named in out.stderr
 
 
-async def test_requests_share_the_model_concurrently(mqtt, uid, spawn, tiny_model_dir):
-    bus, view = await start_worker(spawn, mqtt, uid, tiny_model_dir, "--concurrency", "4")
+async def test_requests_share_the_model_concurrently(login, uid, spawn, tiny_model_dir):
+    bus, view = await start_worker(spawn, login, uid, tiny_model_dir, "--concurrency", "4")
     async with running(bus):
         await wait_for(online(view, f"w-{uid}"), timeout=60)
         alone = await generate(bus, uid, prompt="one two three", max_tokens=10)

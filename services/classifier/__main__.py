@@ -15,6 +15,7 @@ from services.classifier.service import Classifier
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
+from services.core.ownership import Accounts
 from services.core.presence import Presence
 from services.core.service import run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
@@ -55,7 +56,12 @@ def load_engine(
         sys.exit(f"classifier: {exc}")
 
 
-async def serve(settings: ClassifierSettings, mqtt: MqttSettings, engine: ClassifierEngine) -> None:
+async def serve(
+    settings: ClassifierSettings,
+    mqtt: MqttSettings,
+    engine: ClassifierEngine,
+    accounts: Accounts | None = None,
+) -> None:
     def card(epoch: int) -> AgentCard:
         model = ModelInfo(name=engine.embedder.card.name)  # what it embeds with (computation/embed)
         return AgentCard(
@@ -63,7 +69,7 @@ async def serve(settings: ClassifierSettings, mqtt: MqttSettings, engine: Classi
         )
 
     def setup(bus: Bus, presence: Presence) -> None:
-        Classifier(bus=bus, view=CmsView(bus), engine=engine)
+        Classifier(bus=bus, view=CmsView(bus, accounts=accounts), engine=engine)
 
     await run_agent(mqtt, agent=settings.agent_id, service="classifier", card=card, setup=setup)
 
@@ -72,7 +78,8 @@ def main() -> None:
     settings, runtime = ClassifierSettings(), RuntimeSettings()
     configure_logging("classifier", level=runtime.log_level)
     engine = load_engine(settings, runtime)
-    asyncio.run(serve(settings, MqttSettings(), engine))
+    accounts = Accounts.of_state_dir(runtime.state_dir)
+    asyncio.run(serve(settings, MqttSettings(), engine, accounts))
 
 
 if __name__ == "__main__":

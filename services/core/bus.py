@@ -25,7 +25,14 @@ from pydantic import TypeAdapter, ValidationError
 from schemas import Accepted, Error, Message
 from schemas.messages import ErrorCode
 from services.core.connection import Connection, ConnectionLost, PublishProperties
-from services.core.errors import BadInput, DeadlineExceeded, NoSubscriber, PeerGone, RemoteError
+from services.core.errors import (
+    BadInput,
+    DeadlineExceeded,
+    NoSubscriber,
+    NotAuthorized,
+    PeerGone,
+    RemoteError,
+)
 from services.core.retry import until_reachable
 from services.core.settings import MqttSettings
 from services.core.topics import ERRORS, REPLIES, Address, Topic
@@ -35,7 +42,8 @@ M = TypeVar("M", bound=Message)
 log = structlog.get_logger("edgecollab.bus")
 
 _DEDUP_WINDOW = 4096  # (response topic, correlation) pairs remembered to answer a request once
-_NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code
+_NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason codes
+_NOT_AUTHORIZED = 0x87
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +300,13 @@ class Bus:
         pending = self._pending[correlation]
 
         def acked(reason: int) -> None:
-            if reason == _NO_MATCHING_SUBSCRIBERS and not future.done():
+            if future.done():
+                return
+            if reason == _NO_MATCHING_SUBSCRIBERS:
                 future.set_exception(NoSubscriber(f"nobody is subscribed to {address}"))
+            elif reason == _NOT_AUTHORIZED:
+                who = self.settings.username or self.client_id
+                future.set_exception(NotAuthorized(f"the broker refused {address} for {who!r}"))
 
         def unaccepted() -> None:
             if pending.peer is None and not future.done():

@@ -19,11 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from services.core.settings import MqttSettings
+
+log = structlog.get_logger("edgecollab.bus")
 
 MessageCallback = Callable[[str, bytes, Any], None]  # topic, payload, paho Properties
 _MISC_PERIOD_S = 1.0  # paho's keepalive bookkeeping (PINGREQ, dead-broker detection)
@@ -104,9 +107,14 @@ class Connection:
         self._paho = client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
         )
-        if settings.username is not None:
-            password = settings.password.get_secret_value() if settings.password else None
-            client.username_pw_set(settings.username, password)
+        self._tls = settings.uses_tls
+        try:
+            if settings.username is not None:
+                client.username_pw_set(settings.username, settings.secret())
+            if self._tls:
+                client.tls_set_context(settings.tls_context())
+        except (ValueError, OSError) as exc:  # an unreadable password file, a bad certificate
+            raise ConnectionLost(str(exc)) from None
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         # paho keeps 20 QoS 1 publishes in flight and queues the rest: mosquitto's default
@@ -272,7 +280,12 @@ class Connection:
             future.set_result(codes)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _props: Any) -> None:
+        """A broker's PUBACK: a refusal (0x87 not authorized: the ACL) is said, not swallowed."""
         self._call_in_loop(self._acked.set)
+        if getattr(reason, "is_failure", False):
+            message = self._paho._out_messages.get(mid)  # paho drops it after this callback
+            topic = message.topic if message is not None else None
+            log.warning("bus.publish_refused", topic=topic, reason=str(reason))
         callback = self._pubacks.pop(mid, None)
         if callback is not None:
             self._call_in_loop(lambda: callback(int(getattr(reason, "value", reason))))
@@ -288,9 +301,20 @@ class Connection:
             if self._dropped:  # a connect we gave up on finished late in its thread
                 sock.close()
             elif sock.fileno() >= 0:
-                self._loop.add_reader(sock, self._paho.loop_read)
+                self._loop.add_reader(sock, self._read_tls if self._tls else self._paho.loop_read)
 
         self._call_in_loop(watch)
+
+    def _read_tls(self) -> None:
+        """paho reads a few packets per call; TLS may hold more, already decrypted, where the
+        selector cannot see them: read on while the TLS socket has bytes pending."""
+        self._paho.loop_read()
+        sock: Any = self._paho.socket()  # an ssl.SSLSocket while TLS is on
+        while sock is not None and (pending := sock.pending()) > 0:
+            self._paho.loop_read()
+            sock = self._paho.socket()
+            if sock is not None and sock.pending() >= pending:
+                break  # no progress: wait for the socket
 
     def _on_socket_close(self, _c: Any, _u: Any, sock: Any) -> None:
         def forget() -> None:

@@ -48,5 +48,10 @@ class NoSubscriber(PeerGone):
     orchestrator, or a worker that is gone. Nobody will answer; the requester may retry."""
 
 
+class NotAuthorized(EdgecollabError):
+    """The broker refused a request (MQTT 5 PUBACK 0x87): this account may not publish there
+    (the ACL made from its role). Retrying will not help."""
+
+
 class ConfigError(EdgecollabError):
     """Settings or files that cannot work."""

@@ -33,6 +33,11 @@ async def run_agent(
 
     `setup` wires the service onto the bus and returns its background loops, if any.
     """
+    if mqtt.username is not None and mqtt.username != agent:  # the broker's client id
+        raise SystemExit(
+            f"{service}: the account {mqtt.username!r} is not the agent id {agent!r} (the"
+            " broker takes the username as the client id: EDGECOLLAB_MQTT_USERNAME = agent id)"
+        )
     # Statuses twice per keepalive: a peer silent for a whole keepalive is frozen or cut off
     # (Dispatcher.watch_silence), before the broker's 1.5x keepalive fires the Last Will.
     epoch = await _next_epoch_when_reachable(mqtt, agent)

@@ -188,7 +188,8 @@ QUERIES = Topic("computation/queries", Query, replies=(Accepted, Answer))
 CLASSIFY = Topic("computation/classify", ClassifyRequest, replies=(Classification,))
 EMBED = Topic("computation/embed", Embed, replies=(Embeddings,))
 TASKS = Topic("computation/tasks/{agent}", Task, replies=(TaskResult, Rejected))
-STREAM = Topic("computation/stream/{request}", TokenChunk, qos=0)
+# A request's tokens, under its requester's name: only the requester may read them.
+STREAM = Topic("computation/stream/{client}/{request}", TokenChunk, qos=0)
 # A task for an agent of a neighbour site: this site's replicator takes it and sends it on as
 # computation/tasks/<agent> to that site's broker over its link, and brings the reply back.
 REMOTE_TASKS = Topic("computation/sites/{site}/tasks/{agent}", Task, replies=(TaskResult, Rejected))

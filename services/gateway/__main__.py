@@ -109,7 +109,7 @@ async def serve(
             timeout_s=settings.timeout_s,
         )
         app.app = api.app()
-        return [gateway.flush_usage]
+        return []
 
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     host, port = sock.getsockname()[:2]

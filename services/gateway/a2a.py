@@ -160,12 +160,6 @@ class A2A:
     async def _send(self, params: dict[str, Any], tenant: str) -> dict[str, Any]:
         query = self._query(params, tenant, stream=False)
         context = _context_id(params)
-        try:
-            self.api.gateway.check_quota(tenant)
-        except ApiError as exc:
-            return {
-                "task": _task(query, context, _state(exc), _agent_message(exc.message, context))
-            }
         async with self.api.gateway.exchange(query) as exchange:
             assert exchange.answer is not None
             try:
@@ -179,12 +173,6 @@ class A2A:
     async def _stream(self, rid: Any, params: dict[str, Any], tenant: str) -> Response:
         query = self._query(params, tenant, stream=True)
         context = _context_id(params)
-        try:
-            self.api.gateway.check_quota(tenant)
-        except ApiError as exc:
-            refused = _task(query, context, _state(exc), _agent_message(exc.message, context))
-            body = b"data: " + orjson.dumps(_result(rid, {"task": refused})) + b"\n\n"
-            return Response(body, media_type="text/event-stream")
         stack = contextlib.AsyncExitStack()
         exchange = await stack.enter_async_context(self.api.gateway.exchange(query))
         pending = exchange.answer

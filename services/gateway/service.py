@@ -1,7 +1,8 @@
 """The gateway's side of the bus: a `Query` out, its `Answer` (and token stream) back.
 
-One subscription to computation/stream/+ feeds the streams of every request in flight here;
-a chunk of a request that is not ours is dropped before it is parsed. The gateway also keeps
+One subscription to computation/stream/<itself>/+ (the broker lets only us read it) feeds the
+streams of every request in flight here; a chunk of a request not in flight is dropped before it
+is parsed. The gateway also keeps
 what the dashboard shows: the last queries with their provenance, and outcomes per second.
 """
 
@@ -19,12 +20,11 @@ from typing import Any
 import structlog
 
 from schemas import Answer, CmsEntry, Query, SamplingOptions, TokenChunk
-from services.core import cms
 from services.core.bus import Bus
 from services.core.client import QueryClient
 from services.core.cms import CmsView
 from services.core.errors import BadInput, DeadlineExceeded, RemoteError
-from services.core.topics import METRIC, STREAM, TENANT
+from services.core.topics import METRIC, STREAM
 from services.core.transcript import Transcript
 from services.core.wire import parse_payload
 from services.gateway.errors import ApiError
@@ -45,13 +45,6 @@ class Exchange:
     answer: asyncio.Task[Answer] | None = None
 
 
-@dataclass(slots=True)
-class Usage:
-    tokens: int = 0
-    version: int = 0
-    dirty: bool = False
-
-
 class Gateway:
     """Sends queries for HTTP clients and remembers what the dashboard shows."""
 
@@ -64,9 +57,8 @@ class Gateway:
         self.changed = asyncio.Event()  # the dashboard's state changed
         self._exchanges: dict[str, Exchange] = {}
         self._outcomes: deque[tuple[float, str]] = deque()
-        self._usage: dict[str, Usage] = {}
         self.served = Counter[str]()
-        bus.listen_raw(STREAM.filter(), self._on_chunk, qos=STREAM.qos)
+        bus.listen_raw(STREAM.filter(client=bus.client_id), self._on_chunk, qos=STREAM.qos)
         view.on_change(self._on_cms_change)
 
     # -- the bus -------------------------------------------------------------------------------
@@ -109,7 +101,7 @@ class Gateway:
         params = STREAM.match(topic)
         exchange = self._exchanges.get(params["request"]) if params else None
         if exchange is None:
-            return  # another client's stream
+            return  # a request no longer in flight
         try:
             chunk = parse_payload(TokenChunk, payload, self.bus.settings.max_payload)
         except BadInput as exc:
@@ -175,44 +167,6 @@ class Gateway:
     def _on_cms_change(self, key: str, entry: CmsEntry | None) -> None:
         if key.startswith(("cms/agents/", "cms/metrics/", "cms/experiments/")):
             self.changed.set()
-        params = TENANT.match(key)
-        if params and params["name"] == "tokens_used" and entry is not None:
-            usage = self._usage.setdefault(params["tenant"], Usage())
-            if entry.version > usage.version and isinstance(entry.value, int):
-                usage.version, usage.tokens = entry.version, max(usage.tokens, entry.value)
-
-    # -- tenants ------------------------------------------------------------------------------
-
-    def check_quota(self, tenant: str) -> None:
-        """429 once a tenant has used its cms/tenants/<tenant>/usage_limit (tokens)."""
-        limit = self.view.get(TENANT.format(tenant=tenant, name="usage_limit"))
-        if limit is None or not isinstance(limit.value, int | float):
-            return
-        used = self._usage.get(tenant, Usage()).tokens
-        if used >= limit.value:
-            raise ApiError(
-                429,
-                f"tenant {tenant} has used {used} of its {limit.value:g} tokens",
-                type="insufficient_quota",
-                code="insufficient_quota",
-            )
-
-    def charge(self, tenant: str, tokens: int) -> None:
-        usage = self._usage.setdefault(tenant, Usage())
-        usage.tokens += tokens
-        usage.dirty = True
-
-    async def flush_usage(self) -> None:
-        """Write each tenant's tokens_used to the CMS when it changed (a background loop)."""
-        while True:
-            await asyncio.sleep(USAGE_FLUSH_S)
-            if not self.bus.connected.is_set():
-                continue
-            for tenant, usage in self._usage.items():
-                if usage.dirty:
-                    usage.dirty, usage.version = False, usage.version + 1
-                    key = TENANT.format(tenant=tenant, name="tokens_used")
-                    await cms.put(self.bus, key, usage.tokens, version=usage.version)
 
 
 def _retrieved(task: asyncio.Task[Answer]) -> None:
@@ -250,4 +204,10 @@ def _remote(exc: RemoteError) -> ApiError:
         return ApiError(504, exc.error.message, code=code)
     if code == "unavailable":
         return ApiError(503, exc.error.message, code=code)
+    if code == "quota":  # the orchestrators count every tenant's tokens (cms/tenants/<t>/...)
+        return ApiError(
+            429, exc.error.message, type="insufficient_quota", code="insufficient_quota"
+        )
+    if code == "forbidden":
+        return ApiError(403, exc.error.message, code=code)
     return ApiError(502, str(exc), type="server_error", code=code)

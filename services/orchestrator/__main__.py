@@ -11,6 +11,7 @@ from schemas.ids import AGENT_ID_PATTERN
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
+from services.core.ownership import Accounts
 from services.core.presence import Presence
 from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
@@ -21,6 +22,7 @@ from services.orchestrator.configs import OrchestratorConfigs
 from services.orchestrator.cooperation import Cooperation
 from services.orchestrator.dispatch import Dispatcher
 from services.orchestrator.service import GAP_CONFIDENCE, Orchestrator
+from services.orchestrator.tenants import Tenants
 from services.scheduling.outcomes import Prices
 from services.scheduling.policies import POLICIES, make_policy
 
@@ -71,7 +73,9 @@ class OrchestratorSettings(BaseSettings):
         )
 
 
-async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
+async def serve(
+    settings: OrchestratorSettings, mqtt: MqttSettings, accounts: Accounts | None = None
+) -> None:
     policy = make_policy(settings.policy, **settings.policy_params)
     configs: OrchestratorConfigs | None = None
 
@@ -82,7 +86,7 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
 
     def setup(bus: Bus, presence: Presence) -> list[Loop]:
         nonlocal configs
-        view = CmsView(bus)
+        view = CmsView(bus, accounts=accounts)  # a device's card may not say "worker"
         allocator = Allocator(
             view, policy, rng=random.Random(settings.seed), knowledge=settings.knowledge
         )
@@ -94,9 +98,10 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
         )  # fmt: skip
         dispatcher.cloud, allocator.admits = configs.cloud(), configs.admits
         cooperation = Cooperation(bus=bus, view=view, data=DataView(bus))
+        tenants = Tenants(bus, view, accounts=accounts, base_version=presence.base_version)
         orchestrator = Orchestrator(
             bus=bus, view=view, dispatcher=dispatcher, cooperation=cooperation,
-            gap_confidence=settings.gap_confidence,
+            gap_confidence=settings.gap_confidence, tenants=tenants,
         )  # fmt: skip
         return [
             lambda: orchestrator.publish_metrics(
@@ -115,13 +120,13 @@ async def serve(settings: OrchestratorSettings, mqtt: MqttSettings) -> None:
 
 
 def main() -> None:
-    settings = OrchestratorSettings()
-    configure_logging("orchestrator", level=RuntimeSettings().log_level)
+    settings, runtime = OrchestratorSettings(), RuntimeSettings()
+    configure_logging("orchestrator", level=runtime.log_level)
     try:
         make_policy(settings.policy, **settings.policy_params)
     except ValueError as exc:
         raise SystemExit(f"orchestrator: {exc}") from None
-    asyncio.run(serve(settings, MqttSettings()))
+    asyncio.run(serve(settings, MqttSettings(), Accounts.of_state_dir(runtime.state_dir)))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class Job:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     domain: str | None = None  # the Classifier Engine's labels: what predicts its length
     difficulty: str | None = None
+    client: str | None = None  # the requester, whose streams these tokens are
 
 
 @dataclass(slots=True)
@@ -164,6 +165,7 @@ class Dispatcher:
             deadline=job.deadline,
             stream=job.stream and site is None,
             sampling=job.sampling,
+            client=job.client,
             attempt=attempt,
             resume=resume,
         )

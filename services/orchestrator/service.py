@@ -43,7 +43,7 @@ from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, RemoteError
-from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES
+from services.core.topics import CLASSIFY, INFERENCE_STATE, METRIC, QUERIES, REPLIES
 from services.data import grounding
 from services.data.view import DEVICE_FRESH_S
 from services.orchestrator.cooperation import Cooperation
@@ -58,6 +58,7 @@ from services.orchestrator.planner import (
 )
 from services.orchestrator.programs import Programs
 from services.orchestrator.provenance import record
+from services.orchestrator.tenants import Tenants
 from services.scheduling.outcomes import Outcome, Tally
 
 log = structlog.get_logger("edgecollab.orchestrator")
@@ -83,6 +84,7 @@ class Orchestrator:
         dispatcher: Dispatcher,
         cooperation: Cooperation,
         programs: Programs | None = None,
+        tenants: Tenants | None = None,
         gap_confidence: float = GAP_CONFIDENCE,
     ) -> None:
         self.bus = bus
@@ -93,11 +95,15 @@ class Orchestrator:
         self.programs = programs or Programs(
             bus=bus, dispatcher=dispatcher, cooperation=cooperation
         )
+        self.tenants = tenants
         self.tally = Tally(latencies_s=deque(maxlen=LATENCY_WINDOW))  # type: ignore[arg-type]
         bus.serve(QUERIES, self.handle_query, shared="orchestrators")
 
     async def handle_query(self, request: Request[Query]) -> Answer:
         query = request.body
+        client = requester(request.reply_to)
+        # a tenant at its quota is refused here, before any generation (Error code quota)
+        tenant = self.tenants.admit(client, query) if self.tenants is not None else None
         started, since = time.perf_counter(), time.time()
         if query.ack:  # the client now watches us, and sends the query again if we die
             await self.bus.acknowledge(request)
@@ -112,7 +118,8 @@ class Orchestrator:
         final: Generated | None = None
         for number, phase in enumerate(plan.phases()):
             runs = [
-                self._run(s, query, outputs, since, facts, passages, classification) for s in phase
+                self._run(s, query, outputs, since, facts, passages, classification, client)
+                for s in phase
             ]
             results = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
             for step, (text, records, generated) in zip(phase, results, strict=True):
@@ -126,7 +133,10 @@ class Orchestrator:
         partial = any(s.outcome == "failed" for s in steps if s.name != plan.final.name)
         measured = [f for s in plan.sensed for f in facts.get(s.name, [])]
         found = [p for ps in passages.values() for p in ps]
-        return self._answer(query, started, final, steps, partial, plan, measured, found)
+        answer = self._answer(query, started, final, steps, partial, plan, measured, found)
+        if tenant is not None and self.tenants is not None:
+            await self.tenants.charge(tenant, client, query, answer)
+        return answer
 
     def plan(self, query: Query, classification: Classification | None) -> Plan:
         """The plan for this query given the agents online now."""
@@ -174,6 +184,7 @@ class Orchestrator:
         facts: dict[str, list[Fact]],
         passages: dict[str, list[Passage]],
         classification: Classification | None = None,
+        client: str | None = None,
     ) -> tuple[str | None, list[Step], Generated | None]:
         """One step: its output text (None if it failed), its records, and the generation;
         a data step's facts go to `facts` under its name, a retrieve step's passages to
@@ -210,6 +221,7 @@ class Orchestrator:
             resume=query.resume if step.name == "answer" else None,
             sampling=under(step.sampling, query.sampling),
             **_length_labels(step, classification),
+            client=client,
         )
         generated = await self.dispatcher.run(job)
         if step.gap_domain and generated.text is not None and self._gap(generated, step.gap_domain):
@@ -372,6 +384,13 @@ def _length_labels(step: PlanStep, classification: Classification | None) -> dic
         "domain": domain if step.name == "answer" else f"{domain}:{step.name}",
         "difficulty": classification.complexity.difficulty,
     }
+
+
+def requester(reply_to: str | None) -> str | None:
+    """The client a request came from: the owner of its response topic, replies/<client>
+    (the broker lets only that client read it)."""
+    params = REPLIES.match(reply_to) if reply_to else None
+    return params["client"] if params else None
 
 
 def _refusal(final: Generated, steps: list[Step]) -> str:

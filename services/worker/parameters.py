@@ -1,16 +1,23 @@
 """Dynamic decoding parameters from the CMS (`cms/parameters/<model>/<name>`), applied live.
 
 A request's own sampling options win over the CMS values, which win over the model's defaults
-(`MODEL_DEFAULTS`, measured; greedy decoding). A key with an unknown name or a value of the
-wrong type is refused with an Error on errors/<service>.
+(`MODEL_DEFAULTS`, measured; greedy decoding). A key with an unknown name, a value of the wrong
+type, or a value outside the live bounds is refused with an Error on errors/<service>.
 
-At start a worker publishes its model's defaults under `cms/parameters/<model>/...`, so that
-they are seen where they are changed (`edgecollab cms get parameters/`). It writes a key only
-when it is absent or was written by a worker (an earlier default): a value an operator set stays.
+The live bounds are tighter than a request's own: a CMS value changes every answer of the
+model, so it must stay where answers stay sane. Measured on SmolLM2-135M-Instruct ("What is
+the capital of France?", greedy unless said): temperature 0.7 still answers, 1.0 drifts into
+another language, 1.3, 1.6, 2 and 5 give word salad; a repetition penalty of 1.3 still
+answers, 1.5 and above garble it, below 1 makes the model repeat itself.
+
+At start a worker publishes its model's defaults under `cms/slm/<model>/defaults` (a model
+detail, which workers write), so that they are seen beside the parameters that change them;
+`cms/parameters/` is the operators' alone (README Security).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,7 +26,7 @@ from schemas import CmsEntry, SamplingOptions
 from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
-from services.core.topics import PARAMETER
+from services.core.topics import MODEL_DETAIL, PARAMETER
 
 KNOWN = tuple(name for name in SamplingOptions.model_fields if name != "stop")
 
@@ -32,6 +39,11 @@ DEFAULTS = SamplingOptions(repetition_penalty=1.15)
 MODEL_DEFAULTS: dict[str, SamplingOptions] = {
     "SmolLM2-135M-Instruct": SamplingOptions(temperature=0.0, repetition_penalty=1.0),
     "Qwen2.5-Coder-0.5B-Instruct": SamplingOptions(temperature=0.0, repetition_penalty=1.0),
+}
+# What a CMS value may be (inclusive); a request's own options keep the wire's bounds.
+LIVE_BOUNDS: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 1.0),
+    "repetition_penalty": (1.0, 1.3),
 }
 
 
@@ -50,21 +62,12 @@ class LiveParameters:
         view.on_change(self._on_change)
 
     async def publish_defaults(self) -> None:
-        """The model's defaults under cms/parameters/<model>/..., where no operator set one."""
+        """The model's defaults, as this worker applies them, under cms/slm/<model>/defaults."""
         await self._view.synced()
-        for name, value in self._defaults.items():
-            if name == "stop":
-                continue
-            key = PARAMETER.format(model=self._model, name=name)
-            current = self._view.get(key)
-            if current is not None and (current.value == value or not self._by_worker(current)):
-                continue
-            version = current.version + 1 if current else 1
-            await cms.put(self._bus, key, value, version=version)
-
-    def _by_worker(self, entry: CmsEntry) -> bool:
-        card = self._view.cards.get(entry.origin)
-        return entry.origin == self._bus.client_id or (card is not None and card.kind == "worker")
+        key = MODEL_DETAIL.format(model=self._model, field="defaults")
+        current = self._view.get(key)
+        value = {k: v for k, v in self._defaults.items() if k != "stop"}
+        await cms.put(self._bus, key, value, version=current.version + 1 if current else 1)
 
     def resolve(self, requested: SamplingOptions) -> SamplingOptions:
         """The request's options, then the CMS values, then the worker's defaults."""
@@ -89,5 +92,11 @@ class LiveParameters:
         except ValidationError as exc:
             message = exc.errors()[0]["msg"]
             self._bus.report("bad_request", f"parameter {name}={value!r}: {message}", key)
+            return
+        low, high = LIVE_BOUNDS.get(name, (-math.inf, math.inf))
+        if isinstance(value, int | float) and not low <= value <= high:
+            bounds = f"live values of {name} stay within {low}-{high}"
+            self._bus.report("bad_request", f"parameter {name}={value!r} refused: {bounds}", key)
+            self.values.pop(name, None)  # not the value before it either: that was replaced
             return
         self.values[name] = value

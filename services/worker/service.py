@@ -220,8 +220,10 @@ class Worker:
         if self.presence is not None:
             self.presence.changed()
 
-    def _streamer(self, task: Task) -> Callable[[str], Awaitable[None]]:
-        topic = STREAM.format(request=task.request_id)
+    def _streamer(self, task: Task) -> Callable[[str], Awaitable[None]] | None:
+        if task.client is None:  # whose stream it is is unknown: nobody could read it
+            return None
+        topic = STREAM.format(client=task.client, request=task.request_id)
         seq = task.resume.seq if task.resume is not None else 0
 
         async def emit(text: str) -> None:

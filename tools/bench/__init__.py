@@ -19,6 +19,7 @@ BENCH_MODULES = (
     "tools.bench.gap",
     "tools.bench.replicate",
     "tools.bench.kb",
+    "tools.bench.security",
 )
 
 

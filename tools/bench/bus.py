@@ -2,7 +2,14 @@
 request/response ping-pongs on the same broker in the same run: aiomqtt on both ends, and
 paho-mqtt on both ends (the bus runs on paho). The paho requester also drives the stack.
 The HTTP arm sends the same queries as OpenAI chat completions through the gateway
-(keep-alive HTTP/1.1 connections, one request at a time on each). Prints JSON."""
+(keep-alive HTTP/1.1 connections, one request at a time on each). Prints JSON.
+
+The broker is secure as `edgecollab up` runs it (`--security auth`: accounts and ACLs over
+plain MQTT on loopback); `--security tls`: the clients over TLS as from another box (the
+services stay on loopback, as `up` and compose run them); `--security tls-all`: every
+connection over TLS; `--security plain`: anonymous, no ACL, no TLS, as before security.
+`--compare-security` runs the stack path only, on a fresh broker of each kind in turn,
+`--rounds` times, and prints what security costs."""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -32,9 +40,9 @@ from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
 from services.core.settings import MqttSettings
-from services.core.topics import QUERIES
+from services.core.topics import QUERIES, REPLIES
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker, free_port
 from tools.common.stack import ServiceSpec
 
 PING, NODELAY = "bench/ping", [(6, 1, 1)]  # IPPROTO_TCP, TCP_NODELAY
@@ -42,6 +50,7 @@ REPLY_TIMEOUT_S = 10.0  # a request unanswered this long counts as failed, and t
 PROBE_EVERY_S = 0.5  # until a responder answers a first probe, one more probe this often
 READY_TIMEOUT_S = 60.0
 ARMS = ("aiomqtt", "paho", "stack", "gateway")
+SECURITY = ("plain", "auth", "tls", "tls-all")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +63,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=",".join(ARMS),
         help=f"comma-separated, of: {', '.join(ARMS)} (default: all)",
     )
+    parser.add_argument(
+        "--security",
+        choices=SECURITY,
+        default="auth",
+        help="auth: accounts and ACLs (edgecollab up's broker); tls: and the clients over TLS;"
+        " tls-all: every connection over TLS; plain: none of it",
+    )
+    parser.add_argument(
+        "--compare-security",
+        action="store_true",
+        help="the stack path only, on each kind of broker in turn (--rounds times)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="for --compare-security")
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
 
 
@@ -63,25 +85,27 @@ async def bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"bench bus: --arms takes some of {', '.join(ARMS)}")
     configure_logging("bench", level="warning")
     logging.getLogger("mqtt").setLevel(logging.ERROR)  # aiomqtt's note on each queued publish
-    results: dict[str, Any] = {}
+    if args.compare_security:
+        print_json(await _compare_security(args))
+        return 0
+    results: dict[str, Any] = {"security": args.security}
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        broker = start_mosquitto(port, Path(tmp))
-        mqtt = MqttSettings(host="127.0.0.1", port=port)
+        broker = LocalBroker(Path(tmp), secure=args.security != "plain")
+        broker.start()
+        tls = args.security.startswith("tls")
         try:
             if "aiomqtt" in arms:
-                results["bare_aiomqtt"] = await _measure_bare(mqtt, args, broker.pid)
+                results["bare_aiomqtt"] = await _measure_bare(broker, tls, args)
             if "paho" in arms:
                 results["bare_paho"] = await asyncio.to_thread(
-                    _measure_bare_paho, mqtt, args, broker.pid
+                    _measure_bare_paho, broker, tls, args
                 )
             if "stack" in arms:
-                results["stack"] = await _measure_stack(mqtt, args, broker.pid)
+                results["stack"] = await _measure_stack(broker, args.security, args)
             if "gateway" in arms:
-                results["gateway"] = await _measure_gateway(mqtt, args, broker.pid)
+                results["gateway"] = await _measure_gateway(broker, args.security, args)
         finally:
-            broker.terminate()
-            broker.wait()
+            broker.stop()
     for library in ("aiomqtt", "paho"):
         if "stack" in results and f"bare_{library}" in results:
             results[f"ratio_to_{library}"] = _ratio(results["stack"], results[f"bare_{library}"])
@@ -89,6 +113,43 @@ async def bench(args: argparse.Namespace) -> int:
         results["ratio_gateway_to_stack"] = _ratio(results["gateway"], results["stack"])
     print_json(results)
     return 0
+
+
+async def _compare_security(args: argparse.Namespace) -> dict[str, Any]:
+    """The stack on a fresh broker of each kind in turn (in a shuffled order), `rounds` times;
+    medians and their ratios to plain (rates move by a third between runs here: only turns in
+    one run compare)."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in SECURITY}
+    for number in range(args.rounds):
+        for mode in random.Random(number).sample(SECURITY, len(SECURITY)):  # no fixed turn
+            with tempfile.TemporaryDirectory() as tmp:
+                broker = LocalBroker(Path(tmp), secure=mode != "plain")
+                broker.start()
+                try:
+                    runs[mode].append(await _measure_stack(broker, mode, args))
+                finally:
+                    broker.stop()
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[mode])
+
+    summary = {
+        mode: {"req_per_s": median(mode, "req_per_s"), "p50_ms": median(mode, "p50_ms")}
+        for mode in SECURITY
+    }
+    plain = summary["plain"]
+    return {
+        "rounds": args.rounds,
+        "median": summary,
+        "vs_plain": {
+            mode: {
+                "throughput": round(summary[mode]["req_per_s"] / plain["req_per_s"], 3),
+                "p50": round(summary[mode]["p50_ms"] / plain["p50_ms"], 3),
+            }
+            for mode in SECURITY[1:]
+        },
+        "runs": runs,
+    }
 
 
 def _ratio(stack: dict[str, Any], bare: dict[str, Any]) -> dict[str, float]:
@@ -102,19 +163,31 @@ def _ratio(stack: dict[str, Any], bare: dict[str, Any]) -> dict[str, float]:
 
 
 def _start_echo_server(function: str, mqtt: MqttSettings) -> subprocess.Popen[bytes]:
-    """One of the echo servers below in a process of its own; the requester probes it until it
-    answers, so the measurement starts once it has subscribed."""
-    code = f"from tools.bench.bus import {function}; {function}({mqtt.port})"
+    """One of the echo servers below in a process of its own (its account and TLS from the
+    environment); the requester probes it until it answers, so the measurement starts once it
+    has subscribed."""
+    code = f"from tools.bench.bus import {function}; {function}()"
     return spawn([sys.executable, "-c", code], mqtt)
 
 
-def echo_server(port: int) -> None:
+def _aiomqtt(mqtt: MqttSettings) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        mqtt.host,
+        mqtt.port,
+        username=mqtt.username,
+        password=mqtt.secret(),
+        identifier=mqtt.username,
+        tls_context=mqtt.tls_context(),
+        protocol=aiomqtt.ProtocolVersion.V5,
+        socket_options=NODELAY,
+    )
+
+
+def echo_server() -> None:
     """A bare aiomqtt responder: echoes each request to its Response Topic."""
 
     async def serve() -> None:
-        async with aiomqtt.Client(
-            "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NODELAY
-        ) as client:
+        async with _aiomqtt(MqttSettings()) as client:
             await client.subscribe(PING, qos=1)
             async for message in client.messages:
                 props = Properties(PacketTypes.PUBLISH)
@@ -126,16 +199,14 @@ def echo_server(port: int) -> None:
     asyncio.run(serve())
 
 
-async def _measure_bare(
-    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
-) -> dict[str, Any]:
-    server = _start_echo_server("echo_server", mqtt)
+async def _measure_bare(broker: LocalBroker, tls: bool, args: argparse.Namespace) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:6]
+    server = _start_echo_server("echo_server", broker.login(f"bench-echo-{tag}", "bench", tls=tls))
+    broker_pid = _pid(broker)
     try:
         reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
         pending: dict[bytes, asyncio.Future[None]] = {}
-        async with aiomqtt.Client(
-            mqtt.host, mqtt.port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NODELAY
-        ) as client:
+        async with _aiomqtt(broker.login(f"bench-ping-{tag}", "bench", tls=tls)) as client:
             await client.subscribe(reply_topic, qos=1)  # returns on the SUBACK
             reader = asyncio.create_task(_resolve_replies(client, pending))
 
@@ -195,16 +266,24 @@ async def _resolve_replies(
 # -- bare paho ping-pong ------------------------------------------------------------------------
 
 
-def _paho_client(port: int, on_message: Callable[..., None]) -> paho.Client:
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+def _paho_client(mqtt: MqttSettings, on_message: Callable[..., None]) -> paho.Client:
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=mqtt.username or "",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
+    if mqtt.username is not None:
+        client.username_pw_set(mqtt.username, mqtt.secret())
+    if mqtt.uses_tls:
+        client.tls_set_context(mqtt.tls_context())
     client.max_inflight_messages_set(1000)
     client.on_socket_open = lambda _c, _u, sock: sock.setsockopt(*NODELAY[0])
     client.on_message = on_message
-    client.connect("127.0.0.1", port)
+    client.connect(mqtt.host, mqtt.port)
     return client
 
 
-def paho_echo_server(port: int) -> None:
+def paho_echo_server() -> None:
     """A bare paho responder: echoes each request to its Response Topic."""
 
     def echo(client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
@@ -212,20 +291,27 @@ def paho_echo_server(port: int) -> None:
         props.CorrelationData = message.properties.CorrelationData
         client.publish(message.properties.ResponseTopic, message.payload, qos=1, properties=props)
 
-    client = _paho_client(port, echo)
+    client = _paho_client(MqttSettings(), echo)
     client.subscribe(PING, qos=1)
     client.loop_forever()
 
 
-def _measure_bare_paho(
-    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
-) -> dict[str, Any]:
-    server = _start_echo_server("paho_echo_server", mqtt)
+def _measure_bare_paho(broker: LocalBroker, tls: bool, args: argparse.Namespace) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:6]
+    echo = broker.login(f"bench-echo-{tag}", "bench", tls=tls)
+    pinger = broker.login(f"bench-ping-{tag}", "bench", tls=tls)
+    server = _start_echo_server("paho_echo_server", echo)
     try:
-        meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=broker_pid)
-        return _PahoPinger(mqtt.port, args, meter, PING, lambda: b'{"v":1}').run()
+        meter = _CpuMeter(client=os.getpid(), server=server.pid, broker=_pid(broker))
+        reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
+        return _PahoPinger(pinger, args, meter, PING, lambda: b'{"v":1}', reply_topic).run()
     finally:
         stop(server)
+
+
+def _pid(broker: LocalBroker) -> int:
+    assert broker.proc is not None
+    return broker.proc.pid
 
 
 class _PahoPinger:
@@ -239,16 +325,17 @@ class _PahoPinger:
 
     def __init__(
         self,
-        port: int,
+        mqtt: MqttSettings,
         args: argparse.Namespace,
         meter: _CpuMeter,
         topic: str,
         payload: Callable[[], bytes],
+        reply_topic: str,
         accept: Callable[[bytes], bool] = lambda _reply: True,
     ) -> None:
         self.args, self.meter = args, meter
         self.topic, self.payload, self.accept = topic, payload, accept
-        self.reply_topic = f"bench/reply/{uuid.uuid4().hex[:8]}"
+        self.reply_topic = reply_topic
         self.sent_at: dict[bytes, float] = {}
         self.probes: set[bytes] = set()
         self.latencies: list[float] = []
@@ -257,7 +344,7 @@ class _PahoPinger:
         self.sent = self.answered = self.lost = self.expired = 0
         self.subscribed = self.echoed = False
         self.started = time.perf_counter()
-        self.client = _paho_client(port, self._on_reply)
+        self.client = _paho_client(mqtt, self._on_reply)
         self.client.on_subscribe = lambda *_: setattr(self, "subscribed", True)
         self.client.subscribe(self.reply_topic, qos=1)
 
@@ -340,10 +427,11 @@ class _PahoPinger:
 
 
 async def _measure_stack(
-    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
+    broker: LocalBroker, security: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     """The bare paho requester again, now sending Queries to the orchestrator: both paths
     share one load generator, so the difference is the stack's."""
+    tls = security.startswith("tls")  # the clients: the requester and the one that waits
     tag = uuid.uuid4().hex[:6]
     orchestrator, worker = f"bench-orch-{tag}", f"bench-worker-{tag}"
     specs = [
@@ -354,22 +442,41 @@ async def _measure_stack(
             ("--agent-id", worker, "--tokens-per-s", "1000000", "--concurrency", "100000"),
         ),
     ]
-    procs = [spawn(spec.local_command(), mqtt) for spec in specs]
-    try:
-        await _wait_online(mqtt, [orchestrator, worker], tag)
-        meter = _CpuMeter(
-            client=os.getpid(), orchestrator=procs[0].pid, worker=procs[1].pid, broker=broker_pid
+    procs = [
+        spawn(
+            spec.local_command(),
+            broker.login(spec.agent, spec.role, tls=security == "tls-all"),
+            state_dir=broker.workdir,
         )
-        pinger = _PahoPinger(mqtt.port, args, meter, QUERIES.format(), _query, _answered_on_edge)
+        for spec in specs
+    ]
+    try:
+        await _wait_online(
+            broker.login(f"bench-client-{tag}", "bench", tls=tls), [orchestrator, worker]
+        )
+        meter = _CpuMeter(
+            client=os.getpid(), orchestrator=procs[0].pid, worker=procs[1].pid, broker=_pid(broker)
+        )
+        requester = f"bench-ask-{tag}"  # a client: its answers come to replies/<itself>
+        pinger = _PahoPinger(
+            broker.login(requester, "bench", tls=tls),
+            args,
+            meter,
+            QUERIES.format(),
+            _query,
+            REPLIES.format(client=requester),
+            _answered_on_edge,
+        )
         return await asyncio.to_thread(pinger.run)
     finally:
         stop(*procs)
 
 
 async def _measure_gateway(
-    mqtt: MqttSettings, args: argparse.Namespace, broker_pid: int
+    broker: LocalBroker, security: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """The same queries as chat completions through the gateway's HTTP API."""
+    """The same queries as chat completions through the gateway's HTTP API (the gateway on
+    the bus as the stack's services are: over TLS only with `tls-all`)."""
     tag = uuid.uuid4().hex[:6]
     orchestrator, worker, gateway = (f"bench-{n}-{tag}" for n in ("orch", "worker", "gw"))
     key, http_port = f"bench-{uuid.uuid4().hex}", free_port()
@@ -387,16 +494,24 @@ async def _measure_gateway(
              "--api-keys", orjson.dumps({key: "bench"}).decode()),
         ),
     ]  # fmt: skip
-    procs = [spawn(spec.local_command(), mqtt) for spec in specs]
+    procs = [
+        spawn(
+            spec.local_command(),
+            broker.login(spec.agent, spec.role, tls=security == "tls-all"),
+            state_dir=broker.workdir,
+        )
+        for spec in specs
+    ]
     try:
-        await _wait_online(mqtt, [orchestrator, worker, gateway], tag)
+        watcher = broker.login(f"bench-client-{tag}", "bench", tls=security.startswith("tls"))
+        await _wait_online(watcher, [orchestrator, worker, gateway])
         await _wait_gateway_ready(http_port)
         meter = _CpuMeter(
             client=os.getpid(),
             orchestrator=procs[0].pid,
             worker=procs[1].pid,
             gateway=procs[2].pid,
-            broker=broker_pid,
+            broker=_pid(broker),
         )
         return await _HttpLoad(http_port, key, args, meter).run()
     finally:
@@ -509,8 +624,10 @@ class _HttpLoad:
         return _summary(latencies, self.args, elapsed, failed, self.meter) | {"lost": self.lost}
 
 
-async def _wait_online(mqtt: MqttSettings, agents: list[str], tag: str) -> None:
-    bus = Bus(settings=mqtt, client_id=f"bench-client-{tag}", service="bench")
+async def _wait_online(mqtt: MqttSettings, agents: list[str]) -> None:
+    bus = Bus(
+        settings=mqtt, client_id=mqtt.username or f"bench-{uuid.uuid4().hex[:6]}", service="bench"
+    )
     view = CmsView(bus)
     async with running(bus):
         if not await view.wait_online(agents):

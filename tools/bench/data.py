@@ -18,12 +18,11 @@ from pathlib import Path
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.logging import configure_logging
-from services.core.settings import MqttSettings
 from services.data.features import Sample, embed
 from services.data.streams import PROFILES, STREAMS
 from services.data.view import DataCounters, DataView
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,12 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def bench(args: argparse.Namespace) -> int:
     configure_logging("bench", level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        broker = start_mosquitto(port, Path(tmp))
+        broker = LocalBroker(Path(tmp))
+        broker.start()
         try:
-            result = await _measure(MqttSettings(host="127.0.0.1", port=port), args)
+            result = await _measure(broker, args)
         finally:
-            broker.terminate()
+            broker.stop()
     result["stats_v1_us_per_window"] = _embed_cost(round(args.rate_hz * args.window_s))
     print_json(result)
     return 0
@@ -64,11 +63,15 @@ def _sensor_commands(args: argparse.Namespace, tag: str) -> dict[str, list[str]]
     return commands
 
 
-async def _measure(mqtt: MqttSettings, args: argparse.Namespace) -> dict[str, object]:
+async def _measure(broker: LocalBroker, args: argparse.Namespace) -> dict[str, object]:
     tag = uuid.uuid4().hex[:6]
     commands = _sensor_commands(args, tag)
-    procs = [spawn(argv, mqtt) for argv in commands.values()]
-    bus = Bus(settings=mqtt, client_id=f"bench-consumer-{tag}", service="bench")
+    procs = [
+        spawn(argv, broker.login(agent, "sensor"), state_dir=broker.workdir)
+        for agent, argv in commands.items()
+    ]
+    consumer = f"bench-consumer-{tag}"  # reads data/#, as an orchestrator does
+    bus = Bus(settings=broker.login(consumer, "bench"), client_id=consumer, service="bench")
     view, cms = DataView(bus, window_s=args.window_s), CmsView(bus)
     try:
         async with running(bus):

@@ -37,7 +37,7 @@ from services.core.settings import MqttSettings
 from services.core.topics import STREAM, TASKS
 from services.core.transcript import Transcript
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 
 FAULTS = (
     "worker_kill",
@@ -81,14 +81,18 @@ async def bench(args: argparse.Namespace) -> int:
 class _Stack:
     """The processes of one run and how to start each again."""
 
-    mqtt: MqttSettings
-    workdir: Path
-    broker: subprocess.Popen[bytes]
+    broker: LocalBroker  # secure, as `edgecollab up` runs it
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     reader: subprocess.Popen[bytes] | None = None  # a `#` subscriber that stops reading
 
+    def login(self, name: str, role: str = "client") -> MqttSettings:
+        """Account `name`, with the bench's keepalive (the services' too)."""
+        return self.broker.login(name, role).model_copy(update={"keepalive": KEEPALIVE_S})
+
     def start(self, name: str, *argv: str) -> None:
-        self.procs[name] = spawn([sys.executable, "-m", *argv], self.mqtt)
+        role = argv[0].removeprefix("services.")
+        mqtt = self.login(name, role)
+        self.procs[name] = spawn([sys.executable, "-m", *argv], mqtt, state_dir=self.broker.workdir)
 
     def orchestrator(self, name: str) -> None:
         self.start(name, "services.orchestrator", "--agent-id", name)
@@ -100,28 +104,31 @@ class _Stack:
 
 async def _one(fault: str, args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        mqtt = MqttSettings(host="127.0.0.1", port=port, keepalive=KEEPALIVE_S)  # services' too
-        stack = _Stack(mqtt, Path(tmp), start_mosquitto(port, Path(tmp)))
+        broker = LocalBroker(Path(tmp))
+        broker.start()
+        stack = _Stack(broker)
         stack.orchestrator("orch-1")
         if fault == "orchestrator_kill_standby":
             stack.orchestrator("orch-2")
         for name in ("worker-1", "worker-2"):
             stack.worker(name)
         if fault == "slow_subscriber":
-            stack.reader = subprocess.Popen(
-                ["mosquitto_sub", "-h", mqtt.host, "-p", str(port), "-t", "#", "-q", "1",
-                 "-V", "mqttv5"], stdout=subprocess.DEVNULL,
+            observer = {"XDG_CONFIG_HOME": str(broker.credentials.root / "observer")}
+            stack.reader = subprocess.Popen(  # the observer account, as README says to debug
+                ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", "#",
+                 "-q", "1", "-V", "mqttv5"], stdout=subprocess.DEVNULL,
+                env={**os.environ, **observer},
             )  # fmt: skip
         try:
             return await _drive(fault, stack, args)
         finally:
             stop(*stack.procs.values(), *([stack.reader] if stack.reader else []))
-            stop(stack.broker)
+            stack.broker.stop()
 
 
 async def _drive(fault: str, stack: _Stack, args: argparse.Namespace) -> dict[str, object]:
-    bus = Bus(settings=stack.mqtt, client_id=f"faults-{uuid.uuid4().hex[:6]}", service="bench")
+    client_id = f"faults-{uuid.uuid4().hex[:6]}"
+    bus = Bus(settings=stack.login(client_id), client_id=client_id, service="bench")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     results: list[tuple[float, str, Answer | None]] = []  # (sent at, how it ended, answer)
@@ -228,9 +235,9 @@ async def _stall_reader(stack: _Stack, struck: float) -> None:
 
 
 async def _restart_broker(stack: _Stack) -> None:
-    await asyncio.to_thread(stop, stack.broker)
+    await asyncio.to_thread(stack.broker.stop)
     await asyncio.sleep(BROKER_DOWN_S)
-    stack.broker = await asyncio.to_thread(start_mosquitto, stack.mqtt.port, stack.workdir)
+    await asyncio.to_thread(stack.broker.start)  # the same ports, accounts and store
 
 
 def _streams(

@@ -41,7 +41,7 @@ from services.worker.emulated import eos_word
 from tools.bench.fake_cloud import FakeCloud
 from tools.bench.labels import label_word
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 from tools.sim.engine import KNOWLEDGE, Knowledge, simulate
 from tools.sim.experiment import Experiment, runs_of
 from tools.sim.workload import (
@@ -106,14 +106,15 @@ async def bench(args: argparse.Namespace) -> int:
     }
     runs = runs_of(Experiment(nodes, {args.seed: requests}, policies, None, knowledge=knowledge))
     with tempfile.TemporaryDirectory() as tmp, _cloud(scenario, args.speedup) as cloud:
-        port = free_port()
-        broker = start_mosquitto(port, Path(tmp))
-        mqtt = MqttSettings(host="127.0.0.1", port=port)
-        workers = [_start_worker(node, args.speedup, mqtt) for node in nodes]
-        workers.append(_spawn(["tools.bench.labels", LABELS], mqtt))
+        broker = LocalBroker(Path(tmp))
+        broker.start()
+        workers = [_start_worker(node, args.speedup, broker) for node in nodes]
+        workers.append(
+            _spawn(["tools.bench.labels", LABELS], broker.login(LABELS, "classifier"), broker)
+        )
         try:
             for key, name, k in runs:
-                live = await _run_live(name, k, requests, nodes, mqtt, cloud, args)
+                live = await _run_live(name, k, requests, nodes, broker, cloud, args)
                 sim = simulate(
                     requests,
                     nodes,
@@ -132,7 +133,7 @@ async def bench(args: argparse.Namespace) -> int:
                 _progress(f"{key}: done")
         finally:
             stop(*workers)
-            broker.terminate()
+            broker.stop()
     report["all_agree"] = all(
         p["agreement"]["all"]
         for p in report["policies"].values()  # type: ignore[union-attr]
@@ -146,7 +147,7 @@ def _cloud(scenario: Scenario, speedup: float) -> FakeCloud:
     return FakeCloud(echo_max_tokens=True, latency=latency)
 
 
-def _start_worker(node: NodeSpec, speedup: float, mqtt: MqttSettings) -> subprocess.Popen[bytes]:
+def _start_worker(node: NodeSpec, speedup: float, broker: LocalBroker) -> subprocess.Popen[bytes]:
     return _spawn(
         [
             "services.worker",
@@ -159,7 +160,8 @@ def _start_worker(node: NodeSpec, speedup: float, mqtt: MqttSettings) -> subproc
             "--batching-beta",
             str(node.batching_beta),
         ],
-        mqtt,
+        broker.login(node.id, "worker"),
+        broker,
     )
 
 
@@ -168,14 +170,13 @@ def _start_orchestrator(
     knowledge: Knowledge,
     agent: str,
     speedup: float,
-    mqtt: MqttSettings,
+    broker: LocalBroker,
     cloud: FakeCloud,
     seed: int,
 ) -> subprocess.Popen[bytes]:
     policy = POLICIES[name]
-    params: dict[
-        str, float
-    ] = {}  # a policy's time constants are its fields named *_s: divide them by S
+    # a policy's time constants are its fields named *_s: divide them by S
+    params: dict[str, float] = {}
     if dataclasses.is_dataclass(policy):
         fields = dataclasses.fields(policy)
         params = {f.name: f.default / speedup for f in fields if f.name.endswith("_s")}
@@ -199,7 +200,8 @@ def _start_orchestrator(
             "--cloud-retries",
             "0",
         ],
-        mqtt,
+        broker.login(agent, "orchestrator"),
+        broker,
     )
 
 
@@ -208,13 +210,16 @@ async def _run_live(
     knowledge: Knowledge,
     requests: list[Arrival],
     nodes: list[NodeSpec],
-    mqtt: MqttSettings,
+    broker: LocalBroker,
     cloud: FakeCloud,
     args: argparse.Namespace,
 ) -> dict[str, object]:
     agent = f"fig6-{name.replace('_', '-')}-{uuid.uuid4().hex[:4]}"
-    orchestrator = _start_orchestrator(name, knowledge, agent, args.speedup, mqtt, cloud, args.seed)
-    bus = Bus(settings=mqtt, client_id=f"fig6-client-{uuid.uuid4().hex[:6]}", service="bench")
+    orchestrator = _start_orchestrator(
+        name, knowledge, agent, args.speedup, broker, cloud, args.seed
+    )
+    client = f"fig6-client-{uuid.uuid4().hex[:6]}"
+    bus = Bus(settings=broker.login(client), client_id=client, service="bench")
     view = CmsView(bus)
     try:
         async with running(bus):
@@ -302,8 +307,8 @@ def _agreement(live: dict, sim: dict, requests: int) -> dict[str, object]:
     return verdicts
 
 
-def _spawn(args: list[str], mqtt: MqttSettings) -> subprocess.Popen[bytes]:
-    return spawn([sys.executable, "-m", *args], mqtt)
+def _spawn(args: list[str], mqtt: MqttSettings, broker: LocalBroker) -> subprocess.Popen[bytes]:
+    return spawn([sys.executable, "-m", *args], mqtt, state_dir=broker.workdir)
 
 
 def _progress(message: str) -> None:

@@ -46,7 +46,7 @@ from services.data.grounding import Claim, claims
 from services.data.streams import STREAMS, lookup
 from tools import ROOT
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 
 SCENARIOS = ROOT / "tools" / "bench" / "data" / "sensor_scenarios.jsonl"
 SMOLLM2 = "SmolLM2-135M-Instruct"
@@ -173,13 +173,16 @@ def summary(scores: Sequence[Score]) -> dict[str, object]:
     }
 
 
-async def publish_readings(mqtt: MqttSettings, scenario: Scenario, tag: str) -> None:
-    """Each device's readings, one a second ending now, as a plain MQTT client (QoS 1: the
-    broker has passed each on before the question is asked)."""
+async def publish_readings(broker: LocalBroker, scenario: Scenario, tag: str) -> None:
+    """Each device's readings, one a second ending now, as a plain MQTT client with the
+    device's own account (QoS 1: the broker has passed each on before the question is asked)."""
     now = int(time.time())
-    async with aiomqtt.Client(mqtt.host, mqtt.port, identifier=f"devices-{tag}") as client:
-        for device, streams in scenario.devices.items():
-            agent = f"{device}-{tag}"
+    for device, streams in scenario.devices.items():
+        agent = f"{device}-{tag}"
+        mqtt = broker.login(agent, "sensor")
+        async with aiomqtt.Client(
+            mqtt.host, mqtt.port, identifier=agent, username=agent, password=mqtt.secret()
+        ) as client:
             for stream, (unit, values) in streams.items():
                 topic = READING.format(domain=scenario.domain, stream=stream, agent=agent)
                 for i, value in enumerate(values):
@@ -190,17 +193,18 @@ async def publish_readings(mqtt: MqttSettings, scenario: Scenario, tag: str) -> 
 
 
 async def run_scenarios(
-    mqtt: MqttSettings,
+    broker: LocalBroker,
     scenarios: Sequence[Scenario],
     *,
     max_tokens: int = 96,
     deadline_s: float = 180.0,
     online_timeout_s: float = 60.0,
 ) -> list[Score]:
-    """Each scenario on the running stack at `mqtt` (a classifier and workers online), with an
-    orchestrator of its own; returns the scores in order."""
+    """Each scenario on the running stack on `broker` (a classifier and workers online), with
+    an orchestrator of its own; returns the scores in order."""
     tag = uuid.uuid4().hex[:6]
-    bus = Bus(settings=mqtt, client_id=f"bench-grounding-{tag}", service="bench")
+    client = f"bench-grounding-{tag}"
+    bus = Bus(settings=broker.login(client), client_id=client, service="bench")
     view = CmsView(bus)
     scores = []
     async with running(bus):
@@ -208,11 +212,11 @@ async def run_scenarios(
             run_tag = f"{tag}{number}"
             orchestrator = f"bench-orch-{run_tag}"
             argv = [sys.executable, "-m", "services.orchestrator", "--agent-id", orchestrator]
-            proc = spawn(argv, mqtt)
+            proc = spawn(argv, broker.login(orchestrator, "orchestrator"), state_dir=broker.workdir)
             try:
                 if not await view.wait_online([orchestrator], timeout=online_timeout_s):
                     raise SystemExit(f"bench grounding: {orchestrator} did not come online")
-                await publish_readings(mqtt, scenario, run_tag)
+                await publish_readings(broker, scenario, run_tag)
                 query = Query(
                     request_id=f"grounding-{run_tag}",
                     text=scenario.question,
@@ -246,23 +250,26 @@ async def bench(args: argparse.Namespace) -> int:
     if not args.emulated:
         worker = ["--backend", "onnx", "--model-dir", str(models / args.model)]
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        broker = start_mosquitto(port, Path(tmp))
-        mqtt = MqttSettings(host="127.0.0.1", port=port)
+        broker = LocalBroker(Path(tmp))
+        broker.start()
         tag = uuid.uuid4().hex[:6]
+        cls, slm = f"bench-cls-{tag}", f"bench-slm-{tag}"
         procs = [
-            spawn([sys.executable, "-m", "services.classifier", "--agent-id", f"bench-cls-{tag}",
-                   "--model-dir", str(models / MINILM)], mqtt),
-            spawn([sys.executable, "-m", "services.worker", "--agent-id", f"bench-slm-{tag}",
-                   *worker, "--domains", domains], mqtt),
+            spawn([sys.executable, "-m", "services.classifier", "--agent-id", cls,
+                   "--model-dir", str(models / MINILM)], broker.login(cls, "classifier"),
+                  state_dir=broker.workdir),
+            spawn([sys.executable, "-m", "services.worker", "--agent-id", slm,
+                   *worker, "--domains", domains], broker.login(slm, "worker"),
+                  state_dir=broker.workdir),
         ]  # fmt: skip
         try:
-            await _wait_online(mqtt, [f"bench-cls-{tag}", f"bench-slm-{tag}"])
+            waiter = f"bench-wait-{tag}"
+            await _wait_online(broker.login(waiter), waiter, [cls, slm])
             started = time.time()
-            scores = await run_scenarios(mqtt, scenarios, max_tokens=args.max_tokens)
+            scores = await run_scenarios(broker, scenarios, max_tokens=args.max_tokens)
         finally:
             stop(*procs)
-            broker.terminate()
+            broker.stop()
     result = summary(scores) | {
         "worker": "emulated" if args.emulated else args.model,
         "seconds": round(time.time() - started, 1),
@@ -272,8 +279,8 @@ async def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _wait_online(mqtt: MqttSettings, agents: list[str]) -> None:
-    bus = Bus(settings=mqtt, client_id=f"bench-wait-{uuid.uuid4().hex[:6]}", service="bench")
+async def _wait_online(mqtt: MqttSettings, client_id: str, agents: list[str]) -> None:
+    bus = Bus(settings=mqtt, client_id=client_id, service="bench")
     view = CmsView(bus)
     async with running(bus):
         if not await view.wait_online(agents, timeout=180):

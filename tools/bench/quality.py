@@ -56,7 +56,6 @@ from services.core.cms import CmsView
 from services.core.errors import EdgecollabError
 from services.core.logging import configure_logging
 from services.core.presence import Presence
-from services.core.settings import MqttSettings
 from services.core.topics import READING
 from services.data.streams import lookup
 from services.orchestrator.programs import PYTHON_TAGS, code_blocks
@@ -64,7 +63,7 @@ from services.sandbox.runner import Limits, Sandbox
 from tools import ROOT
 from tools.bench.gap import auroc
 from tools.common import print_json, running, spawn, stop
-from tools.common.broker import free_port, start_mosquitto
+from tools.common.broker import LocalBroker
 from tools.common.stack import STACK, ServiceSpec
 
 DATA = Path(__file__).parent / "data" / "quality"
@@ -207,28 +206,31 @@ async def _run_stack(
     sandbox: Sandbox,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        mqtt = MqttSettings(host="127.0.0.1", port=port)
-        broker = start_mosquitto(port, Path(tmp))
-        procs = [spawn(s.local_command(), mqtt) for s in specs]
+        broker = LocalBroker(Path(tmp))
+        broker.start()
+        procs = [
+            spawn(s.local_command(), broker.login(s.agent, s.role), state_dir=broker.workdir)
+            for s in specs
+        ]
         try:
-            results = await _ask_all(kind, mqtt, specs, items, args, sandbox, procs)
+            results = await _ask_all(kind, broker, specs, items, args, sandbox, procs)
         finally:
             stop(*procs)
-            stop(broker)
+            broker.stop()
     return {"services": [s.name for s in specs], "domains": results}
 
 
 async def _ask_all(
     kind: str,
-    mqtt: MqttSettings,
+    broker: LocalBroker,
     specs: list[ServiceSpec],
     items: dict[str, list[_Item]],
     args: argparse.Namespace,
     sandbox: Sandbox,
     procs: list,  # type: ignore[type-arg]
 ) -> dict[str, object]:
-    bus = Bus(settings=mqtt, client_id=f"quality-{uuid.uuid4().hex[:6]}", service="bench")
+    client_id = f"quality-{uuid.uuid4().hex[:6]}"
+    bus = Bus(settings=broker.login(client_id), client_id=client_id, service="bench")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     agents = [_arg(s, "--agent-id") for s in specs]
@@ -241,7 +243,9 @@ async def _ask_all(
             graded = []
             for n, item in enumerate(domain_items):
                 print(f"quality: {kind} {item.id}", file=sys.stderr, flush=True)
-                graded.append(await _one(domain, item, n, kind, client, mqtt, view, args, sandbox))
+                graded.append(
+                    await _one(domain, item, n, kind, client, broker, view, args, sandbox)
+                )
             results[domain] = _summary(graded, args.details)
     return results
 
@@ -252,14 +256,14 @@ async def _one(
     n: int,
     kind: str,
     client: QueryClient,
-    mqtt: MqttSettings,
+    broker: LocalBroker,
     view: CmsView,
     args: argparse.Namespace,
     sandbox: Sandbox,
 ) -> dict[str, object]:
     text = item.prompt if isinstance(item, CodeItem) else item.question  # type: ignore[attr-defined]
     readings = (
-        injected(mqtt, view, item, n)
+        injected(broker, view, item, n)
         if isinstance(item, SensorItem) and kind == "cooperating"
         else contextlib.nullcontext()
     )
@@ -428,7 +432,7 @@ def check_sensor_answer(item: SensorItem, answer: str) -> bool:
 
 @contextlib.asynccontextmanager
 async def injected(
-    mqtt: MqttSettings, view: CmsView, item: SensorItem, n: int
+    broker: LocalBroker, view: CmsView, item: SensorItem, n: int
 ) -> AsyncIterator[None]:
     """A sensor agent of this bench publishing `item.readings` while the block runs, online
     (in `view`, hence in every orchestrator's view) before the block starts."""
@@ -442,6 +446,7 @@ async def injected(
     }
     card = AgentCard(agent=agent, kind="sensor", epoch=1, domains=[item.domain],
                      streams=list(topics.values()), started_at=now())  # fmt: skip
+    mqtt = broker.login(agent, "sensor")
     presence = Presence(card, heartbeat_s=mqtt.keepalive / 2)
     bus = Bus(settings=mqtt, client_id=agent, service="bench", will=presence.will())
     presence.attach(bus)

@@ -42,9 +42,9 @@ import orjson
 from services.core import cms
 from services.core.bus import Bus
 from services.core.logging import configure_logging
-from services.core.settings import MqttSettings
 from tools.common import print_json, spawn, stop
-from tools.common.broker import broker_answers, free_port, local_config, start_mosquitto
+from tools.common.broker import LocalBroker, broker_answers, free_port, local_config
+from tools.common.security import peer_account
 
 SITES = ("a", "b", "c")
 
@@ -101,14 +101,17 @@ class Traffic:
 
 
 class Site:
-    """One site of the bench: its broker, its replicator process, a client watching `cms/`."""
+    """One site of the bench: its broker (secure, with accounts and a CA of its own), its
+    replicator process (logged in to each peer's broker as peer-<site>, over TLS), an observer
+    watching `cms/` and the links' traffic, and an operator writing through."""
 
     def __init__(self, name: str, root: Path, tag: str) -> None:
         self.name, self.tag = name, tag
-        self.port = free_port()
-        self.workdir = root / name
-        self.mqtt = MqttSettings(host="127.0.0.1", port=self.port)
-        self.broker: subprocess.Popen[bytes] | None = None
+        self.local = LocalBroker(root / name)
+        self.port, self.workdir = self.local.port, self.local.workdir
+        self.local.credentials.add([peer_account(name)])  # its secret: imported by the peers
+        self.peer_cas = root / "peer-cas.crt"  # every site's CA, one file (bench writes it)
+        self.broker: LocalBroker | None = None
         self.replicator: subprocess.Popen[bytes] | None = None
         self.state: dict[str, dict[str, Any]] = {}
         self.arrived: dict[str, float] = {}  # topic → when its current value arrived
@@ -116,8 +119,19 @@ class Site:
         self.bus = self._new_bus()
         self._task: asyncio.Task[None] | None = None
 
+    def peer_of(self, other: Site) -> None:
+        """Let `other`'s replicator in: its account, with the secret `other` made for it."""
+        account = peer_account(other.name)
+        secret = other.local.credentials.secret_file(account.name).read_text().strip()
+        self.local.credentials.add([account], secrets={account.name: secret})
+
     def _new_bus(self) -> Bus:
-        bus = Bus(settings=self.mqtt, client_id=f"bench-{self.name}-{self.tag}", service="bench")
+        watcher = f"bench-{self.name}-{self.tag}"
+        bus = Bus(settings=self.local.login(watcher, "observer"), client_id=watcher, service="b")
+        writer = f"operator-{self.name}-{self.tag}"  # the bench writes configs/ and tenants/
+        self.writer = Bus(
+            settings=self.local.login(writer, "operator"), client_id=writer, service="bench"
+        )
         bus.listen_raw("cms/#", self._on_cms)
         bus.listen_raw("replication/from/+/changes", self.traffic.on)
         bus.listen_raw("replies/+", self._on_reply)
@@ -129,15 +143,16 @@ class Site:
         await self.disconnect()
         self.state.clear()
         self.bus = self._new_bus()
-        self._task = asyncio.create_task(self.bus.run())
-        await _until(self.bus.connected.is_set, 30, f"{self.name}'s broker")
+        self._tasks = [asyncio.create_task(b.run()) for b in (self.bus, self.writer)]
+        for bus in (self.bus, self.writer):
+            await _until(bus.connected.is_set, 30, f"{self.name}'s broker")
         await self.bus.barrier()
 
     async def disconnect(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        await asyncio.gather(*getattr(self, "_tasks", []), return_exceptions=True)
+        self._tasks = []
 
     def _on_cms(self, topic: str, payload: bytes) -> None:
         self.arrived[topic] = time.perf_counter()
@@ -151,16 +166,11 @@ class Site:
             self.traffic.on(topic, payload)
 
     def start_broker(self) -> None:
-        data = self.workdir / "data"
-        data.mkdir(parents=True, exist_ok=True)
-        # mosquitto started as root runs as its own user, which must reach and write its store
-        for folder in (self.workdir.parent, self.workdir):
-            os.chmod(folder, 0o755)
-        os.chmod(data, 0o777)
-        self.broker = start_mosquitto(self.port, self.workdir)
+        self.local.start()
+        self.broker = self.local
 
     def start_replicator(self, peers: list[Site]) -> None:
-        urls = orjson.dumps([f"mqtt://127.0.0.1:{p.port}" for p in peers]).decode()
+        urls = orjson.dumps([f"mqtts://127.0.0.1:{p.local.tls_port}" for p in peers]).decode()
         argv = [
             sys.executable,
             "-m",
@@ -169,13 +179,15 @@ class Site:
             f"replicator-{self.name}",
         ]
         argv += ["--site", self.name, "--peers", urls, "--anti-entropy-s", "30"]
-        self.replicator = spawn(argv, self.mqtt)
+        argv += ["--peer-tls-ca", str(self.peer_cas)]  # the peers' CAs
+        mqtt = self.local.login(f"replicator-{self.name}", "replicator")
+        self.replicator = spawn(argv, mqtt, state_dir=self.workdir)
 
     def stop(self) -> None:
         if self.replicator is not None:
             stop(self.replicator)
         if self.broker is not None:
-            stop(self.broker)
+            self.broker.stop()
         self.replicator = self.broker = None
 
     def value(self, topic: str) -> Any:
@@ -192,8 +204,12 @@ async def bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tag = uuid.uuid4().hex[:6]
         sites = [Site(name, Path(tmp), tag) for name in SITES]
+        sites[0].peer_cas.write_text("".join(s.local.credentials.ca.read_text() for s in sites))
         try:
             for site in sites:
+                for other in sites:
+                    if other is not site:
+                        site.peer_of(other)
                 site.start_broker()
             for site in sites:
                 site.start_replicator([p for p in sites if p is not site])
@@ -236,7 +252,7 @@ async def _ready(sites: list[Site], quiet_s: float) -> None:
     ]
     await _until(lambda: all(t in s.state for s, t in cards), 60, "replicators online")
     for i, site in enumerate(sites):
-        await cms.put(site.bus, f"configs/bench-probe/{site.tag}-{i}", i, version=1)
+        await cms.put(site.writer, f"configs/bench-probe/{site.tag}-{i}", i, version=1)
     probes = [f"cms/configs/bench-probe/{sites[0].tag}-{i}" for i in range(len(sites))]
     await _until(lambda: all(t in s.state for s in sites for t in probes), 60, "first entries")
     await asyncio.sleep(quiet_s)  # let the first pulls finish before counting
@@ -261,7 +277,7 @@ async def _spread(sites: list[Site], args: argparse.Namespace, rng: random.Rando
             await asyncio.sleep(max(0.0, started + i / args.rate - time.perf_counter()))
         index = rng.randrange(len(sites))
         written[f"cms/{key}"] = (time.perf_counter(), index)
-        await cms.put(sites[index].bus, key, {"i": i, "at": sites[index].name}, version=1)
+        await cms.put(sites[index].writer, key, {"i": i, "at": sites[index].name}, version=1)
     wrote_s = time.perf_counter() - started
     await _until(lambda: all(t in s.state for s in sites for t in written), 120, "spread")
     latencies = [
@@ -307,9 +323,9 @@ async def _partition(
     )
     for i, key in enumerate(changed):
         writer = (a, b)[i % 2]
-        await cms.put(writer.bus, key, {"changed": i, "at": writer.name}, version=2)
+        await cms.put(writer.writer, key, {"changed": i, "at": writer.name}, version=2)
     for i, key in enumerate(deleted):
-        await cms.delete((a, b)[i % 2].bus, key)
+        await cms.delete((a, b)[i % 2].writer, key)
     await _until(lambda: a.under(prefix) == b.under(prefix), 60, "a and b agreeing")
     expected = a.under(prefix)
     before = [s.traffic.snapshot() for s in sites]
@@ -366,7 +382,7 @@ async def _conflicts(sites: list[Site], args: argparse.Namespace, tag: str) -> A
     keys = [f"tenants/bench-{tag}/t{i:04d}/limit" for i in range(args.conflicts)]
     await asyncio.gather(
         *(
-            cms.put(site.bus, key, f"{site.name}-{i}", version=7)
+            cms.put(site.writer, key, f"{site.name}-{i}", version=7)
             for i, key in enumerate(keys)
             for site in (a, b)
         )
@@ -406,7 +422,7 @@ async def _deletes(
             await asyncio.sleep(max(0.0, started + i / args.rate - time.perf_counter()))
         site = rng.choice(sites)
         when[topic] = time.perf_counter()
-        await cms.delete(site.bus, topic)
+        await cms.delete(site.writer, topic)
     await _until(lambda: all(t not in s.state for s in sites for t in victims), 60, "deletes")
     latencies = [max(s.arrived[t] for s in sites) - when[t] for t in victims]
     await asyncio.sleep(args.quiet_s)
@@ -445,7 +461,7 @@ def _bridged_broker(workdir: Path, port: int, bridges: str) -> subprocess.Popen[
         os.chmod(folder, 0o755)
     os.chmod(workdir / "data", 0o777)
     conf = workdir / "mosquitto.conf"
-    conf.write_text(local_config(port, workdir / "data") + "\n" + bridges)
+    conf.write_text(local_config(port, workdir / "data", secure=False) + "\n" + bridges)
     log = (workdir / "mosquitto.log").open("ab")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from schemas import Answer, Query, SamplingOptions, TokenChunk
 from services.core.bus import Request
 from services.core.client import QueryClient
-from services.core.errors import DeadlineExceeded, RemoteError
+from services.core.errors import DeadlineExceeded, NotAuthorized, RemoteError
 from services.core.topics import STREAM
 from services.core.transcript import Transcript
 from tools.cli.agents import format_table
@@ -100,10 +100,10 @@ async def ask(args: argparse.Namespace) -> int:
     async with connected_bus(args, mirror_cms=True) as (bus, view):
         assert view is not None
         if stream:
-            await bus.follow(STREAM, print_chunk, request=query.request_id)
+            await bus.follow(STREAM, print_chunk, client=bus.client_id, request=query.request_id)
         try:
             answer = await QueryClient(bus, view).ask(query, transcript)
-        except (DeadlineExceeded, RemoteError) as exc:
+        except (DeadlineExceeded, NotAuthorized, RemoteError) as exc:
             print(f"\nedgecollab: {exc}", file=sys.stderr)
             return 1
     assert isinstance(answer, Answer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import sys
 
 import orjson
 
@@ -139,16 +140,33 @@ async def _put(args: argparse.Namespace) -> int:
         current = view.get(args.key)
         version = current.version + 1 if current else 1
         await cms_ops.put(bus, args.key, value, version=version, expiry_s=args.expiry)
+        await bus.barrier()  # our own entry comes back before this, if the broker took it
+        taken = view.get(args.key)
+    if taken is None or (taken.version, taken.origin) != (version, bus.client_id):
+        return _refused(args.key, bus.client_id)
     print(f"{cms_key(args.key)} = {orjson.dumps(value).decode()} (v{version})")
     return 0
 
 
 async def _rm(args: argparse.Namespace) -> int:
     checked_key(args.key)
-    async with connected_bus(args) as (bus, _):
+    async with connected_bus(args, mirror_cms=True) as (bus, view):
         await cms_ops.delete(bus, args.key)
+        await bus.barrier()
+        kept = view.get(args.key)
+    if kept is not None:
+        return _refused(args.key, bus.client_id)
     print(f"{cms_key(args.key)} deleted")
     return 0
+
+
+def _refused(key: str, account: str) -> int:
+    print(
+        f"edgecollab: {cms_key(key)} was not written: the broker refused it for account"
+        f" {account!r}, or the CMS ignores it from that origin (README Security)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _time(epoch: float) -> str:

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "tools.cli.agents",
     "tools.cli.metrics",
     "tools.cli.cms",
+    "tools.cli.credentials",
     "tools.cli.contract",
     "tools.cli.classify",
     "tools.cli.kb",

@@ -1,4 +1,10 @@
-"""`edgecollab up`: the whole stack on this box, one process per service, as in compose."""
+"""`edgecollab up`: the whole stack on this box, one process per service, as in compose.
+
+Secure by default: on first start it makes every account, the ACL and the TLS certificates
+under $EDGECOLLAB_STATE_DIR/security (`edgecollab credentials init`); the broker it starts
+listens for plain MQTT on 127.0.0.1 only and for TLS on the network; each service connects
+with its own account, its secret passed as a file.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,19 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 from services.core.errors import ConfigError
 from services.core.logging import configure_logging
-from services.core.settings import RuntimeSettings
+from services.core.settings import MqttSettings, RuntimeSettings
 from services.gateway.keys import ensure_key_file
 from services.gateway.settings import GatewaySettings
 from tools import ROOT
-from tools.common import add_broker_option, mqtt_settings
-from tools.common.broker import broker_answers, start_mosquitto
+from tools.common import add_broker_option, child_env, mqtt_settings
+from tools.common.broker import CERT, TLS, broker_answers, reload_broker, start_mosquitto
+from tools.common.credentials import Credentials, stack_identities
 from tools.common.scaling import Scaler, pools
+from tools.common.security import Identity, Role, peer_account
 from tools.common.stack import STACK, ServiceSpec, scaled
 from tools.common.supervise import Child, Supervisor, relay
 
@@ -55,6 +64,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="a peer site's broker, mqtt://host:port (repeat for each peer)",
     )
+    parser.add_argument(
+        "--tls-port", type=int, default=TLS, help=f"TLS + password listener ({TLS}; 0: none)"
+    )
+    parser.add_argument(
+        "--cert-port", type=int, default=CERT, help=f"TLS + client certificate ({CERT}; 0: none)"
+    )
+    parser.add_argument(
+        "--listen",
+        default="0.0.0.0",
+        metavar="ADDRESS",
+        help="where the TLS listeners listen (default: every interface); plain MQTT is 127.0.0.1",
+    )
     add_broker_option(parser)
     parser.set_defaults(func=up)
 
@@ -70,43 +91,62 @@ def _names() -> str:
 
 
 def up(args: argparse.Namespace) -> int:
-    settings, state_dir = mqtt_settings(args), RuntimeSettings().state_dir
+    settings, state_dir = mqtt_settings(args, account=False), RuntimeSettings().state_dir
     specs = [s for s in scaled(args.workers, args.emulated_workers) if _chosen(s, args.only)]
     if args.only and not specs:
         raise SystemExit(f"edgecollab: unknown service in {args.only}; known: {_names()}")
-    children: list[Child] = []
     if args.peer and not args.site:
         raise SystemExit("edgecollab: --peer needs --site (every site needs its own name)")
+    credentials = Credentials.of_state_dir(state_dir)
+    identities = stack_identities(specs)
+    if args.site:  # what this site's replicator connects to its peers' brokers as
+        identities.append(peer_account(args.site))
+    if credentials.add(identities):
+        print(f"up: made the stack's accounts in {credentials.root}", flush=True)
+        for other in state_dir.glob("site-*"):  # other sites' brokers on this box take them
+            reload_broker(other)
+    credentials.ensure_tls()
+    children: list[Child] = []
     if not broker_answers(settings.host, settings.port):
         if settings.host not in ("localhost", "127.0.0.1"):
             raise SystemExit(f"edgecollab: no broker answers at {settings.address}")
         state = state_dir / f"site-{args.site}" if args.site else state_dir
         print(f"up: starting mosquitto on port {settings.port} ({state})", flush=True)
-        start = functools.partial(start_mosquitto, settings.port, state)
+        start = functools.partial(
+            start_mosquitto,
+            settings.port,
+            state,
+            security_dir=credentials.root,
+            tls_port=args.tls_port or None,
+            cert_port=args.cert_port or None,
+            tls_bind=args.listen,
+        )
         children.append(Child("mosquitto", start, broker=True))
-    env = {
-        "EDGECOLLAB_MODELS_DIR": str(MODELS_DIR),
+    else:  # ours from before: it takes accounts made since
+        reload_broker(state_dir / f"site-{args.site}" if args.site else state_dir)
+    extra = {
+        "EDGECOLLAB_MODELS_DIR": os.environ.get("EDGECOLLAB_MODELS_DIR", str(MODELS_DIR)),
         "EDGECOLLAB_STATE_DIR": str(state_dir),
-        **os.environ,
-        "EDGECOLLAB_MQTT_HOST": settings.host,
-        "EDGECOLLAB_MQTT_PORT": str(settings.port),
     }
     if args.site:
-        env["EDGECOLLAB_REPLICATOR_SITE"] = args.site
-        env["EDGECOLLAB_REPLICATOR_PEERS"] = json.dumps(args.peer)
+        extra["EDGECOLLAB_REPLICATOR_SITE"] = args.site
+        extra["EDGECOLLAB_REPLICATOR_PEERS"] = json.dumps(args.peer)
     gateway = _gateway_banner() if any(s.module == "services.gateway" for s in specs) else None
-    child = functools.partial(_child, env=env)
+    broker_dir = state_dir / f"site-{args.site}" if args.site else state_dir
+    child = functools.partial(
+        _child, credentials=credentials, mqtt=settings, broker_dir=broker_dir, extra=extra
+    )
     children += [child(spec) for spec in specs]
     print(f"up: {len(specs)} services on {settings.address}; Ctrl-C stops them", flush=True)
     if gateway:
         print(gateway, flush=True)
     say = functools.partial(print, "up:", flush=True)
     supervisor = Supervisor(children, say=say)
-    models = RuntimeSettings(models_dir=env["EDGECOLLAB_MODELS_DIR"])
+    models = RuntimeSettings(models_dir=extra["EDGECOLLAB_MODELS_DIR"])
     if scalable := pools(specs, models):  # the scaling loop (cms/scaling/<model>/...)
         configure_logging("up", level="warning")
         scaler = Scaler(supervisor, scalable, child, max_instances=args.max_instances, say=say)
-        scaler.start(settings)
+        scaler.start(mqtt_settings(args))  # an operator account: cms/scaling/ is theirs
     signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
     return supervisor.run()
 
@@ -130,7 +170,19 @@ def _gateway_banner() -> str:
     return "\n".join(lines)
 
 
-def _child(spec: ServiceSpec, *, env: dict[str, str]) -> Child:
+def _child(
+    spec: ServiceSpec,
+    *,
+    credentials: Credentials,
+    mqtt: MqttSettings,
+    broker_dir: Path,
+    extra: dict[str, str],
+) -> Child:
+    """A service with its own account (made now for one the scaling loop adds: the broker
+    reloads), its secret passed as a file."""
+    if credentials.add([Identity(spec.agent, Role(spec.role))]):
+        reload_broker(broker_dir)
+    env = child_env(credentials.settings(spec.agent, mqtt), **extra)
     return Child(spec.name, functools.partial(_start, spec, env))
 
 

@@ -99,7 +99,8 @@ class Scaler:
         threading.Thread(target=asyncio.run, args=(self.run(mqtt),), daemon=True).start()
 
     async def run(self, mqtt: MqttSettings) -> None:
-        self.bus = Bus(settings=mqtt, client_id=f"up-{uuid.uuid4().hex[:8]}", service="up")
+        client_id = mqtt.username or f"up-{uuid.uuid4().hex[:8]}"  # the broker's client id
+        self.bus = Bus(settings=mqtt, client_id=client_id, service="up")
         self.view = CmsView(self.bus)
         self.view.on_change(self._on_change)
         self.bus.on_connect(self._republish)

@@ -14,6 +14,16 @@ class ServiceSpec:
     module: str
     args: tuple[str, ...] = ()
 
+    @property
+    def agent(self) -> str:
+        """Its agent id (`--agent-id`): also its account, username and client id."""
+        return self.args[self.args.index("--agent-id") + 1]
+
+    @property
+    def role(self) -> str:
+        """Its account's role (tools/common/security.py): the service's name."""
+        return self.module.removeprefix("services.")
+
     def command(self, python: str = "python") -> list[str]:
         return [python, "-m", self.module, *self.args]
 
