@@ -442,14 +442,7 @@ async def _measure_stack(
             ("--agent-id", worker, "--tokens-per-s", "1000000", "--concurrency", "100000"),
         ),
     ]
-    procs = [
-        spawn(
-            spec.local_command(),
-            broker.login(spec.agent, spec.role, tls=security == "tls-all"),
-            state_dir=broker.workdir,
-        )
-        for spec in specs
-    ]
+    procs = _spawn_all(specs, broker, security)
     try:
         await _wait_online(
             broker.login(f"bench-client-{tag}", "bench", tls=tls), [orchestrator, worker]
@@ -494,14 +487,7 @@ async def _measure_gateway(
              "--api-keys", orjson.dumps({key: "bench"}).decode()),
         ),
     ]  # fmt: skip
-    procs = [
-        spawn(
-            spec.local_command(),
-            broker.login(spec.agent, spec.role, tls=security == "tls-all"),
-            state_dir=broker.workdir,
-        )
-        for spec in specs
-    ]
+    procs = _spawn_all(specs, broker, security)
     try:
         watcher = broker.login(f"bench-client-{tag}", "bench", tls=security.startswith("tls"))
         await _wait_online(watcher, [orchestrator, worker, gateway])
@@ -622,6 +608,20 @@ class _HttpLoad:
         for connection in connections:
             connection.close()
         return _summary(latencies, self.args, elapsed, failed, self.meter) | {"lost": self.lost}
+
+
+def _spawn_all(
+    specs: list[ServiceSpec], broker: LocalBroker, security: str
+) -> list[subprocess.Popen[bytes]]:
+    """Each service of `specs` on `broker`, with its own account (over TLS for tls-all)."""
+    return [
+        spawn(
+            spec.local_command(),
+            broker.login(spec.agent, spec.role, tls=security == "tls-all"),
+            state_dir=broker.workdir,
+        )
+        for spec in specs
+    ]
 
 
 async def _wait_online(mqtt: MqttSettings, agents: list[str]) -> None:
