@@ -75,14 +75,14 @@ def test_the_measured_part_names_every_alerted_stream_with_value_unit_trend_thre
         "heart rate 128 bpm (rising), above the tachycardia threshold of 100 bpm",
         "SpO2 91 % (falling), below the low oxygen saturation threshold of 92 %",
         "body temperature 39.1 °C (rising), above the fever threshold of 38.0 °C",
-        "Within range: activity 2 steps/min.",
+        "No alert: activity 2 steps/min.",
     ):
         assert phrase in text
     assert measured("health", []) == "No readings were available."
     quiet = facts_of("ring-1", heart_rate=[70, 71, 72])
     assert measured("health", quiet) == (
         "Measured by ring-1 (3 readings, last 2 s): nothing past an alert threshold. "
-        "Within range: heart rate 72 bpm."
+        "No alert: heart rate 72 bpm."
     )
 
 
@@ -107,7 +107,7 @@ def test_the_clinician_report_is_built_from_the_readings():
         "ALERT tachycardia (above 100 bpm)"
     )
     assert lines[-1] == (
-        "- activity: 2 steps/min (mean 6, range 2-10, falling, 5 readings); within range"
+        "- activity: 2 steps/min (mean 6, range 2-10, falling, 5 readings); no alert"
     )
 
 

@@ -127,7 +127,7 @@ def measured(domain: str, facts: Sequence[Fact], *, passages: Sequence[Passage] 
         line += "; ".join(parts) + "." if parts else "nothing past an alert threshold."
         if normal:
             within = "; ".join(_value(f) + ref(f, " (", ")") for f in normal)
-            line += f" Within range: {within}."
+            line += f" No alert: {within}."  # past no alert threshold, maybe outside its range
         lines.append(line)
     return "\n".join(lines)
 
@@ -220,7 +220,7 @@ def clinician_report(facts: Sequence[Fact]) -> str:
                 f"mean {number(f, f.mean)}, range {number(f, f.low)}-{number(f, f.high)}, "
                 f"{f.trend}, {f.n} reading{'s' if f.n != 1 else ''}"
             )
-            flag = "within range"
+            flag = "no alert"
             if f.alert and f.threshold is not None:
                 flag = f"ALERT {f.alert} ({f.side} {number(f, f.threshold)} {f.unit})"
             lines.append(f"- {f.label}: {number(f, f.value)} {f.unit} ({stats}); {flag}")
