@@ -115,7 +115,7 @@ async def _add(args: argparse.Namespace) -> int:
         except (DeadlineExceeded, PeerGone) as exc:
             raise SystemExit(f"edgecollab: {exc}") from None
         assert isinstance(reply, KbJob)
-        count = f"{passages} passage{'s' if passages != 1 else ''}"
+        count = counted(passages, "passage")
         print(f"{name}: {count} for {domain}, job {reply.job} on {reply.agent}")
         status = await _follow(view, reply.job, args.timeout)
     return 0 if status == "done" else 1
@@ -193,7 +193,8 @@ async def _ls(args: argparse.Namespace) -> int:
         print(f"{base['agent']} ({state}, {base['model']}): {', '.join(base['domains'])}")
         for doc in base["documents"]:
             sources = "; ".join(doc.get("sources", []))
-            print(f"  {doc['domain']:<12} {doc['name']:<24} {doc['passages']:>3} passages  "
+            print(f"  {doc['domain']:<12} {doc['name']:<24} "
+                  f"{counted(doc['passages'], 'passage'):>12}  "
                   f"{textwrap.shorten(sources, 60)}")  # fmt: skip
     if jobs:
         print("jobs:")
@@ -201,7 +202,7 @@ async def _ls(args: argparse.Namespace) -> int:
         progress = job.get("progress") or {}
         print(f"  {job['job']:<20} {job.get('status', '?'):<8} "
               f"{progress.get('done', 0)}/{progress.get('total', 0)} passages, "
-              f"{job.get('documents', 0)} documents ({job.get('domain', '')})"
+              f"{counted(job.get('documents', 0), 'document')} ({job.get('domain', '')})"
               + (f": {job['error']}" if job.get("error") else ""))  # fmt: skip
     return 0
 
@@ -258,3 +259,7 @@ async def _retrieve(bus: Bus, domain: str, text: str, k: int) -> list[Passage]:
         raise SystemExit(f"edgecollab: {domain}: {exc}") from None
     assert isinstance(reply, Passages)
     return list(reply.passages)
+
+
+def counted(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
