@@ -356,12 +356,17 @@ class ClassifyRequest(Message):
     text: str = Field(min_length=1, max_length=8000)
 
 
+EMBED_BATCH = 32  # texts per embed request: 32 x 384 floats at 7 decimals fit max_payload
+
+
 class Embed(Message):
     """Texts to embed, on computation/embed: the Classifier Engine's MiniLM serves the site."""
 
     type: Literal["embed"] = "embed"
     request_id: RequestIdField
-    texts: list[Annotated[str, Field(max_length=8000)]] = Field(min_length=1, max_length=32)
+    texts: list[Annotated[str, Field(max_length=8000)]] = Field(
+        min_length=1, max_length=EMBED_BATCH
+    )
 
 
 class Embeddings(Message):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from schemas import Embed, Embeddings
+from schemas.messages import EMBED_BATCH
 from services.core.bus import Bus
 from services.core.topics import EMBED
 
-BATCH = Embed.model_fields["texts"].metadata[-1].max_length  # texts per request
 TIMEOUT_S = 30.0
 
 
@@ -30,8 +30,9 @@ class Embedded:
 async def embed(bus: Bus, texts: list[str], *, timeout_s: float = TIMEOUT_S) -> Embedded:
     """Vectors for `texts`; raises NoSubscriber, DeadlineExceeded or RemoteError."""
     parts, model, tokens = [], "", 0
-    for start in range(0, len(texts), BATCH):
-        request = Embed(request_id=f"e{uuid.uuid4().hex[:12]}", texts=texts[start : start + BATCH])
+    for start in range(0, len(texts), EMBED_BATCH):
+        batch = texts[start : start + EMBED_BATCH]
+        request = Embed(request_id=f"e{uuid.uuid4().hex[:12]}", texts=batch)
         reply = await bus.request(EMBED.format(), request, deadline=time.time() + timeout_s)
         assert isinstance(reply, Embeddings)
         parts.append(np.asarray(reply.vectors, dtype=np.float32).reshape(-1, reply.dims))
