@@ -17,9 +17,11 @@ from services.core.client import QueryClient
 from services.core.cms import CmsView
 from services.core.topics import REPLIES, STREAM, TASKS
 from services.core.transcript import Transcript
+from services.orchestrator.dispatch import CONTINUE
 from services.worker.emulated import _text as emulated_text
 from tests.conftest import mqtt_client, running, wait_for
 from tests.test_stack import online
+from tools.bench.fake_cloud import FakeCloud
 
 
 def _query(uid: str, n: int, *, max_tokens: int = 8, timeout: float = 60) -> Query:
@@ -88,6 +90,33 @@ async def test_a_streamed_answer_cut_off_by_a_dead_worker_goes_on_where_it_stopp
     assert {c.agent for c in heard} == {f"slow-{uid}", f"spare-{uid}"}
     assert "".join(c.text for c in heard).split() == answer.text.split()
     assert answer.text.split() == emulated_text(200).split()  # what one worker would have said
+
+
+async def test_a_stream_no_worker_can_finish_is_finished_by_the_cloud(login, uid, spawn):
+    with FakeCloud(reply="and the cloud finished it.") as cloud:
+        spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--cloud-url", cloud.url,
+              "--cloud-api-key", cloud.api_key)  # fmt: skip
+        only = _worker(spawn, f"only-{uid}", tokens_per_s="2")
+        bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
+        view = CmsView(bus)
+        shown = Transcript()
+        async with running(bus):
+            await wait_for(online(view, f"orch-{uid}", f"only-{uid}"))
+            query = _query(uid, 0, max_tokens=200).model_copy(update={"stream": True})
+            await bus.follow(STREAM, lambda r: shown.add(r.body), client=f"c-{uid}",
+                             request=query.request_id)  # fmt: skip
+            asked = asyncio.create_task(QueryClient(bus, view).ask(query, shown))
+            await wait_for(lambda: shown.seq >= 3)
+            os.kill(only.pid, signal.SIGKILL)
+            answer = await asked
+        sent = cloud.requests[-1]["body"]["messages"]
+    streamed = shown.text
+    assert answer.outcome == "rejected_to_cloud" and answer.steps[-1].where == "cloud"
+    assert answer.text == streamed + "and the cloud finished it."  # nothing said twice
+    assert (shown.text + shown.rest(answer.text)) == answer.text
+    # the cloud saw the start of the answer as its own turn, and was asked to go on
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"] == streamed and sent[2]["content"] == CONTINUE
 
 
 async def test_a_rejected_task_is_served_by_a_worker_with_room(mqtt, login, uid, spawn):
