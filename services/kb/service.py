@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 from schemas import KbDocument, KbJob, Passages, Retrieve
 from services.core import cms
@@ -42,6 +43,18 @@ SHIPPED = Path(__file__).parent / "data"  # the curated set: <domain>.md
 BATCH = 8  # passages embedded between two progress reports
 JOB_EXPIRY_S = 7 * 24 * 3600.0  # a job's CMS entries outlive it by a week
 EMBEDDER_RETRY_S = 1.0
+
+
+class WrongEmbedder(EdgecollabError):
+    """The site embeds with another model than the one this knowledge base expects."""
+
+
+def _waiting(state: RetryCallState) -> None:
+    failure = state.outcome.exception() if state.outcome else None
+    if isinstance(failure, WrongEmbedder):
+        log.warning("kb.wrong_embedder", reason=str(failure))
+    else:
+        log.info("kb.waiting_for_embedder", reason=str(failure))
 
 
 def shipped(domains: Sequence[str], folder: Path = SHIPPED) -> list[Document]:
@@ -128,15 +141,16 @@ class KnowledgeBase:
     async def open(self, seed: Sequence[Document]) -> None:
         """Wait for the site's embedder, open the index it made (or a new one), and index
         what the index lacks of `seed` and what another embedder had made."""
-        while True:
-            try:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(EdgecollabError),  # e.g. the classifier is starting
+            wait=wait_fixed(EMBEDDER_RETRY_S),
+            before_sleep=_waiting,
+        )
+        async for attempt in retrying:
+            with attempt:
                 probe = await embed(self.bus, ["probe"])
-                if probe.model == self.embedder:
-                    break
-                log.warning("kb.wrong_embedder", site=probe.model, expected=self.embedder)
-            except EdgecollabError as exc:  # nobody embeds yet (the classifier is starting)
-                log.info("kb.waiting_for_embedder", reason=str(exc))
-            await asyncio.sleep(EMBEDDER_RETRY_S)
+                if probe.model != self.embedder:
+                    raise WrongEmbedder(f"the site's is {probe.model}, not {self.embedder}")
         index, stale = await asyncio.to_thread(
             Index.load, self.folder, self.embedder, probe.vectors.shape[1]
         )
