@@ -44,6 +44,12 @@ class Job:
     deadline: float
     stream: bool = False
     resume: Resume | None = None  # what the requester's stream has shown already
+
+    @property
+    def attempts_before(self) -> int:
+        """Attempts an earlier orchestrator made of this stream (their chunks are not heard)."""
+        return self.resume.attempt if self.resume else 0
+
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     domain: str | None = None  # the Classifier Engine's labels: what predicts its length
     difficulty: str | None = None
@@ -91,8 +97,7 @@ class Dispatcher:
         if not job.stream:
             return await self._run(job)
         self._streamed[job.request_id] = transcript = Transcript(job.resume)
-        if job.resume is not None:  # the workers of the orchestrator before are not heard
-            transcript.supersede(job.resume.attempt + 1)
+        transcript.supersede(job.attempts_before + 1)  # an earlier orchestrator's are not heard
         try:
             return await self._run(job)
         finally:  # a query sent again may be run here twice at once: the later owns the stream
@@ -111,13 +116,12 @@ class Dispatcher:
             return await self._cloud(job, [], Outcome.CLOUD, demand)
         steps: list[Step] = []
         tried: set[str | None] = set()
-        before = job.resume.attempt if job.resume else 0  # attempts of an earlier orchestrator
         while grant.agent is not None:
             tried.add(grant.key)
             result: TaskResult | None = None
             try:
                 step, result = await self.dispatch(
-                    grant.agent, job, attempt=before + len(tried), site=grant.site
+                    grant.agent, job, attempt=job.attempts_before + len(tried), site=grant.site
                 )
             finally:
                 self.allocator.release(grant, demand, result)  # a whole answer's length is learned
@@ -209,7 +213,7 @@ class Dispatcher:
             return Generated(None, Outcome.FAILED if edge_failed else Outcome.REJECTED, steps)
         started, topic = time.perf_counter(), f"cloud:{self.cloud.settings.model}"
         messages = [{"role": "user", "content": job.prompt}]
-        last = (job.resume.attempt if job.resume else 0) + len(steps) + 1
+        last = job.attempts_before + len(steps) + 1
         sent = self._take_over(job.request_id, last)  # edge chunks no longer count
         if sent is not None:  # the requester has the start of an answer: the cloud finishes it
             messages += [
