@@ -2,6 +2,7 @@
 
 from schemas.messages import (
     ALL_MESSAGES,
+    MAX_CHECKED_ANSWERS,
     MAX_DOCUMENT_CHARS,
     SCHEMA_VERSION,
     Accepted,
@@ -11,6 +12,8 @@ from schemas.messages import (
     Answer,
     AnyMessage,
     CachedAnswer,
+    Check,
+    Checked,
     Classification,
     ClassifyRequest,
     CmsEntry,
@@ -19,6 +22,7 @@ from schemas.messages import (
     EmbeddingRecord,
     Embeddings,
     Error,
+    Evidence,
     Fact,
     FinishReason,
     GenerationStats,
@@ -56,6 +60,7 @@ from schemas.messages import (
 
 __all__ = [
     "ALL_MESSAGES",
+    "MAX_CHECKED_ANSWERS",
     "MAX_DOCUMENT_CHARS",
     "SCHEMA_VERSION",
     "Accepted",
@@ -65,6 +70,8 @@ __all__ = [
     "Answer",
     "AnyMessage",
     "CachedAnswer",
+    "Check",
+    "Checked",
     "Classification",
     "ClassifyRequest",
     "CmsEntry",
@@ -73,6 +80,7 @@ __all__ = [
     "EmbeddingRecord",
     "Embeddings",
     "Error",
+    "Evidence",
     "Fact",
     "FinishReason",
     "GenerationStats",

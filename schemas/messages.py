@@ -113,6 +113,9 @@ class AgentCard(Message):
     model: ModelInfo | None = None
     domains: list[Domain] = []
     streams: list[str] = Field([], description="data topics this agent publishes")
+    checks: list[Domain] = Field(
+        [], description="domains whose answers it checks against a lexicon (knowledge/<d>/check)"
+    )
     tokens_per_s: float | None = Field(None, ge=0, description="batch-1 decode rate")
     concurrency: int | None = Field(None, ge=1, description="requests served at once")
     batching_beta: float | None = Field(None, ge=0, le=1)
@@ -263,7 +266,7 @@ class Step(BaseModel):
         None, ge=0, le=1, description="a generation's knowledge-gap signal (its first tokens)"
     )
     output: str | None = Field(
-        None, description="what this step answered, where the answer is another's (a gap)"
+        None, description="what this step answered, where answers were compared (a gap)"
     )
 
 
@@ -544,6 +547,49 @@ class Passages(Message):
     ms: float = Field(0.0, ge=0)
 
 
+MAX_CHECKED_ANSWERS = 8
+
+
+class Check(Message):
+    """Ask a lexicon which of several answers to a question its entries support, on
+    knowledge/<domain>/check."""
+
+    type: Literal["check"] = "check"
+    request_id: RequestIdField
+    domain: Domain
+    question: str = Field(min_length=1, max_length=2000)
+    answers: list[Annotated[str, Field(max_length=8000)]] = Field(
+        min_length=1, max_length=MAX_CHECKED_ANSWERS
+    )
+    deadline: float
+
+
+class Evidence(BaseModel):
+    """A term of an answer and the lexicon entry of it nearest the question."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    answer: int = Field(ge=0, description="the answer's position in the Check")
+    term: str
+    entry: str = Field(description="the entry's words and gloss")
+    source: str = Field(description="the lexicon and the entry's id, e.g. 'WordNet 3.0 moon.n.01'")
+    score: float = Field(description="cosine similarity of the entry to the question")
+
+
+class Checked(Message):
+    """A lexicon's verdict on a Check: the answer its entries support best, or none (`reason`)."""
+
+    type: Literal["checked"] = "checked"
+    request_id: RequestIdField
+    agent: AgentIdField
+    domain: Domain
+    model: str = Field(description="the embedder that compared them")
+    best: int | None = Field(None, ge=0, description="the supported answer; None: cannot tell")
+    reason: str
+    evidence: list[Evidence] = Field([], description="each answer's best term, best first")
+    ms: float = Field(0.0, ge=0)
+
+
 JobStatus = Literal["queued", "running", "done", "failed"]
 
 
@@ -734,6 +780,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Passages,
     KbDocument,
     KbJob,
+    Check,
+    Checked,
     Error,
     ReplicaChanges,
     ReplicaDigest,
@@ -767,6 +815,8 @@ AnyMessage = Annotated[
     | Passages
     | KbDocument
     | KbJob
+    | Check
+    | Checked
     | Error
     | ReplicaChanges
     | ReplicaDigest

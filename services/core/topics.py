@@ -16,6 +16,8 @@ from typing import Any, Generic, Literal, TypeVar
 from schemas import (
     Accepted,
     Answer,
+    Check,
+    Checked,
     Classification,
     ClassifyRequest,
     CmsEntry,
@@ -205,6 +207,8 @@ ARITHMETIC = Topic("knowledge/arithmetic/run", ProgramRun, replies=(ProgramResul
 # with its source; and documents added to it (answered with the job that indexes them).
 KB_RETRIEVE = Topic("knowledge/{domain}/retrieve", Retrieve, replies=(Passages,))
 KB_DOCUMENTS = Topic("knowledge/{domain}/documents", KbDocument, replies=(KbJob,))
+# A lexicon (the knowledge base's WordNet): which of several answers its entries support.
+KB_CHECK = Topic("knowledge/{domain}/check", Check, replies=(Checked,))
 
 # Across sites: what a peer site's replicator publishes on this site's broker, `site` being the
 # sender: its own changes, and anti-entropy (digest → versions, want → changes).

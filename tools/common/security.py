@@ -33,6 +33,7 @@ from services.core.topics import (
     ERRORS,
     FINETUNE,
     INFERENCE_STATE,
+    KB_CHECK,
     KB_DOCUMENTS,
     KB_RETRIEVE,
     KNOWLEDGE,
@@ -195,14 +196,16 @@ def grants(identity: Identity) -> list[tuple[str, str]]:
     if role is Role.sandbox:
         return [*agent, ("read", _subtree(ARITHMETIC.filter())), reports]
     if role is Role.kb:
-        inbox = [("read", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS)]
+        inbox = [("read", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS, KB_CHECK)]
         return [*agent, *inbox, ("write", _family(FINETUNE)), embeds, reports]
     if role is Role.operator:
         families = (*OPERATOR_FAMILIES, "finetune", "scaling", "experiments")
         writes = [("write", _cms(f)) for f in families]
         read_all = [("read", f) for f in (CMS_ALL, "data/#", _family(ERRORS))]
-        # `edgecollab kb add|search`: a knowledge base's documents, its retrieval, a domain
-        kb = [("write", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS, CLASSIFY)]
+        # `edgecollab kb add|search|check`: its documents, retrieval and lexicon; a domain
+        kb = [
+            ("write", _subtree(t.filter())) for t in (KB_RETRIEVE, KB_DOCUMENTS, KB_CHECK, CLASSIFY)
+        ]
         return [*read_all, *writes, *kb, embeds, asks, reports]
     if role is Role.observer:
         return [("read", "#"), ("read", "$SYS/#")]
