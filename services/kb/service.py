@@ -13,6 +13,10 @@ passages embedded), `.../model`, `.../documents`, `.../domain` and, when it fail
 A document is answered at once with its job (`KbJob`); the index is saved when the job is done
 and persists across restarts; the catalogue of what the base holds is its own CMS entry,
 `cms/agents/<agent>/documents`. Retrieval goes on while a job runs (on the index as it was).
+
+For each domain of `checks` it also serves `knowledge/<domain>/check` with its lexicon
+(services/kb/lexicon.py, WordNet's nouns): which of several answers to a question the entries
+support, each compared with the question by the same embedder.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ import numpy as np
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
-from schemas import KbDocument, KbJob, Passages, Retrieve
+from schemas import Check, Checked, KbDocument, KbJob, Passages, Retrieve
 from services.core import cms
 from services.core.bus import Bus, Request
 from services.core.embeddings import embed
 from services.core.errors import BadInput, EdgecollabError
-from services.core.topics import FINETUNE, KB_CATALOG, KB_DOCUMENTS, KB_RETRIEVE
+from services.core.topics import FINETUNE, KB_CATALOG, KB_CHECK, KB_DOCUMENTS, KB_RETRIEVE
 from services.kb.documents import DocumentError, parse
 from services.kb.index import Document, Index
+from services.kb.lexicon import Lexicon
 
 log = structlog.get_logger("edgecollab.kb")
 
@@ -80,6 +85,8 @@ class KnowledgeBase:
         domains: Sequence[str],
         embedder: str,
         base_version: int = 0,
+        lexicon: Lexicon | None = None,
+        checks: Sequence[str] = (),
     ) -> None:
         self.bus = bus
         self.agent = agent
@@ -93,6 +100,9 @@ class KnowledgeBase:
         for domain in self.domains:
             bus.serve(KB_RETRIEVE, self.handle_retrieve, shared=f"kb-{domain}", domain=domain)
             bus.serve(KB_DOCUMENTS, self.handle_document, domain=domain)
+        self.lexicon = lexicon
+        for domain in checks if lexicon is not None else ():
+            bus.serve(KB_CHECK, self.handle_check, shared=f"kb-check-{domain}", domain=domain)
         bus.on_connect(self.publish_catalog)  # after a broker restart too
 
     async def handle_retrieve(self, request: Request[Retrieve]) -> Passages:
@@ -111,6 +121,22 @@ class KnowledgeBase:
             passages=passages,
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
+
+    async def handle_check(self, request: Request[Check]) -> Checked:
+        ask = request.body
+        started = time.perf_counter()
+        assert self.lexicon is not None  # served only with one
+
+        async def vectors(texts: list[str]) -> np.ndarray:
+            return await self._embed(texts, self.embedder)
+
+        question = (await vectors([ask.question]))[0]
+        verdict = await self.lexicon.check(ask.question, question, ask.answers, vectors)
+        return Checked(
+            request_id=ask.request_id, agent=self.agent, domain=ask.domain, model=self.embedder,
+            best=verdict.best, reason=verdict.reason, evidence=verdict.evidence,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )  # fmt: skip
 
     async def handle_document(self, request: Request[KbDocument]) -> KbJob:
         body = request.body

@@ -1,9 +1,10 @@
-"""`edgecollab kb add|ls|search`: the site's knowledge bases (services/kb).
+"""`edgecollab kb add|ls|search|check`: the site's knowledge bases (services/kb).
 
 `kb add FILE [--domain D]` sends a text or markdown document (services/kb/documents.py says how
 one is cut into passages and how a section names its source) to the knowledge bases of its
 domain (without --domain: the one the Classifier Engine gives its beginning), then follows the
-indexing job in the CMS (cms/finetune/<job>/...) until it is done or failed.
+indexing job in the CMS (cms/finetune/<job>/...) until it is done or failed. `kb check QUESTION
+ANSWER ANSWER...` asks a lexicon (knowledge/<domain>/check) which answer its entries support.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas import (
+    MAX_CHECKED_ANSWERS,
     MAX_DOCUMENT_CHARS,
+    Check,
+    Checked,
     Classification,
     ClassifyRequest,
     CmsEntry,
@@ -30,7 +34,14 @@ from schemas import (
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
-from services.core.topics import CLASSIFY, FINETUNE, KB_CATALOG, KB_DOCUMENTS, KB_RETRIEVE
+from services.core.topics import (
+    CLASSIFY,
+    FINETUNE,
+    KB_CATALOG,
+    KB_CHECK,
+    KB_DOCUMENTS,
+    KB_RETRIEVE,
+)
 from services.kb.documents import check_text, parse
 from tools.common import add_broker_option, connected_bus, print_json
 
@@ -51,9 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     search.add_argument("text")
     search.add_argument("--domain", help="only this domain (default: every one held)")
     search.add_argument("-k", type=int, default=3, help="passages shown (3)")
-    for verb in (ls, search):
+    check = verbs.add_parser("check", help="which of some answers a lexicon's entries support")
+    check.add_argument("question")
+    check.add_argument("answers", nargs="+", metavar="ANSWER")
+    check.add_argument("--domain", default="facts", help="the lexicon's domain (facts)")
+    for verb in (ls, search, check):
         verb.add_argument("--json", action="store_true", help="JSON output")
-    for verb, run in ((add, _add), (ls, _ls), (search, _search)):
+    for verb, run in ((add, _add), (ls, _ls), (search, _search), (check, _check)):
         add_broker_option(verb)
         verb.set_defaults(func=lambda args, run=run: asyncio.run(run(args)))
 
@@ -259,6 +274,39 @@ async def _retrieve(bus: Bus, domain: str, text: str, k: int) -> list[Passage]:
         raise SystemExit(f"edgecollab: {domain}: {exc}") from None
     assert isinstance(reply, Passages)
     return list(reply.passages)
+
+
+async def _check(args: argparse.Namespace) -> int:
+    if not args.question.strip() or len(args.question) > 2000:
+        raise SystemExit("edgecollab: the question must have 1-2000 characters")
+    if len(args.answers) > MAX_CHECKED_ANSWERS:
+        raise SystemExit(f"edgecollab: at most {MAX_CHECKED_ANSWERS} answers")
+    async with connected_bus(args, mirror_cms=True) as (bus, view):
+        assert view is not None
+        if not any(a.online and args.domain in a.card.checks for a in view.agents("kb")):
+            raise SystemExit(f"edgecollab: no lexicon online checks domain {args.domain!r}")
+        ask = Check(
+            request_id=f"kb-{uuid.uuid4().hex[:12]}", domain=args.domain, question=args.question,
+            answers=args.answers, deadline=time.time() + REQUEST_S,
+        )  # fmt: skip
+        try:
+            reply = await bus.request(
+                KB_CHECK.format(domain=args.domain), ask, deadline=ask.deadline
+            )
+        except (DeadlineExceeded, RemoteError, PeerGone) as exc:
+            raise SystemExit(f"edgecollab: {args.domain}: {exc}") from None
+    assert isinstance(reply, Checked)
+    if args.json:
+        print_json(reply.model_dump(mode="json"))
+        return 0
+    print(f"{reply.agent}: {reply.reason}")
+    for e in reply.evidence:
+        mark = "*" if e.answer == reply.best else " "
+        print(f"{mark} {e.score:.2f}  answer {e.answer + 1}: {e.term!r}  ({e.source})")
+        print(textwrap.indent(textwrap.fill(e.entry, 92), "      "))
+    if reply.best is not None:
+        print(f"supported: answer {reply.best + 1}: {args.answers[reply.best]}")
+    return 0 if reply.best is not None else 1
 
 
 def counted(n: int, word: str) -> str:
