@@ -84,8 +84,12 @@ def test_ask_shows_what_the_general_model_said_before_the_expert():
                   where="edge", outcome="ok", output="Tokyo.")  # fmt: skip
     answer = Answer(request_id="r1", text="Tokyo.", outcome="edge", steps=[general, expert])
     shown = provenance(answer)
-    assert "answer of step answer (worker-1, confidence 0.31), replaced:" in shown
-    assert "| Kyoto, I think." in shown and "Tokyo." not in shown.split("replaced:")[1]
+    assert "answer of step answer (worker-1, confidence 0.31), not taken:" in shown
+    assert "| Kyoto, I think." in shown and "Tokyo." not in shown.split("not taken:")[1]
+    kept = answer.model_copy(update={"text": "Kyoto, I think."})  # the lexicon chose it
+    shown = provenance(kept)
+    assert "answer of step knowledge:facts (code-1), not taken:\n     | Tokyo." in shown
+    assert "Kyoto" not in shown.split("not taken:")[1]
 
 
 def test_auroc_and_the_threshold_chosen_on_one_half_checked_on_the_other():

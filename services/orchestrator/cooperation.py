@@ -7,7 +7,8 @@ values the answer states); a sensor that died makes the step fail at its deadlin
 Knowledge: an expert peer answers on knowledge/<domain>/ask; answers are cached under
 cms/cache/<hash> with an expiry. A knowledge base answers on knowledge/<domain>/retrieve with
 the passages nearest the question (those scoring at least MIN_SCORE) and the reference ranges
-of the step's streams; the models read them as the step's output.
+of the step's streams; the models read them as the step's output. A lexicon says on
+knowledge/<domain>/check which of several answers its entries support.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 
 from schemas import (
     CachedAnswer,
+    Check,
+    Checked,
     Fact,
     KnowledgeAnswer,
     KnowledgeQuery,
@@ -30,7 +33,7 @@ from services.core import cms
 from services.core.bus import Bus
 from services.core.cms import CmsView
 from services.core.errors import DeadlineExceeded, PeerGone, RemoteError
-from services.core.topics import CACHE, KB_RETRIEVE, KNOWLEDGE, READING
+from services.core.topics import CACHE, KB_CHECK, KB_RETRIEVE, KNOWLEDGE, READING
 from services.data.grounding import reference
 from services.data.view import DataView
 from services.orchestrator.planner import PlanStep
@@ -41,6 +44,7 @@ RETRIEVE_K = 3  # passages near the question
 # passage at 0.47-0.81 and off-topic questions' nearest at 0.07-0.24.
 MIN_SCORE = 0.3
 RETRIEVE_S = 2.0  # a knowledge base answers within this, or the plan goes on without it
+CHECK_S = 3.0  # a lexicon judges within this (it embeds the entries it had not seen)
 
 
 class Cooperation:
@@ -150,6 +154,31 @@ class Cooperation:
             detail=detail or "no passage near the question",
         )  # fmt: skip
         return "\n".join(lines) or None, done, list(reply.passages)
+
+    async def check(
+        self, domain: str, question: str, answers: list[str], *, request_id: str, deadline: float
+    ) -> tuple[int | None, Step]:
+        """Which of `answers` the domain's lexicon supports (None: it cannot tell, or failed),
+        and the record, whose detail names each answer's evidence."""
+        topic = KB_CHECK.format(domain=domain)
+        started = time.perf_counter()
+        ask = Check(
+            request_id=f"{request_id}.check",
+            domain=domain,
+            question=question[:2000],
+            answers=[a[:8000] for a in answers],
+            deadline=min(deadline, time.time() + CHECK_S),
+        )
+        name = f"check:{domain}"
+        try:
+            reply = await self.bus.request(topic, ask, deadline=ask.deadline)
+        except (DeadlineExceeded, RemoteError, PeerGone) as exc:
+            return None, record(name, topic, None, started, "failed", detail=str(exc))
+        assert isinstance(reply, Checked)
+        said = "; ".join(f"answer {e.answer}: {e.term!r} ({e.score:.2f}, {e.source})"
+                         for e in reply.evidence)  # fmt: skip
+        detail = f"{reply.reason}; {said}" if said else reply.reason
+        return reply.best, record(name, topic, reply.agent, started, "ok", detail=detail)
 
     async def _remember(self, key: str, reply: KnowledgeAnswer) -> None:
         value = CachedAnswer(

@@ -13,12 +13,14 @@ clinician report are composed from the readings' facts, the model's advice is ch
 them (services/data/grounding.py), and the final generation is not streamed, since what a
 model writes is only shown once checked.
 
-Knowledge gaps: the worker reports how sure its model was of its first tokens (`confidence`,
-GenerationStats). A plain answer whose plan names a `gap_domain` and whose confidence is below
-`gap_confidence` is a gap: the expert of that domain is asked the question on
-knowledge/<gap_domain>/ask and its answer is the answer; the general step keeps its own answer
-(`output`) and confidence in the provenance. Such an answer is not streamed, since the general
-model's text may not be the answer.
+Knowledge gaps: a plain answer whose plan names a `gap_domain` (an expert declares it) gets a
+second opinion. With a lexicon of that domain online (a knowledge base whose card `checks` it),
+the expert is always asked the question on knowledge/<gap_domain>/ask, and the lexicon says on
+knowledge/<gap_domain>/check which of the two answers its entries support; when it cannot tell,
+the expert's answer is the answer. Without one, the worker's `confidence` (how sure its model
+was of its first tokens) decides: below `gap_confidence` the expert is asked and its answer is
+the answer. The general step keeps its own answer (`output`) in the provenance. Such an answer
+is not streamed, since the general model's text may not be the answer.
 """
 
 from __future__ import annotations
@@ -224,8 +226,8 @@ class Orchestrator:
             client=client,
         )
         generated = await self.dispatcher.run(job)
-        if step.gap_domain and generated.text is not None and self._gap(generated, step.gap_domain):
-            return await self._close_gap(step, query, generated)
+        if step.gap_domain and generated.text is not None:
+            return await self._second_opinion(step, query, generated)
         if step.fallback_of and generated.steps:
             note = f"fallback: a plain generation, as {step.fallback_of} gave no answer"
             last = generated.steps[-1]
@@ -233,20 +235,33 @@ class Orchestrator:
             generated.steps[-1] = last.model_copy(update={"detail": detail})
         return generated.text, generated.steps, generated
 
-    def _gap(self, generated: Generated, domain: str) -> bool:
-        """The answer's confidence is below the threshold, and its writer is no expert of
-        `domain` itself (busy general workers leave a question to the expert now and then)."""
+    def _gap(self, generated: Generated, domain: str) -> str | None:
+        """Why the answer needs the expert of `domain` (None: it does not): a lexicon of the
+        domain is online to judge, or the answer's confidence is below the threshold. Never when
+        its writer is an expert of `domain` itself (busy general workers leave a question to the
+        expert now and then)."""
         writer = self.view.cards.get(generated.steps[-1].agent or "")
         if writer is not None and domain in writer.domains:
-            return False
-        return generated.confidence is not None and generated.confidence < self.gap_confidence
+            return None
+        if self._lexicon(domain):
+            return f"second opinion: {domain} answers are checked against the lexicon"
+        if generated.confidence is not None and generated.confidence < self.gap_confidence:
+            return f"gap: confidence {generated.confidence:.2f} below {self.gap_confidence:.2f}"
+        return None
 
-    async def _close_gap(
+    def _lexicon(self, domain: str) -> bool:
+        return any(a.online and domain in a.card.checks for a in self.view.agents("kb"))
+
+    async def _second_opinion(
         self, step: PlanStep, query: Query, generated: Generated
     ) -> tuple[str | None, list[Step], Generated]:
-        """Ask the gap domain's expert; its answer is the answer, the general one stays in
-        the provenance (or stands, when the expert gives none)."""
-        assert step.gap_domain is not None and generated.confidence is not None
+        """Ask the gap domain's expert when the answer needs it (`_gap`); the answer is the one
+        the lexicon supports, else the expert's. The general answer stays in the provenance (or
+        stands, when the expert gives none)."""
+        assert step.gap_domain is not None and generated.text is not None
+        why = self._gap(generated, step.gap_domain)
+        if why is None:
+            return generated.text, generated.steps, generated
         ask = PlanStep(
             f"knowledge:{step.gap_domain}", "knowledge", domain=step.gap_domain,
             prompt="{query}", max_tokens=step.max_tokens,
@@ -255,18 +270,28 @@ class Orchestrator:
             ask, query.text, request_id=query.request_id, deadline=query.deadline
         )
         general = generated.steps[-1]
-        why = f"gap: confidence {generated.confidence:.2f} below {self.gap_confidence:.2f}"
         if text is None:
             note = f"{why}; {ask.name} gave no answer, this one stands"
             steps = [*generated.steps[:-1], general.model_copy(update={"detail": note}), asked]
             return generated.text, steps, generated
-        note = f"{why}; the answer is {asked.agent}'s ({ask.name})"
+        checked: list[Step] = []
+        best: int | None = None
+        if self._lexicon(step.gap_domain):
+            best, verdict = await self.cooperation.check(
+                step.gap_domain, query.text, [generated.text, text],
+                request_id=query.request_id, deadline=query.deadline,
+            )  # fmt: skip
+            checked.append(verdict)
+        chosen, writer = (generated.text, general.agent) if best == 0 else (text, asked.agent)
+        note = f"{why}; the answer is {writer}'s"
+        second = f"asked for {general.agent}'s answer"
         steps = [
             *generated.steps[:-1],
             general.model_copy(update={"detail": note, "output": generated.text}),
-            asked.model_copy(update={"detail": f"asked for {general.agent}'s gap", "output": text}),
+            asked.model_copy(update={"detail": second, "output": text}),
+            *checked,
         ]
-        return text, steps, Generated(text, generated.outcome, steps, generated.confidence)
+        return chosen, steps, Generated(chosen, generated.outcome, steps, generated.confidence)
 
     async def _classify(self, query: Query, steps: list[Step]) -> Classification | None:
         """The Classifier Engine's view of the query; None when no classifier is online."""

@@ -153,10 +153,12 @@ def provenance(answer: Answer) -> str:
         for step in answer.steps
         if step.program
     ]
-    replaced = [  # a knowledge gap: what the general model had said, before the expert's
-        f"   answer of step {step.name} ({step.agent or '-'}, confidence {step.confidence:.2f}),"
-        " replaced:\n" + textwrap.indent(step.output.rstrip("\n"), "     | ")
+    not_taken = [  # a second opinion or a gap: the answers given that are not the answer
+        f"   answer of step {step.name} ({step.agent or '-'}"
+        + (f", confidence {step.confidence:.2f}" if step.confidence is not None else "")
+        + "), not taken:\n"
+        + textwrap.indent(step.output.rstrip("\n"), "     | ")
         for step in answer.steps
-        if step.output and step.confidence is not None
+        if step.output and step.output != answer.text
     ]
-    return "\n".join([head, *("   " + line for line in table.splitlines()), *programs, *replaced])
+    return "\n".join([head, *("   " + line for line in table.splitlines()), *programs, *not_taken])
