@@ -5,7 +5,9 @@ The labelled set is `tools/bench/data/quality/` (written for this bench, apart f
 or training data): `code.jsonl` (Python functions, each with asserts), `math.jsonl` (word
 problems with numeric answers), `facts.jsonl` (questions with their accepted answers) and
 `sensors.jsonl` (questions about a wearable's or the city's readings, with the readings to
-inject and what the answer must mention).
+inject and what the answer must mention). `--data DIR` asks another folder's sets instead:
+`tools/bench/data/dev/facts.jsonl` (the facts the lexicon's rules were chosen on) and
+`tools/bench/data/unseen/facts.jsonl` (written before those rules were fixed, run once after).
 
 Each stack gets its own mosquitto and the processes `edgecollab up` starts, with the command
 lines of `tools/common/stack.py` and the models in `models/`; questions are asked one at a time
@@ -14,7 +16,8 @@ through the QueryClient, as `edgecollab ask` asks them:
 - **alone**: the orchestrator, the classifier and one general worker (`--model`, SmolLM2) that
   declares no expert domain; no sandbox, no code expert, no sensors (a sensor question is
   asked with no readings behind it).
-- **cooperating**: the orchestrator, the classifier, every worker and sandbox of the stack,
+- **cooperating**: the orchestrator, the classifier, every worker, sandbox and knowledge base
+  (with its lexicon) of the stack,
   plus a code expert (`--code-model`, Qwen2.5-Coder, domains code, math and facts) when the
   stack has none; for each sensor scenario a sensor agent of this bench's own publishes the
   readings.
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import re
 import statistics
@@ -45,7 +49,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,10 +73,11 @@ from tools.common.stack import STACK, ServiceSpec
 DATA = Path(__file__).parent / "data" / "quality"
 DOMAINS = ("code", "math", "facts", "sensors")
 MAX_TOKENS = {"code": 256, "math": 160, "facts": 64, "sensors": 160}
+ANSWER_CHARS = 600  # of each answer kept in --details
 PASSED = "all asserts passed"
 READING_EVERY_S = 0.5  # an injected sensor publishes this often while its question is asked
 STACK_MODULES = ("services.orchestrator", "services.classifier", "services.worker",
-                 "services.sandbox")  # fmt: skip
+                 "services.sandbox", "services.kb")  # fmt: skip
 
 
 class _Item(BaseModel):
@@ -129,6 +134,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--classifier-model", default="all-MiniLM-L6-v2")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per question")
     parser.add_argument("--details", action="store_true", help="every item's answer and grade")
+    parser.add_argument(
+        "--regrade", type=Path, metavar="JSON",
+        help="grade the answers of a stored --details run again (after a grader fix); asks nothing",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", type=Path, default=DATA,
+        help="a folder of <domain>.jsonl sets (e.g. tools/bench/data/unseen)",
+    )  # fmt: skip
     parser.set_defaults(func=lambda args: asyncio.run(bench(args)))
 
 
@@ -144,12 +157,19 @@ async def bench(args: argparse.Namespace) -> int:
     configure_logging("bench", level="warning")
     if args.limit is not None and args.limit < 1:
         raise SystemExit("bench quality: --limit must be at least 1")
-    domains = args.domain or list(DOMAINS)
-    items = {d: load(d, args.limit) for d in domains}
-    os.environ.setdefault("EDGECOLLAB_MODELS_DIR", str(ROOT / "models"))  # as `up` does
     sandbox = await Sandbox.detect()
+    if args.regrade is not None:
+        print_json(await regrade(args.regrade, sandbox))
+        return 0
+    domains = args.domain or list(DOMAINS)
+    missing = [d for d in domains if not (args.data / f"{d}.jsonl").is_file()]
+    if missing:
+        raise SystemExit(f"bench quality: {args.data} has no {', '.join(missing)} set")
+    items = {d: load(d, args.limit, args.data) for d in domains}
+    os.environ.setdefault("EDGECOLLAB_MODELS_DIR", str(ROOT / "models"))  # as `up` does
     kinds = ("alone", "cooperating") if args.stack == "both" else (args.stack,)
     report: dict[str, object] = {
+        "data": str(args.data),
         "limit": args.limit,
         "items": {d: len(v) for d, v in items.items()},
         "max_tokens": {d: MAX_TOKENS[d] for d in domains},
@@ -161,6 +181,29 @@ async def bench(args: argparse.Namespace) -> int:
         report["stacks"][kind] = await _run_stack(kind, specs, items, args, sandbox)  # type: ignore[index]
     print_json(report)
     return 0
+
+
+async def regrade(stored_path: Path, sandbox: Sandbox) -> dict[str, Any]:
+    """A stored `--details` report with every answer graded again by today's grader; an answer
+    stored cut (at ANSWER_CHARS) keeps its grade."""
+    try:
+        stored: dict[str, Any] = json.loads(stored_path.read_text())
+        data = Path(stored.get("data", DATA))
+        for stack in stored["stacks"].values():
+            for domain, summary in stack["domains"].items():
+                if "items" not in summary:
+                    raise SystemExit(f"bench quality: {stored_path} has no answers (--details)")
+                items = {item.id: item for item in load(domain, None, data)}
+                for g in summary["items"]:
+                    for field in ("answer", "general_answer", "expert_answer"):
+                        text = g.get(field)
+                        if text and len(text) < ANSWER_CHARS and g["answered"]:
+                            right = await grade(items[g["id"]], text, sandbox)
+                            g[field.replace("answer", "correct")] = right
+                stack["domains"][domain] = _summary(summary["items"], details=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"bench quality: cannot regrade {stored_path}: {exc!r}") from None
+    return stored
 
 
 def stack_specs(kind: str, args: argparse.Namespace) -> list[ServiceSpec]:
@@ -271,17 +314,24 @@ async def _one(
         answer, ms, error = await ask(client, text, MAX_TOKENS[domain], args.timeout)
     reply = answer.text if answer is not None and answer.outcome != "failed" else ""
     correct = bool(reply) and await grade(item, reply, sandbox)
-    general = next((s for s in answer.steps if s.name == "answer"), None) if answer else None
+    steps = answer.steps if answer is not None else []
+    general = next((s for s in steps if s.name == "answer"), None)
     replaced = general.output if general is not None else None  # an expert answered a gap
+    expert = next((s.output for s in steps if s.name.startswith("knowledge:") and replaced), None)
+    verdict = next((s.detail for s in steps if s.name.startswith("check:")), None)
     return {
         "id": item.id,
         "correct": correct,
         "confidence": general.confidence if general is not None else None,
         "general_correct": await grade(item, replaced, sandbox) if replaced else None,
+        "expert_correct": await grade(item, expert, sandbox) if expert else None,
+        "general_answer": replaced[:ANSWER_CHARS] if replaced else None,
+        "expert_answer": expert[:ANSWER_CHARS] if expert else None,
+        "check": verdict,
         "ms": round(ms, 1),
         "answered": answer is not None and answer.outcome in ("edge", "cloud", "rejected_to_cloud"),
         "path": path(answer) if answer is not None else f"no answer: {error}",
-        "answer": reply[:600],
+        "answer": reply[:ANSWER_CHARS],
     }
 
 
@@ -330,6 +380,16 @@ def _summary(graded: list[dict[str, object]], details: bool) -> dict[str, object
         "held_out": {"n": len(odd), "correct": sum(1 for g in odd if g["correct"])},
         "paths": dict(Counter(str(g["path"]) for g in graded).most_common()),
     }
+    both = [g for g in graded if g.get("general_correct") is not None
+            and g.get("expert_correct") is not None]  # fmt: skip
+    if both:  # a second opinion: how the chosen answers compare with either model's
+        summary["second_opinions"] = {
+            "n": len(both),
+            "general_right": sum(1 for g in both if g["general_correct"]),
+            "expert_right": sum(1 for g in both if g["expert_correct"]),
+            "either_right": sum(1 for g in both if g["general_correct"] or g["expert_correct"]),
+            "chosen_right": sum(1 for g in both if g["correct"]),
+        }
     scored = [g for g in graded if g["confidence"] is not None]
     if scored:  # does the general model's signal tell its right answers from its wrong ones?
         own = [g["correct"] if g["general_correct"] is None else g["general_correct"]
@@ -404,8 +464,10 @@ def check_number(expected: float, answer: str) -> bool:
 def normalize(text: str) -> str:
     """Lower case, no accents, words separated by single spaces (punctuation dropped;
     thousands separators dropped: "7,981,960" is one number, not a 7; a whole number's ".0"
-    dropped: "85.0" is 85, and "36.6" stays two words, as its expected "36.6" does)."""
-    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    dropped: "85.0" is 85, and "36.6" stays two words, as its expected "36.6" does; a degree
+    sign is a space)."""
+    spaced = text.replace("°", " ")  # "0°C" is 0 degrees C, not a word "0c"
+    plain = unicodedata.normalize("NFKD", spaced).encode("ascii", "ignore").decode().lower()
     plain = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", plain)
     plain = re.sub(r"(?<=\d)\.0+(?!\d)", "", plain)
     return " ".join(re.sub(r"[^a-z0-9]+", " ", plain).split())
