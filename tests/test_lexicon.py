@@ -5,6 +5,8 @@ lexicon's verdict decides which is the answer."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,6 +18,7 @@ from services.core.cms import CmsView
 from services.core.errors import RemoteError
 from services.core.topics import KB_CHECK, QUERIES
 from services.kb.lexicon import Lexicon
+from tests.broker import ROOT
 from tests.conftest import running
 from tests.test_kb import cli
 
@@ -96,6 +99,12 @@ async def test_the_knowledge_base_checks_answers_against_wordnet_over_the_bus(
         shown = await asyncio.to_thread(cli, mqtt, "check", "Which ocean is the largest?",
                                         "The Atlantic.", "The Pacific.")  # fmt: skip
         unheld = await asyncio.to_thread(cli, mqtt, "check", "Why?", "a", "b", "--domain", "art")
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tools.cli.main", "agents",
+             "--broker", f"{mqtt.host}:{mqtt.port}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
     assert spain.best == 1 and spain.evidence[0].term == "madrid", spain
     assert "capital of Spain" in spain.evidence[0].entry and spain.model == "all-MiniLM-L6-v2"
     assert planets.best == 1 and planets.evidence[0].term == "mars", planets
@@ -105,6 +114,7 @@ async def test_the_knowledge_base_checks_answers_against_wordnet_over_the_bus(
     assert "supported: answer 2: The Pacific." in shown.stdout
     assert "'pacific'" in shown.stdout and "WordNet 3.0 pacific.n." in shown.stdout
     assert unheld.returncode == 1 and "no lexicon online checks domain 'art'" in unheld.stderr
+    assert "health,environment +check:facts" in listed.stdout, listed.stdout
 
 
 async def test_a_facts_answer_gets_the_experts_second_opinion_and_the_lexicons_verdict(

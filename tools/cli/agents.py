@@ -99,7 +99,8 @@ def _row(agent: AgentView) -> dict[str, object]:
         "epoch": card.epoch,
         "backend": card.backend or "-",
         "model": card.model.name if card.model else "-",
-        "domains": ",".join(card.domains) or "-",
+        "domains": (",".join(card.domains) or "-")
+        + "".join(f" +check:{d}" for d in card.checks),  # what its lexicon judges
         "active": f"{status.active if status else 0}/{card.concurrency or '-'}",
         "queued": status.queued if status else 0,
         "tok/s": f"{card.tokens_per_s:.0f}" if card.tokens_per_s is not None else "-",
