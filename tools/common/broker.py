@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -25,11 +26,29 @@ PID_FILE = "mosquitto.pid"  # in the broker's folder: `edgecollab credentials ad
 PLAIN, TLS, CERT = 1883, 8883, 8884  # the listeners of docker/mosquitto.conf
 
 
+LOWEST_PORT = 20_000
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now."""
-    with socket.socket() as sock:
+    """A TCP port free on this machine now, below the kernel's ephemeral range: a port the
+    kernel handed out (bind to 0) can be taken by any outgoing connection's local end before
+    the broker binds it (seen: "Address already in use" under a loaded test run)."""
+    try:
+        below = int(EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        below = 32768
+    for _ in range(100):
+        port = random.randrange(LOWEST_PORT, max(below, LOWEST_PORT + 1000))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as sock:  # every one tried is taken: any free port
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def broker_answers(host: str, port: int, timeout: float = 0.5) -> bool:
