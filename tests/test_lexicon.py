@@ -143,9 +143,9 @@ async def test_a_facts_answer_gets_the_experts_second_opinion_and_the_lexicons_v
     assert general.detail.startswith("second opinion: facts answers are checked")
     assert verdict.agent == f"kb-{uid}" and verdict.topic == "knowledge/facts/check"
     assert verdict.outcome == "ok" and verdict.detail
-    # the verdict: "<term> is nearest the question; answer <n>: ..." (else the expert's answer)
+    # the verdict: "'<term>' is nearest the question; <agent>'s '<term>' (score, entry); ..."
     reason, *evidence = verdict.detail.split("; ")
-    best = int(evidence[0].split(":")[0].removeprefix("answer ")) if "nearest" in reason else 1
-    chosen = (general, expert)[best]
+    best = evidence[0].split("'s ")[0] if "nearest" in reason else expert.agent
+    chosen = general if best == general.agent else expert
     assert answer.text == chosen.output and answer.outcome == "edge"
     assert general.detail.endswith(f"the answer is {chosen.agent}'s")

@@ -156,17 +156,23 @@ class Cooperation:
         return "\n".join(lines) or None, done, list(reply.passages)
 
     async def check(
-        self, domain: str, question: str, answers: list[str], *, request_id: str, deadline: float
+        self,
+        domain: str,
+        question: str,
+        answers: list[tuple[str, str]],
+        *,
+        request_id: str,
+        deadline: float,
     ) -> tuple[int | None, Step]:
-        """Which of `answers` the domain's lexicon supports (None: it cannot tell, or failed),
-        and the record, whose detail names each answer's evidence."""
+        """Which of `answers` ((who, text) pairs) the domain's lexicon supports (None: it cannot
+        tell, or failed), and the record, whose detail names each one's evidence by its who."""
         topic = KB_CHECK.format(domain=domain)
         started = time.perf_counter()
         ask = Check(
             request_id=f"{request_id}.check",
             domain=domain,
             question=question[:2000],
-            answers=[a[:8000] for a in answers],
+            answers=[text[:8000] for _, text in answers],
             deadline=min(deadline, time.time() + CHECK_S),
         )
         name = f"check:{domain}"
@@ -175,8 +181,8 @@ class Cooperation:
         except (DeadlineExceeded, RemoteError, PeerGone) as exc:
             return None, record(name, topic, None, started, "failed", detail=str(exc))
         assert isinstance(reply, Checked)
-        said = "; ".join(f"answer {e.answer}: {e.term!r} ({e.score:.2f}, {e.source})"
-                         for e in reply.evidence)  # fmt: skip
+        said = "; ".join(f"{answers[e.answer][0]}'s {e.term!r} ({e.score:.2f}, {e.source})"
+                         for e in reply.evidence if e.answer < len(answers))  # fmt: skip
         detail = f"{reply.reason}; {said}" if said else reply.reason
         return reply.best, record(name, topic, reply.agent, started, "ok", detail=detail)
 

@@ -277,8 +277,12 @@ class Orchestrator:
         checked: list[Step] = []
         best: int | None = None
         if self._lexicon(step.gap_domain):
+            both = [
+                (general.agent or "the general", generated.text),
+                (asked.agent or "the expert", text),
+            ]
             best, verdict = await self.cooperation.check(
-                step.gap_domain, query.text, [generated.text, text],
+                step.gap_domain, query.text, both,
                 request_id=query.request_id, deadline=query.deadline,
             )  # fmt: skip
             checked.append(verdict)
