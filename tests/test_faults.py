@@ -38,24 +38,37 @@ def _worker(spawn, agent: str, tokens_per_s: str = "200"):  # type: ignore[no-un
     )  # fmt: skip
 
 
-async def test_a_killed_workers_tasks_are_answered_by_another(mqtt, login, uid, spawn):
+async def _busy_worker_fails(
+    login, uid, spawn, requests: int, fault: signal.Signals
+) -> list[Answer]:  # type: ignore[no-untyped-def]
+    """`requests` long queries on a slow worker; a spare worker joins; the slow one gets
+    `fault` (SIGKILL or SIGSTOP, then SIGCONT once every query is answered)."""
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
-    slow = _worker(spawn, f"slow-{uid}", tokens_per_s="2")
+    busy = _worker(spawn, f"busy-{uid}", tokens_per_s="2")
     bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
     view = CmsView(bus)
     client = QueryClient(bus, view)
     async with running(bus):
-        await wait_for(online(view, f"orch-{uid}", f"slow-{uid}"))
-        asked = [asyncio.create_task(client.ask(_query(uid, n, max_tokens=200))) for n in range(4)]
-        await wait_for(lambda: view.statuses[f"slow-{uid}"].active == 4)
+        await wait_for(online(view, f"orch-{uid}", f"busy-{uid}"))
+        queries = [_query(uid, n, max_tokens=200) for n in range(requests)]
+        asked = [asyncio.create_task(client.ask(q)) for q in queries]
+        await wait_for(lambda: view.statuses[f"busy-{uid}"].active == requests)
         _worker(spawn, f"spare-{uid}")
         await wait_for(online(view, f"spare-{uid}"))
-        os.kill(slow.pid, signal.SIGKILL)
-        answers = await asyncio.gather(*asked)
+        os.kill(busy.pid, fault)
+        try:
+            return await asyncio.gather(*asked)
+        finally:
+            if fault is signal.SIGSTOP:
+                os.kill(busy.pid, signal.SIGCONT)
+
+
+async def test_a_killed_workers_tasks_are_answered_by_another(login, uid, spawn):
+    answers = await _busy_worker_fails(login, uid, spawn, 4, signal.SIGKILL)
     for answer in answers:
         assert answer.outcome == "edge", answer
         first, last = answer.steps[-2], answer.steps[-1]  # provenance shows both attempts
-        assert (first.agent, first.outcome) == (f"slow-{uid}", "failed")
+        assert (first.agent, first.outcome) == (f"busy-{uid}", "failed")
         assert (last.agent, last.outcome) == (f"spare-{uid}", "ok")
 
 
@@ -232,23 +245,8 @@ async def test_two_clients_may_use_the_same_correlation_bytes(mqtt, login, uid):
     assert texts == ["from 0", "from 1"]
 
 
-async def test_a_frozen_workers_tasks_go_elsewhere_before_its_will(mqtt, login, uid, spawn):
-    spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
-    frozen = _worker(spawn, f"frozen-{uid}", tokens_per_s="2")
-    bus = Bus(settings=login(f"c-{uid}"), client_id=f"c-{uid}", service="test")
-    view = CmsView(bus)
-    client = QueryClient(bus, view)
-    async with running(bus):
-        await wait_for(online(view, f"orch-{uid}", f"frozen-{uid}"))
-        asked = [asyncio.create_task(client.ask(_query(uid, n, max_tokens=200))) for n in range(2)]
-        await wait_for(lambda: view.statuses[f"frozen-{uid}"].active == 2)
-        _worker(spawn, f"spare-{uid}")
-        await wait_for(online(view, f"spare-{uid}"))
-        os.kill(frozen.pid, signal.SIGSTOP)
-        try:
-            answers = await asyncio.gather(*asked)
-        finally:
-            os.kill(frozen.pid, signal.SIGCONT)
+async def test_a_frozen_workers_tasks_go_elsewhere_before_its_will(login, uid, spawn):
+    answers = await _busy_worker_fails(login, uid, spawn, 2, signal.SIGSTOP)
     assert [a.steps[-1].agent for a in answers] == [f"spare-{uid}"] * 2
     # moved on silence (a keepalive without a status), before the broker's Last Will at 1.5x
     assert all("fell silent" in (a.steps[-2].detail or "") for a in answers)
