@@ -38,9 +38,9 @@ def _worker(spawn, agent: str, tokens_per_s: str = "200"):  # type: ignore[no-un
     )  # fmt: skip
 
 
-async def _busy_worker_fails(
+async def _busy_worker_fails(  # type: ignore[no-untyped-def]
     login, uid, spawn, requests: int, fault: signal.Signals
-) -> list[Answer]:  # type: ignore[no-untyped-def]
+) -> list[Answer]:
     """`requests` long queries on a slow worker; a spare worker joins; the slow one gets
     `fault` (SIGKILL or SIGSTOP, then SIGCONT once every query is answered)."""
     spawn("services.orchestrator", "--agent-id", f"orch-{uid}", "--policy", "load_aware")
