@@ -476,3 +476,21 @@ def test_a_quota_holds_over_every_orchestrator_and_resets_each_period():
     assert tenants.tenant_of("bob", None) is None  # in no tenant: no limit
     with pytest.raises(BadInput, match="may not ask for tenant 't'"):
         tenants.tenant_of("bob", "t")
+
+
+def test_an_operator_account_a_process_logs_in_with_is_not_a_free_seat_for_the_cli(tmp_path):
+    """A test or bench that connects as an operator holds that account's seat: a CLI command
+    started meanwhile takes another one (the same client id would kick the first one off;
+    seen when the account's name sorted first)."""
+    from tools.common.broker import LocalBroker
+
+    broker = LocalBroker(tmp_path)  # accounts only, no broker needed
+    broker.login("operator-0000", "operator")
+    seat = "from tools.common.credentials import Credentials as C; import sys; "
+    seat += "print(C.of_state_dir(__import__('pathlib').Path(sys.argv[1])).operator_seat())"
+    taken = subprocess.run([sys.executable, "-c", seat, str(tmp_path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert taken.returncode == 0, taken.stderr
+    assert taken.stdout.strip() not in ("operator-0000", "None"), taken.stdout
+    local = Credentials.of_state_dir(tmp_path)
+    assert local.operator_seat() not in (None, "operator-0000")  # nor in this process

@@ -221,6 +221,8 @@ class LocalBroker:
         if not self.secure:
             return self.anonymous
         made = self.credentials.add([Identity(name, Role(role))])
+        if Role(role) is Role.operator and not self.credentials.hold(name):
+            raise RuntimeError(f"operator account {name} is held by another process")
         settings = self.credentials.settings(name, self.anonymous)
         if tls:
             settings = settings.model_copy(

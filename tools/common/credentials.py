@@ -175,23 +175,34 @@ class Credentials:
         this process exits (one client id per connection: two CLI commands at once would
         otherwise kick each other off). None when there are no operator accounts here."""
         seats = sorted(n for n, r in self.accounts().items() if r is Role.operator)
-        folder = self.root / "seats"
         for name in seats:
-            folder.mkdir(mode=0o700, exist_ok=True)
-            handle = (folder / f"{name}.lock").open("a")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            _HELD.append(handle)
-            return name
+            if self._seat(name) not in _HELD and self.hold(name):  # a seat per connection
+                return name
         if seats:
             raise SystemExit(f"edgecollab: all {len(seats)} operator accounts are in use here")
         return None
 
+    def hold(self, name: str) -> bool:
+        """Hold operator account `name`'s seat until this process exits (False: another
+        process holds it), so that `operator_seat` gives it to no CLI command meanwhile."""
+        seat = self._seat(name)
+        if seat in _HELD:
+            return True
+        seat.parent.mkdir(mode=0o700, exist_ok=True)
+        handle = seat.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        _HELD[seat] = handle
+        return True
 
-_HELD: list[IO[str]] = []  # the seat locks this process holds (released at exit)
+    def _seat(self, name: str) -> Path:
+        return self.root / "seats" / f"{name}.lock"
+
+
+_HELD: dict[Path, IO[str]] = {}  # the seat locks this process holds (released at exit)
 
 
 def _write_private(path: Path, text: str, *, mode: int = 0o600) -> None:
