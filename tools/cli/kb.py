@@ -50,7 +50,7 @@ REQUEST_S = 30.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("kb", help="the knowledge bases: add documents, list, search")
+    parser = sub.add_parser("kb", help="the knowledge bases: add documents, list, search, check")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     add = verbs.add_parser("add", help="add a text or markdown document; follow its indexing")
     add.add_argument("file", type=Path)
@@ -63,8 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--domain", help="only this domain (default: every one held)")
     search.add_argument("-k", type=int, default=3, help="passages shown (3)")
     check = verbs.add_parser("check", help="which of some answers a lexicon's entries support")
-    check.add_argument("question")
-    check.add_argument("answers", nargs="+", metavar="ANSWER")
+    check.add_argument("question", help="the question the answers answer")
+    check.add_argument("answers", nargs="+", metavar="ANSWER", help="two or more answers to it")
     check.add_argument("--domain", default="facts", help="the lexicon's domain (facts)")
     for verb in (ls, search, check):
         verb.add_argument("--json", action="store_true", help="JSON output")
