@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     search.add_argument("-k", type=int, default=3, help="passages shown (3)")
     check = verbs.add_parser("check", help="which of some answers a lexicon's entries support")
     check.add_argument("question", help="the question the answers answer")
-    check.add_argument("answers", nargs="+", metavar="ANSWER", help="two or more answers to it")
+    check.add_argument("answers", nargs="+", metavar="ANSWER", help="the answers to judge (1-8)")
     check.add_argument("--domain", default="facts", help="the lexicon's domain (facts)")
     for verb in (ls, search, check):
         verb.add_argument("--json", action="store_true", help="JSON output")
