@@ -132,7 +132,7 @@ async def test_a_facts_answer_gets_the_experts_second_opinion_and_the_lexicons_v
     async with running(bus):
         agents = [f"orch-{uid}", f"cls-{uid}", f"w-{uid}", f"expert-{uid}", f"kb-{uid}"]
         assert await view.wait_online(agents, timeout=90)
-        query = Query(request_id=f"q{time.time_ns()}", text="What is the capital of France?",
+        query = Query(request_id=f"q{time.time_ns()}", text="What is the capital of Japan?",
                       max_tokens=4, deadline=time.time() + 60, stream=True)  # fmt: skip
         answer = await bus.request(QUERIES.format(), query, deadline=query.deadline)
     assert isinstance(answer, Answer)
