@@ -235,15 +235,15 @@ class Orchestrator:
             generated.steps[-1] = last.model_copy(update={"detail": detail})
         return generated.text, generated.steps, generated
 
-    def _gap(self, generated: Generated, domain: str) -> str | None:
-        """Why the answer needs the expert of `domain` (None: it does not): a lexicon of the
+    def _gap(self, generated: Generated, domain: str, lexicon: bool) -> str | None:
+        """Why the answer needs the expert of `domain` (None: it does not): a `lexicon` of the
         domain is online to judge, or the answer's confidence is below the threshold. Never when
         its writer is an expert of `domain` itself (busy general workers leave a question to the
         expert now and then)."""
         writer = self.view.cards.get(generated.steps[-1].agent or "")
         if writer is not None and domain in writer.domains:
             return None
-        if self._lexicon(domain):
+        if lexicon:
             return f"second opinion: {domain} answers are checked against the lexicon"
         if generated.confidence is not None and generated.confidence < self.gap_confidence:
             return f"gap: confidence {generated.confidence:.2f} below {self.gap_confidence:.2f}"
@@ -259,7 +259,8 @@ class Orchestrator:
         the lexicon supports, else the expert's. The general answer stays in the provenance (or
         stands, when the expert gives none)."""
         assert step.gap_domain is not None and generated.text is not None
-        why = self._gap(generated, step.gap_domain)
+        lexicon = self._lexicon(step.gap_domain)
+        why = self._gap(generated, step.gap_domain, lexicon)
         if why is None:
             return generated.text, generated.steps, generated
         ask = PlanStep(
@@ -276,7 +277,7 @@ class Orchestrator:
             return generated.text, steps, generated
         checked: list[Step] = []
         best: int | None = None
-        if self._lexicon(step.gap_domain):
+        if lexicon:
             both = [
                 (general.agent or "the general", generated.text),
                 (asked.agent or "the expert", text),
